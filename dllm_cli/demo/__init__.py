@@ -1,0 +1,1 @@
+"""The embedded demo model: its tokenizer and checkpoint writers and its training recipe."""
