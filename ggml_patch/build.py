@@ -50,11 +50,10 @@ def fetch(log=print) -> Path:
     log(f"fetching {PACKAGE}=={VERSION} sdist through pip ...")
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--no-build-isolation", "-q", "-d", tmp, f"{PACKAGE}=={VERSION}"]
+               "-q", "-d", tmp, f"{PACKAGE}=={VERSION}"]
         res = subprocess.run(cmd, capture_output=True, text=True)
         got = Path(tmp) / SDIST_NAME
         if not got.is_file():
-            # metadata preparation can fail without build deps; the archive is still downloaded first
             raise FetchError(f"pip could not download {PACKAGE}=={VERSION}: {res.stderr.strip()[-300:]}")
         digest = sha256(got)
         if digest != SDIST_SHA256:
