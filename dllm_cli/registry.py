@@ -144,3 +144,36 @@ def dllm_home() -> Path:
 def models_dir() -> Path:
     """Where converted models live: ``$DLLM_HOME/models/<alias>.gguf``."""
     return dllm_home() / "models"
+
+
+def embedded_model_path() -> Path:
+    """The demo GGUF shipped inside the package."""
+    return Path(__file__).resolve().parent / "demo" / "demo.gguf"
+
+
+def resolve_model(name: str | None) -> Path:
+    """A GGUF path from a path, a registry alias converted into the local store, ``$DLLM_MODEL``,
+    or the embedded demo model when nothing is given."""
+    from dllm_cli.errors import ModelError
+
+    name = name or os.environ.get("DLLM_MODEL") or "demo"
+    p = Path(name).expanduser()
+    if p.is_file():
+        return p
+    specs = load_registry()
+    if name in specs:
+        spec = specs[name]
+        if spec.embedded:
+            path = embedded_model_path()
+            if not path.is_file():
+                raise ModelError("the embedded demo model is missing from this install", "reinstall dllm-cli")
+            return path
+        store = models_dir()
+        found = sorted(store.glob(f"{name}-*.gguf")) + sorted(store.glob(f"{name}.gguf")) if store.is_dir() else []
+        preferred = [f for f in found if spec.recommended_quant in f.name]
+        if preferred or found:
+            return (preferred or found)[0]
+        raise ModelError(f"model {name!r} is not converted yet", f"run `dllm convert {name}` first")
+    if p.suffix == ".gguf" or "/" in name or "\\" in name:
+        raise ModelError(f"model file not found: {name}", "check the path, or see `dllm models`")
+    raise ModelError(f"unknown model {name!r}", f"give a .gguf path or one of: {', '.join(specs)}")

@@ -1,0 +1,203 @@
+"""A GGUF model loaded into the patched llama.cpp: metadata, tokenizer and chat template.
+
+``Model.open`` validates the file in Python first (exists, GGUF, arch ``llada2``, not truncated), so a
+bad file ends in a ``ModelError`` instead of whatever the C loader would do with it.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import jinja2
+import jinja2.sandbox
+
+from dllm_cli import gguf_keys as K
+from dllm_cli.errors import ModelError
+from dllm_cli.registry import MODES, Preset, version_presets
+from dllm_cli.runtime.library import load as load_runtime
+from dllm_cli.runtime.options import RuntimeOptions
+
+
+@dataclass(frozen=True)
+class GGUFInfo:
+    """What Python checks before handing a file to llama.cpp."""
+
+    arch: str
+    n_tensors: int
+    data_end: int
+
+
+def inspect_gguf(path: Path) -> GGUFInfo:
+    """Validate the GGUF header and tensor table; raise ModelError naming the fix."""
+    import gguf  # local: only needed here
+
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}", "check the path, or see `dllm models`")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelError(f"{path} is not a GGUF file", "convert a checkpoint with `dllm convert`")
+    try:
+        reader = gguf.GGUFReader(path, "r")
+        field = reader.get_field("general.architecture")
+        arch = field.contents() if field is not None else ""
+        end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    except Exception as e:  # gguf-py raises ValueError/IndexError/... on damaged files
+        raise ModelError(f"{path} is truncated or corrupt ({type(e).__name__}: {e})",
+                         "re-download or re-convert it") from None
+    if arch != K.ARCH:
+        raise ModelError(f"{path} has architecture {arch!r}, not {K.ARCH!r}",
+                         "dllm runs LLaDA2.x GGUFs written by `dllm convert`")
+    if end > path.stat().st_size:
+        raise ModelError(f"{path} is truncated ({path.stat().st_size} of {end} bytes)", "re-download or re-convert it")
+    return GGUFInfo(arch=arch, n_tensors=len(reader.tensors), data_end=end)
+
+
+class Model:
+    """A loaded ``llama_model`` with its vocabulary. Close it (or use ``with``) to free memory."""
+
+    def __init__(self, path: str | Path, options: RuntimeOptions | None = None) -> None:
+        self.path = Path(path)
+        self.options = options or RuntimeOptions()
+        inspect_gguf(self.path)
+        self.rt = load_runtime()
+        lib = self.rt.lib
+        params = lib.llama_model_default_params()
+        ngl = self.options.n_gpu_layers
+        params.n_gpu_layers = (999 if self.rt.backend != "cpu" else 0) if ngl is None else ngl
+        self.ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self.ptr:
+            raise ModelError(f"llama.cpp could not load {self.path}", "run with DLLM_DEBUG=1 to see its log")
+        self.vocab = lib.llama_model_get_vocab(self.ptr)
+        self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
+        self.mask_id = int(lib.llama_vocab_mask(self.vocab))
+        self.eos_id = int(lib.llama_vocab_eos(self.vocab))
+        self.eot_id = int(lib.llama_vocab_eot(self.vocab))
+        if self.mask_id < 0:
+            self.close()
+            raise ModelError(f"{self.path} has no {K.MASK_ID}", "re-convert it with `dllm convert`")
+        self.block_length = int(self.meta(K.BLOCK_LENGTH) or 32)
+        self.n_ctx_train = int(lib.llama_model_n_ctx_train(self.ptr))
+
+    # --- metadata -------------------------------------------------------------------------
+    def meta(self, key: str) -> str | None:
+        """A metadata value as text, or None when the key is absent."""
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = self.rt.lib.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):  # long values (the chat template): ask again with the right size
+            buf = ctypes.create_string_buffer(n + 1)
+            self.rt.lib.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    @cached_property
+    def version(self) -> str:
+        return self.meta(K.MODEL_VERSION) or "2.1"
+
+    @cached_property
+    def presets(self) -> dict[str, Preset]:
+        """Decode presets per mode stored in the GGUF, falling back to models.toml by model version."""
+        fallback = version_presets(self.version) if self.version in ("2.0", "2.1") else version_presets("2.1")
+        out = {}
+        for mode in MODES:
+            vals = {f: self.meta(K.preset_key(mode, f)) for f in ("threshold", "editing_threshold", "max_post_steps", "editing")}
+            if any(v is None for v in vals.values()):
+                out[mode] = fallback[mode]
+                continue
+            out[mode] = Preset(float(vals["threshold"]), float(vals["editing_threshold"]),
+                               int(float(vals["max_post_steps"])), vals["editing"] in ("true", "1", "True"))
+        return out
+
+    @cached_property
+    def description(self) -> str:
+        buf = ctypes.create_string_buffer(256)
+        self.rt.lib.llama_model_desc(self.ptr, buf, len(buf))
+        return buf.value.decode(errors="replace")
+
+    @property
+    def size_bytes(self) -> int:
+        return int(self.rt.lib.llama_model_size(self.ptr))
+
+    @property
+    def n_params(self) -> int:
+        return int(self.rt.lib.llama_model_n_params(self.ptr))
+
+    # --- tokenizer ------------------------------------------------------------------------
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        """Token ids of ``text``; with ``special`` the role markers are parsed as special tokens."""
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (ctypes.c_int32 * cap)()
+        n = self.rt.lib.llama_tokenize(self.vocab, data, len(data), buf, cap, False, special)
+        if n < 0:
+            cap = -n
+            buf = (ctypes.c_int32 * cap)()
+            n = self.rt.lib.llama_tokenize(self.vocab, data, len(data), buf, cap, False, special)
+        return list(buf[:n])
+
+    def detokenize(self, ids: list[int], *, skip_special: bool = True) -> str:
+        """Text of ``ids``; special tokens (role markers, EOS, masks) are dropped by default."""
+        ids = [int(i) for i in ids if 0 <= int(i) < self.n_vocab]
+        if skip_special:
+            ids = [i for i in ids if not self.is_special(i)]
+        if not ids:
+            return ""
+        arr = (ctypes.c_int32 * len(ids))(*ids)
+        cap = 8 * len(ids) + 16
+        while True:
+            buf = ctypes.create_string_buffer(cap)
+            n = self.rt.lib.llama_detokenize(self.vocab, arr, len(ids), buf, cap, False, not skip_special)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            cap = -n + 16
+
+    def is_special(self, token: int) -> bool:
+        lib = self.rt.lib
+        return bool(lib.llama_vocab_is_control(self.vocab, token)) or token == self.mask_id
+
+    def piece(self, token: int) -> str:
+        """One token's text, special tokens rendered (for the live view)."""
+        buf = ctypes.create_string_buffer(256)
+        n = self.rt.lib.llama_token_to_piece(self.vocab, int(token), buf, len(buf), 0, True)
+        return buf.raw[:max(n, 0)].decode("utf-8", errors="replace")
+
+    @cached_property
+    def stop_ids(self) -> tuple[int, ...]:
+        """EOS plus end-of-turn (``<|role_end|>``) when the vocabulary has one."""
+        return tuple(sorted({self.eos_id} | ({self.eot_id} if self.eot_id >= 0 else set())))
+
+    # --- chat template --------------------------------------------------------------------
+    @cached_property
+    def chat_template(self) -> jinja2.Template | None:
+        src = self.meta(K.CHAT_TEMPLATE)
+        if not src:
+            return None
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False)
+        return env.from_string(src)
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render messages with the GGUF's chat template (``--raw`` skips this)."""
+        if self.chat_template is None:
+            raise ModelError(f"{self.path} has no chat template", "use --raw to send the prompt as is")
+        return self.chat_template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+
+    # --- lifetime -------------------------------------------------------------------------
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            self.rt.lib.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # best effort; explicit close() is preferred
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,43 @@
+"""Runtime options shared by ``run``, ``chat`` and ``bench``."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from dllm_cli.errors import UsageError
+
+KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type values
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How to load a model and size its context.
+
+    ``n_gpu_layers`` None means "all layers on the GPU when the runtime has one, else 0".
+    ``flash_attn`` None means llama.cpp's auto; a quantized KV cache needs it on.
+    """
+
+    threads: int | None = None
+    n_gpu_layers: int | None = None
+    ctx_size: int = 4096
+    kv_type: str = "f16"
+    flash_attn: bool | None = None
+    ubatch: int = 512
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {self.threads}")
+        if self.ctx_size < 32:
+            raise UsageError(f"--ctx-size must be >= 32, got {self.ctx_size}")
+        if self.kv_type not in KV_TYPES:
+            raise UsageError(f"--kv-type must be one of {', '.join(KV_TYPES)}, got {self.kv_type!r}")
+        if self.ubatch < 32:
+            raise UsageError(f"ubatch must be >= 32, got {self.ubatch}")
+
+    @property
+    def n_threads(self) -> int:
+        return self.threads or max(1, os.cpu_count() or 1)
+
+
+EXACT = RuntimeOptions(kv_type="f32", flash_attn=False)
+"""f32 KV cache and no flash attention: the configuration that matches the numpy reference to 1e-4."""

@@ -1,0 +1,183 @@
+"""A llama.cpp context over a ``Model``: the ``StepModel`` the decoding engine drives.
+
+Discipline (runtime-notes "API recipe"): one sequence; committed blocks keep their K/V; a step decodes
+the active block against the cache and removes its cells again; a commit is one more kept decode.
+Every llama.cpp precondition that would abort the process is checked here first and raised as a
+``DllmError`` (non-causal ``n_ubatch >= n_tokens``, ``n_batch``, context capacity, token and position
+ranges, output-row count).
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import Sequence
+
+import numpy as np
+
+from dllm_cli.decoding.stepper import StepOutput
+from dllm_cli.errors import ContextFullError, DecodeError
+from dllm_cli.runtime import bindings
+from dllm_cli.runtime.model import Model
+from dllm_cli.runtime.options import KV_TYPES, RuntimeOptions
+
+_FLASH = {None: -1, False: 0, True: 1}  # llama_flash_attn_type: auto, disabled, enabled
+
+
+def top2_excluding(logits: np.ndarray, exclude: int) -> tuple[np.ndarray, np.ndarray]:
+    """Host path of the confidence head: top-2 ids and full-vocab softmax probabilities, ``exclude`` masked."""
+    x = np.array(logits, dtype=np.float32, copy=True)  # [n, V]
+    if 0 <= exclude < x.shape[1]:
+        x[:, exclude] = -np.inf
+    rows = np.arange(x.shape[0])
+    i1 = np.argmax(x, axis=1)  # [n]
+    m = x[rows, i1]  # [n]
+    z = np.exp(x - m[:, None]).sum(axis=1)  # [n]
+    x[rows, i1] = -np.inf
+    i2 = np.argmax(x, axis=1)  # [n]
+    p1 = 1.0 / z
+    p2 = np.exp(x[rows, i2] - m) / z
+    return np.stack([i1, i2], 1).astype(np.int32), np.stack([p1, p2], 1).astype(np.float32)
+
+
+class Session:
+    """One decoding context. ``cached`` are the committed token ids at positions 0..len-1."""
+
+    def __init__(self, model: Model, options: RuntimeOptions | None = None, *, device_confidence: bool = True) -> None:
+        self.model = model
+        self.options = opts = options or model.options
+        self.lib = lib = model.rt.lib
+        self.n_vocab = model.n_vocab
+        self.mask_id = model.mask_id
+        self.eos_id = model.eos_id
+        self.block_length = model.block_length
+        B = self.block_length
+        self.n_ctx = -(-opts.ctx_size // B) * B
+        self.n_ubatch = max(B, (min(opts.ubatch, self.n_ctx) // B) * B)
+        flash = opts.flash_attn
+        if opts.kv_type == "q8_0" and flash is False:
+            raise DecodeError("a q8_0 KV cache needs flash attention", "drop --no-flash-attn or use --kv-type f16")
+        p = lib.llama_context_default_params()
+        p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = self.n_ctx, self.n_ubatch, self.n_ubatch, 1
+        p.n_threads = p.n_threads_batch = opts.n_threads
+        p.type_k = p.type_v = KV_TYPES[opts.kv_type]
+        p.flash_attn_type = _FLASH[True if opts.kv_type == "q8_0" and flash is None else flash]
+        p.no_perf = True
+        self.ctx = lib.llama_init_from_model(model.ptr, p)
+        if not self.ctx:
+            raise DecodeError(f"llama.cpp could not create a context of {self.n_ctx} tokens",
+                              "lower --ctx-size or free memory")
+        self.mem = lib.llama_get_memory(self.ctx)
+        self.batch = lib.llama_batch_init(self.n_ubatch, 0, 1)
+        self.cached: list[int] = []
+        self.device_confidence = device_confidence and bindings.has_confidence(model.rt)
+        self._conf_mode: tuple | None = None
+        self._attn_block = B
+        self.forwards = 0
+
+    # --- guarded decode ------------------------------------------------------------------
+    def _check(self, tokens: Sequence[int], start: int) -> None:
+        n = len(tokens)
+        if n == 0:
+            raise DecodeError("empty decode")
+        if start != len(self.cached):
+            raise DecodeError(f"decode at position {start} but {len(self.cached)} positions are committed")
+        if start + n > self.n_ctx:
+            raise ContextFullError(f"the context is full ({start + n} > {self.n_ctx} tokens)",
+                                   "raise --ctx-size or start a new conversation")
+        if n > self.n_ubatch:  # llama.cpp aborts: non-causal attention requires n_ubatch >= n_tokens
+            raise DecodeError(f"decode of {n} tokens exceeds n_ubatch {self.n_ubatch}")
+        bad = [t for t in tokens if not 0 <= int(t) < self.n_vocab]
+        if bad:
+            raise DecodeError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
+
+    def _decode(self, tokens: Sequence[int], start: int, rows: Sequence[int]) -> None:
+        self._check(tokens, start)
+        b = self.batch
+        out = set(rows)
+        for i, t in enumerate(tokens):
+            b.token[i] = int(t)
+            b.pos[i] = start + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = i in out
+        b.n_tokens = len(tokens)
+        rc = self.lib.llama_decode(self.ctx, b)
+        self.forwards += 1
+        if rc != 0:
+            self.lib.llama_memory_seq_rm(self.mem, 0, start, -1)
+            raise DecodeError(f"llama_decode failed with code {rc}",
+                              "the context may be full: raise --ctx-size" if rc == 1 else "run with DLLM_DEBUG=1")
+
+    def _set_attn_block(self, block: int) -> None:
+        if block != self._attn_block:
+            bindings.set_attn_block(self.model.rt, self.ctx, block)
+            self._attn_block = block
+
+    # --- StepModel ---------------------------------------------------------------------------
+    def commit(self, tokens: Sequence[int], start: int) -> None:
+        """Decode ``tokens`` at ``start..`` and keep their K/V (chunked at block-aligned ubatch size)."""
+        self._set_attn_block(self.block_length)
+        step = self.n_ubatch
+        for i in range(0, len(tokens), step):
+            chunk = list(tokens[i:i + step])
+            self._decode(chunk, start + i, ())
+            self.cached.extend(int(t) for t in chunk)
+
+    def step(self, tokens: Sequence[int], start: int, rows: Sequence[int], want_logits: bool = False,
+             attn_block: int | None = None) -> StepOutput:
+        """Decode the active block(s) against the cache, read the rows, then drop the block's cells."""
+        rows = list(rows)
+        order = sorted(range(len(rows)), key=lambda i: rows[i])
+        srows = [rows[i] for i in order]
+        if any(not 0 <= r < len(tokens) for r in srows) or len(set(srows)) != len(srows):
+            raise DecodeError(f"output rows {rows} do not fit a block of {len(tokens)} tokens")
+        use_device = self.device_confidence and not want_logits
+        if self.device_confidence:
+            mode = (True, self.mask_id, want_logits)
+            if mode != self._conf_mode:
+                bindings.set_confidence(self.model.rt, self.ctx, True, self.mask_id, want_logits)
+                self._conf_mode = mode
+        self._set_attn_block(self.block_length if attn_block is None else attn_block)
+        try:
+            self._decode(tokens, start, srows)
+            logits = None
+            if srows and (want_logits or not use_device):
+                ptr = self.lib.llama_get_logits(self.ctx)
+                logits = np.ctypeslib.as_array(ptr, shape=(len(srows), self.n_vocab)).copy()
+            if srows and self.device_confidence:
+                ids, probs = bindings.get_confidence(self.model.rt, self.ctx, len(srows))
+            elif srows:
+                ids, probs = top2_excluding(logits, self.mask_id)
+            else:
+                ids, probs = np.zeros((0, 2), np.int32), np.zeros((0, 2), np.float32)
+        finally:
+            self.lib.llama_memory_seq_rm(self.mem, 0, start, -1)
+        inv = np.argsort(order) if rows else np.zeros(0, np.int64)
+        return StepOutput(ids=ids[inv], probs=probs[inv], logits=None if logits is None or not want_logits else logits[inv])
+
+    def rollback(self, pos: int) -> None:
+        """Drop committed cells at positions >= pos."""
+        pos = max(0, min(pos, len(self.cached)))
+        self.lib.llama_memory_seq_rm(self.mem, 0, pos, -1)
+        del self.cached[pos:]
+
+    def reset(self) -> None:
+        self.rollback(0)
+
+    # --- lifetime ----------------------------------------------------------------------------
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            self.lib.llama_batch_free(self.batch)
+            self.lib.llama_free(self.ctx)
+            self.ctx = None
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
