@@ -26,6 +26,7 @@ app = typer.Typer(
 # Each module registers its commands on ``app`` (or a sub-Typer) when imported.
 COMMAND_MODULES = (
     "dllm_cli.cli.models_cmd",
+    "dllm_cli.cli.convert_cmd",
 )
 
 
