@@ -1,0 +1,85 @@
+"""Library entry points: load a model, build a prompt, stream typed decoding events.
+
+The CLI front ends (run, chat, bench) all consume ``stream_generate``'s event stream.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+
+from dllm_cli.decoding import engine
+from dllm_cli.decoding.config import DecodeConfig, make_config, with_overrides
+from dllm_cli.decoding.events import DoneEvent, Event
+from dllm_cli.errors import ContextFullError, UsageError
+from dllm_cli.registry import resolve_model
+from dllm_cli.runtime.model import Model
+from dllm_cli.runtime.options import RuntimeOptions
+from dllm_cli.runtime.session import Session
+
+
+@dataclass
+class Loaded:
+    """A model and its decoding session (the KV prefix lives in the session across calls)."""
+
+    model: Model
+    session: Session
+    messages: list[dict[str, str]] = field(default_factory=list)
+
+    def close(self) -> None:
+        self.session.close()
+        self.model.close()
+
+
+def load(name: str | None = None, options: RuntimeOptions | None = None) -> Loaded:
+    """Resolve ``name`` (path, alias, $DLLM_MODEL or the embedded demo) and open a session on it."""
+    model = Model(resolve_model(name), options or RuntimeOptions())
+    try:
+        return Loaded(model, Session(model, options))
+    except BaseException:
+        model.close()
+        raise
+
+
+def decode_config(model: Model, mode: str, **overrides: Any) -> DecodeConfig:
+    """Config from the GGUF's presets for ``mode`` plus explicit overrides; stops on EOS and end-of-turn."""
+    overrides.setdefault("stop_ids", model.stop_ids)
+    return make_config(mode, model.version, model.presets, **overrides)
+
+
+def prompt_ids(model: Model, messages: list[dict[str, str]], *, raw: bool = False) -> list[int]:
+    """Token ids of a conversation (chat template) or, with ``raw``, of the last message's text as is."""
+    if raw:
+        text = "".join(m["content"] for m in messages)
+    else:
+        text = model.render_chat(messages, add_generation_prompt=True)
+    if not text.strip():
+        raise UsageError("the prompt is empty", "pass a prompt argument, --file, or pipe text on stdin")
+    return model.tokenize(text, special=True)
+
+
+def fit_context(session: Session, n_prompt: int, config: DecodeConfig) -> DecodeConfig:
+    """Refuse a prompt that cannot fit the context; cap ``max_tokens`` to the room that is left."""
+    room = session.n_ctx - n_prompt
+    if room < 1:
+        raise ContextFullError(f"the prompt has {n_prompt} tokens but the context holds {session.n_ctx}",
+                               "raise --ctx-size or shorten the prompt")
+    return config if config.max_tokens <= room else with_overrides(config, max_tokens=room)
+
+
+def stream_generate(loaded: Loaded, ids: list[int], config: DecodeConfig) -> Iterator[Event]:
+    """Decode ``ids`` with ``config``, yielding typed step events (the KV prefix is reused when it matches)."""
+    config = fit_context(loaded.session, len(ids), config)
+    rng = np.random.default_rng(config.seed)
+    yield from engine.generate(loaded.session, ids, config, rng=rng, detokenize=loaded.model.detokenize)
+
+
+def generate(loaded: Loaded, ids: list[int], config: DecodeConfig) -> DoneEvent:
+    """Run to completion and return the summary event."""
+    done = None
+    for ev in stream_generate(loaded, ids, config):
+        if isinstance(ev, DoneEvent):
+            done = ev
+    assert done is not None
+    return done
