@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from dllm_cli import gguf_keys as K
 from dllm_cli.errors import ModelError
 
@@ -92,6 +94,12 @@ def mask_id_from_tokenizer(directory: str | Path) -> int | None:
     return None
 
 
+def _f32_value(x: Any) -> float:
+    """GGUF stores these as float32: take the shortest decimal that rounds to it (1e-6, not 9.9999999747e-7),
+    i.e. the config.json value the converter started from, so HF and GGUF models are bit-identical."""
+    return float(str(np.float32(x)))
+
+
 def config_from_gguf(get: Callable[[str], Any], n_vocab: int) -> RefConfig:
     """Build from ``llada2.*`` keys; ``get(key)`` returns the value or None when absent."""
     def need(key: str) -> Any:
@@ -109,10 +117,10 @@ def config_from_gguf(get: Callable[[str], Any], n_vocab: int) -> RefConfig:
         hidden=int(need(K.EMBEDDING_LENGTH)), n_layer=int(need(K.BLOCK_COUNT)),
         n_head=int(need(K.HEAD_COUNT)), n_head_kv=int(need(K.HEAD_COUNT_KV)),
         head_dim=int(need(K.KEY_LENGTH)), rope_dim=int(need(K.ROPE_DIM)),
-        rope_theta=float(need(K.ROPE_FREQ_BASE)), eps=float(need(K.RMS_EPS)),
+        rope_theta=_f32_value(need(K.ROPE_FREQ_BASE)), eps=_f32_value(need(K.RMS_EPS)),
         n_dense=int(need(K.LEADING_DENSE)), n_expert=int(need(K.EXPERT_COUNT)),
         n_expert_used=int(need(K.EXPERT_USED)), n_group=int(get(K.EXPERT_GROUPS) or 1),
-        n_group_used=int(get(K.EXPERT_GROUPS_USED) or 1), expert_scale=float(need(K.EXPERT_SCALE)),
+        n_group_used=int(get(K.EXPERT_GROUPS_USED) or 1), expert_scale=_f32_value(need(K.EXPERT_SCALE)),
         expert_norm=bool(need(K.EXPERT_NORM)), n_vocab=int(get(K.VOCAB_SIZE) or n_vocab),
         block_length=int(get(K.BLOCK_LENGTH) or DEFAULT_BLOCK_LENGTH),
         mask_id=None if mask_id is None else int(mask_id),
