@@ -15,8 +15,8 @@ from dllm_cli import gguf_keys as K
 from dllm_cli.demo.checkpoint import random_weights, tiny_config, write_checkpoint
 from dllm_cli.errors import ModelError, UsageError
 from dllm_cli.reference import (
-    RefModel, block_causal_mask, config_from_hf, expert_union, hf_to_weights, load_gguf, load_hf, rope_neox, route,
-    softmax,
+    RefConfig, RefModel, block_causal_mask, config_from_hf, expert_union, hf_to_weights, load_gguf, load_hf,
+    rope_neox, route, softmax,
 )
 from dllm_cli.reference.forward import WEIGHT_SUM_FLOOR
 
@@ -103,7 +103,8 @@ def naive_logits(w: dict, c: dict, ids: np.ndarray, block: int) -> np.ndarray:
         for i in range(n):
             qkv = w[p + "attention.query_key_value.weight"] @ _rms(h[i], w[p + "input_layernorm.weight"], eps)
             heads = [qkv[j * d:(j + 1) * d] for j in range(hq + 2 * hkv)]
-            qs.append([_rope(_rms(x, w[p + "attention.query_layernorm.weight"], eps), i, rot, theta) for x in heads[:hq]])
+            qs.append([_rope(_rms(x, w[p + "attention.query_layernorm.weight"], eps), i, rot, theta)
+                       for x in heads[:hq]])
             ks.append([_rope(_rms(x, w[p + "attention.key_layernorm.weight"], eps), i, rot, theta)
                        for x in heads[hq:hq + hkv]])
             vs.append(heads[hq + hkv:])
@@ -378,3 +379,22 @@ def test_float32_agrees_with_float64():
     a, b = m32.forward(ids), m64.forward(ids)
     assert a.dtype == np.float32 and m32.new_cache().k[0].dtype == np.float32
     assert np.abs(a - b).max() < 1e-4 * max(1.0, np.abs(b).max())
+
+
+@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
+def test_converter_output_matches_hf(hf_dir, tmp_path, outtype):
+    """The real converter's GGUF loads into the same model (bit-identical at f32)."""
+    from converters import convert
+    d, hf = hf_dir
+    out = tmp_path / f"m-{outtype}.gguf"
+    convert(d, out, outtype=outtype, model_version="2.1", warn=lambda msg: None)
+    ref, gg = load_hf(d, block_length=B), load_gguf(out)
+    assert gg.cfg.mask_id == ref.cfg.mask_id and gg.cfg.n_vocab == ref.cfg.n_vocab
+    ids = np.arange(12) % hf["vocab_size"]
+    if outtype == "f32":
+        assert sorted(gg.weights) == sorted(ref.weights)
+        assert gg.cfg == RefConfig(**{**ref.cfg.__dict__, "block_length": gg.cfg.block_length})
+        np.testing.assert_array_equal(RefModel(ref.cfg, gg.weights).forward(ids), ref.forward(ids))
+    else:
+        a, b = RefModel(ref.cfg, gg.weights).forward(ids), ref.forward(ids)
+        assert np.abs(a - b).max() < 0.05 * np.abs(b).max()

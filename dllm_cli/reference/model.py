@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from dllm_cli.errors import UsageError
 from dllm_cli.reference.config import RefConfig
@@ -76,7 +77,7 @@ class RefModel:
             raise UsageError(f"mask shape {mask.shape} != (S, S_kv) = {(q_pos.shape[0], k_pos.shape[0])}")
         return mask
 
-    def forward(self, ids, positions=None, *, cache: KVCache | None = None, mask: MaskSpec = None,
+    def forward(self, ids: ArrayLike, positions: ArrayLike | None = None, *, cache: KVCache | None = None, mask: MaskSpec = None,
                 commit: bool = False) -> np.ndarray:
         """Logits ``[S, V]`` (model dtype) for ``ids`` attending over [cached K/V ‖ new K/V].
 
