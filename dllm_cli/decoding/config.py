@@ -1,0 +1,105 @@
+"""``DecodeConfig``: every knob of one generation, validated once, plus the mode presets (spec §5.1, §5.2, §5.7).
+
+Presets come from the GGUF (``dllm.preset.<mode>.*``) when the caller passes them, else from ``models.toml``
+(``registry.version_presets``); explicit overrides always win.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Mapping
+
+from dllm_cli.errors import UsageError
+from dllm_cli.registry import MODES, version_presets
+
+DEFAULT_MAX_TOKENS = 512
+_PRESET_FIELDS = ("threshold", "editing_threshold", "max_post_steps", "editing")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodeConfig:
+    """Decoding parameters. ``block_length``/``steps`` None mean "the model's block length"."""
+
+    mode: str = "speed"
+    version: str = "2.1"  # model version: "2.0" decodes with the threshold schedule, "2.1" with M2T (+T2T)
+    threshold: float = 0.5  # tau_mask, strict ">"
+    editing_threshold: float = 0.0  # tau_edit, strict ">": 0.0 edits every differing argmax (NOT "disabled")
+    max_post_steps: int = 16  # forwards allowed after the block has no masks left
+    editing: bool = True  # T2T on/off; off -> pure M2T
+    block_length: int | None = None
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    seed: int | None = None
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    steps: int | None = None  # 2.0 transfer schedule length
+    mbe: int = 0  # multi-block editing window (finished blocks kept editable); 0 = off
+    stop_ids: tuple[int, ...] = ()  # extra stop ids besides the model's EOS
+    warnings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+        object.__setattr__(self, "warnings", tuple(self.warnings))
+        problem = _problem(self)
+        if problem:
+            raise UsageError(problem)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stop_ids"] = list(self.stop_ids)
+        d["warnings"] = list(self.warnings)
+        return d
+
+
+def _problem(c: DecodeConfig) -> str | None:
+    """The first invalid setting as a one-line message naming the option, or None."""
+    if c.mode not in MODES:
+        return f"unknown mode {c.mode!r}: use one of {', '.join(MODES)}"
+    for name in ("threshold", "editing_threshold"):
+        v = getattr(c, name)
+        if not 0.0 <= v <= 1.0:
+            return f"--{name.replace('_', '-')} must be in [0, 1], got {v}"
+    if not 0.0 < c.top_p <= 1.0:
+        return f"--top-p must be in (0, 1], got {c.top_p}"
+    for name in ("top_k", "temperature", "max_post_steps", "mbe"):
+        if getattr(c, name) < 0:
+            return f"--{name.replace('_', '-')} must not be negative, got {getattr(c, name)}"
+    for name in ("block_length", "steps"):
+        v = getattr(c, name)
+        if v is not None and v < 1:
+            return f"--{name.replace('_', '-')} must be a positive integer, got {v}"
+    if c.max_tokens < 1:
+        return f"--max-tokens must be at least 1, got {c.max_tokens}"
+    return None
+
+
+def _preset_value(preset: Any, name: str) -> Any:
+    return preset[name] if isinstance(preset, Mapping) else getattr(preset, name)
+
+
+def make_config(mode: str, version: str, presets: Mapping[str, Any] | None = None, **overrides: Any) -> DecodeConfig:
+    """Build a validated config: preset of ``mode`` (GGUF ``presets`` or the registry's) + ``overrides``.
+
+    ``overrides`` whose value is None are ignored (unset CLI options). Asking for editing on a 2.0 model
+    keeps it on but records a warning in ``config.warnings``.
+    """
+    if mode not in MODES:
+        raise UsageError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+    unknown = sorted(set(overrides) - {f.name for f in fields(DecodeConfig)} - {"mode", "version"})
+    if unknown:
+        raise UsageError(f"unknown decoding option {unknown[0]!r}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    preset = (presets or {}).get(mode) or version_presets(version)[mode]
+    values: dict[str, Any] = {name: _preset_value(preset, name) for name in _PRESET_FIELDS}
+    values.update(overrides)
+    warnings = list(values.pop("warnings", ()))
+    if version == "2.0" and overrides.get("editing"):
+        warnings.append("LLaDA2.0 was not trained for token editing (T2T); editing may degrade the output")
+    elif not values["editing"] and {"editing_threshold", "max_post_steps"} & set(overrides):
+        warnings.append("--editing-threshold/--max-post-steps have no effect while editing is off")
+    values["stop_ids"] = tuple(values.get("stop_ids", ()))
+    return DecodeConfig(mode=mode, version=version, warnings=tuple(warnings), **values)
+
+
+def with_overrides(config: DecodeConfig, **changes: Any) -> DecodeConfig:
+    """A validated copy of ``config`` with ``changes`` applied."""
+    return replace(config, **changes)
