@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from gguf import GGUFWriter
+from gguf import GGUFValueType, GGUFWriter
 
 from converters import llada2 as _llada2  # noqa: F401  (registers LLaDA2MoeModelLM)
 from converters.base import (AtomicOutput, OutType, Progress, ProgressFn, Source, architecture_class,
@@ -121,7 +121,8 @@ def convert(source: str | Path, output: str | Path | None = None, *, outtype: st
             w.add_uint32(K.preset_key(mode, "max_post_steps"), preset.max_post_steps)
             w.add_bool(K.preset_key(mode, "editing"), preset.editing)
         w.add_string(K.SOURCE, src.origin)
-        w.add_string(K.REVISION, src.revision)
+        # add_string drops empty values; "" (a local directory, revision unknown) is still provenance
+        w.add_key_value(K.REVISION, src.revision, GGUFValueType.STRING)
         w.add_string(K.DLLM_VERSION, __version__)
         write_vocab(w, vocab)
 

@@ -119,8 +119,10 @@ def resolve_source(src: str | Path, revision: str | None = None,
         if alias:
             return Source(d, alias.alias, text, rev, alias.alias, alias.version)
         return Source(d, text.split("/")[1].lower(), text, rev)
-    raise ConvertError(f"{text!r} is not a directory, a known model alias or a Hugging Face repo id",
-                       f"known aliases: {', '.join(a for a, s in specs.items() if s.repo)}; see `dllm models`")
+    known = f"known aliases: {', '.join(a for a, s in specs.items() if s.repo)}; see `dllm models`"
+    if "/" not in text:
+        raise ConvertError(f"unknown model alias {text!r} (and no such directory)", known)
+    raise ConvertError(f"{text!r} is not a directory, a known model alias or a Hugging Face repo id (org/name)", known)
 
 
 def _cache_revision(d: Path) -> str:
