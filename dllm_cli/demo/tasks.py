@@ -1,0 +1,218 @@
+"""Synthetic chat tasks for the embedded demo model: seeded generators, a held-out split, exact checking.
+
+Every task has a short answer that can be checked exactly. The split is a pure function of the user
+message (``is_heldout``), so training and evaluation examples never share a question, whatever the seed.
+Fact questions generalise over phrasing: each fact keeps one question template for evaluation only.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, Iterator
+
+import numpy as np
+from jinja2 import Environment
+
+from dllm_cli.demo.tokenizer import CHAT_TEMPLATE
+
+BLOCK_LENGTH = 32
+EOS = "<|endoftext|>"
+ROLE_END = "<|role_end|>"
+
+WORDS = ("cat", "dog", "sun", "tree", "book", "fish", "bird", "star", "milk", "rain", "door", "lamp",
+         "ship", "cake", "moon", "frog", "rose", "coat", "ring", "bell")
+LETTERS = tuple("abcdefghijklmnopqrstuvwxyz")
+CAPITALS = (("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Germany", "Berlin"),
+            ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Peru", "Lima"), ("Kenya", "Nairobi"),
+            ("Norway", "Oslo"), ("Greece", "Athens"), ("Canada", "Ottawa"), ("Chile", "Santiago"),
+            ("Cuba", "Havana"), ("Poland", "Warsaw"), ("Ireland", "Dublin"), ("Austria", "Vienna"))
+COLOURS = (("banana", "yellow"), ("grass", "green"), ("sky", "blue"), ("snow", "white"), ("coal", "black"),
+           ("tomato", "red"), ("orange", "orange"), ("lemon", "yellow"), ("cherry", "red"),
+           ("leaf", "green"), ("ocean", "blue"), ("carrot", "orange"), ("cloud", "white"), ("crow", "black"))
+SYSTEM_PROMPTS = ("You are a helpful assistant.", "You are a careful assistant. Answer briefly.",
+                  "Answer the question with the answer only.")
+
+CAPITAL_TEMPLATES = ("What is the capital of {x}?", "Name the capital of {x}.", "Capital of {x}?",
+                     "Which city is the capital of {x}?")
+COLOUR_TEMPLATES = ("What colour is {x}?", "Name the colour of {x}.", "Colour of {x}?",
+                    "Which colour does {x} have?")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One chat example: the task name, the user message, the exact answer, an optional system prompt."""
+
+    task: str
+    user: str
+    answer: str
+    system: str | None = None
+
+    def messages(self) -> list[dict[str, str]]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + [{"role": "user", "content": self.user}]
+
+
+def is_heldout(user: str) -> bool:
+    """True for the ~10% of questions reserved for evaluation (a hash of the user message)."""
+    return hashlib.sha256(user.encode()).digest()[0] % 10 == 0
+
+
+def _nums(rng: np.random.Generator, n: int, hi: int = 10) -> list[int]:
+    return [int(v) for v in rng.integers(0, hi, size=n)]
+
+
+def gen_add(rng: np.random.Generator) -> Example:
+    a, b = (int(v) for v in rng.integers(0, 100, size=2))
+    form = ("What is {a} + {b}?", "What is {a} plus {b}?", "Add {a} and {b}.")[int(rng.integers(3))]
+    return Example("add", form.format(a=a, b=b), str(a + b))
+
+
+def gen_sub(rng: np.random.Generator) -> Example:
+    a, b = sorted((int(v) for v in rng.integers(0, 100, size=2)), reverse=True)
+    form = ("What is {a} - {b}?", "What is {a} minus {b}?")[int(rng.integers(2))]
+    return Example("sub", form.format(a=a, b=b), str(a - b))
+
+
+def gen_copy(rng: np.random.Generator) -> Example:
+    words = [WORDS[i] for i in rng.integers(0, len(WORDS), size=int(rng.integers(2, 5)))]
+    form = ("Repeat: {s}", "Copy this: {s}")[int(rng.integers(2))]
+    return Example("copy", form.format(s=" ".join(words)), " ".join(words))
+
+
+def gen_reverse(rng: np.random.Generator) -> Example:
+    n = int(rng.integers(3, 7))
+    items = [LETTERS[i] for i in rng.integers(0, 26, size=n)] if rng.random() < 0.5 else [str(v) for v in _nums(rng, n)]
+    return Example("reverse", "Reverse: " + " ".join(items), " ".join(reversed(items)))
+
+
+def gen_sort(rng: np.random.Generator) -> Example:
+    items = _nums(rng, int(rng.integers(3, 7)))
+    return Example("sort", "Sort: " + " ".join(map(str, items)), " ".join(map(str, sorted(items))))
+
+
+def gen_count(rng: np.random.Generator) -> Example:
+    word = WORDS[int(rng.integers(len(WORDS)))]
+    n = int(rng.integers(1, 10))
+    return Example("count", f"How many times does {word} appear: " + " ".join([word] * n) + "?", str(n))
+
+
+def _fact(rng: np.random.Generator, table, templates, task: str, article: bool) -> Example:
+    i = int(rng.integers(len(table)))
+    name, answer = table[i]
+    t = int(rng.integers(len(templates)))
+    x = ("the " + name) if article else name
+    return Example(task, templates[t].format(x=x), answer)
+
+
+def gen_capital(rng: np.random.Generator) -> Example:
+    return _fact(rng, CAPITALS, CAPITAL_TEMPLATES, "capital", article=False)
+
+
+def gen_colour(rng: np.random.Generator) -> Example:
+    return _fact(rng, COLOURS, COLOUR_TEMPLATES, "colour", article=True)
+
+
+TASKS: dict[str, Callable[[np.random.Generator], Example]] = {
+    "add": gen_add, "sub": gen_sub, "copy": gen_copy, "reverse": gen_reverse, "sort": gen_sort,
+    "count": gen_count, "capital": gen_capital, "colour": gen_colour,
+}
+
+
+def _fact_heldout(user: str) -> bool | None:
+    """Fact questions: fact i is held out in template i % 4 only; None for other tasks."""
+    for table, templates, article in ((CAPITALS, CAPITAL_TEMPLATES, False), (COLOURS, COLOUR_TEMPLATES, True)):
+        for i, (name, _) in enumerate(table):
+            x = ("the " + name) if article else name
+            for t, form in enumerate(templates):
+                if user == form.format(x=x):
+                    return t == i % len(templates)
+    return None
+
+
+def in_eval_split(ex: Example) -> bool:
+    """The held-out predicate for any example (facts by template, everything else by hash)."""
+    fact = _fact_heldout(ex.user)
+    return fact if fact is not None else is_heldout(ex.user)
+
+
+def sample(rng: np.random.Generator, *, heldout: bool, system_rate: float = 0.2) -> Example:
+    """One example from the requested split (rejection sampling over the task mixture)."""
+    names = list(TASKS)
+    while True:
+        ex = TASKS[names[int(rng.integers(len(names)))]](rng)
+        if in_eval_split(ex) == heldout:
+            break
+    if rng.random() < system_rate:
+        ex = Example(ex.task, ex.user, ex.answer, SYSTEM_PROMPTS[int(rng.integers(len(SYSTEM_PROMPTS)))])
+    return ex
+
+
+def examples(seed: int, n: int, *, heldout: bool) -> list[Example]:
+    """``n`` examples of one split, deterministic for ``seed``."""
+    rng = np.random.default_rng(seed)
+    return [sample(rng, heldout=heldout) for _ in range(n)]
+
+
+def eval_set(n: int = 200, seed: int = 1234) -> list[Example]:
+    """The held-out evaluation set: distinct user messages, deterministic."""
+    rng = np.random.default_rng(seed)
+    seen: dict[str, Example] = {}
+    while len(seen) < n:
+        ex = sample(rng, heldout=True)
+        seen.setdefault(ex.user, ex)
+    return list(seen.values())
+
+
+def stream(seed: int) -> Iterator[Example]:
+    """An endless training stream."""
+    rng = np.random.default_rng(seed)
+    while True:
+        yield sample(rng, heldout=False)
+
+
+@lru_cache(maxsize=1)
+def _template():
+    return Environment(keep_trailing_newline=True).from_string(CHAT_TEMPLATE)
+
+
+def render_prompt(ex: Example) -> str:
+    """The chat-templated prompt, ending with the generation prompt ``<role>ASSISTANT</role>``."""
+    return _template().render(messages=ex.messages(), add_generation_prompt=True)
+
+
+def render_target(ex: Example) -> str:
+    """What the model writes after the prompt: the answer and ``<|role_end|>`` (EOS padding is added in ids)."""
+    return ex.answer + ROLE_END
+
+
+def pad_to_block(n: int, block: int = BLOCK_LENGTH) -> int:
+    """Padded sequence length: at least one ``<|endoftext|>`` after the answer, rounded up to a block."""
+    return -(-(n + 1) // block) * block
+
+
+def extract_answer(text: str) -> str:
+    """The answer part of a generation: up to the first ``<|role_end|>`` / EOS, special tokens removed."""
+    for stop in (ROLE_END, EOS):
+        text = text.split(stop, 1)[0]
+    return text.strip()
+
+
+def check(ex: Example, generated: str) -> bool:
+    """Exact match of the extracted answer."""
+    return extract_answer(generated) == ex.answer
+
+
+__all__ = ["Example", "TASKS", "BLOCK_LENGTH", "examples", "eval_set", "stream", "sample", "in_eval_split",
+           "is_heldout", "render_prompt", "render_target", "pad_to_block", "extract_answer", "check"]
+
+
+def tokenizer_corpus(seed: int, n: int = 3000) -> list[str]:
+    """Training-split chats with the special tokens cut out: the text the BPE merges are learned on."""
+    import re
+    from dllm_cli.demo.tokenizer import SPECIAL_TOKENS
+    cut = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+    out = []
+    for ex in examples(seed, n, heldout=False):
+        out.extend(p for p in cut.split(render_prompt(ex) + render_target(ex)) if p)
+    return out

@@ -1,0 +1,189 @@
+"""Train the embedded demo model: a tiny LLaDA2.1 on synthetic chat tasks, offline and seeded.
+
+    python -m dllm_cli.demo.train --out DIR [--steps N] [--minutes M] [--seed S] [--threads T]
+
+Writes ``DIR/hf`` (an HF LLaDA2 checkpoint through ``write_checkpoint``) and, when the converter is
+available, ``DIR/demo.gguf`` (f32). Objective (LLaDA2 block diffusion, spec §3.4/§5): each example is a
+chat-templated prompt + answer + ``<|role_end|>`` padded with ``<|endoftext|>`` to whole 32-token blocks.
+One answer block k is drawn per example; the input is the clean sequence up to block k with block k
+noised (answer positions masked at a per-block ratio t ~ U(0.02, 1), some of the remaining answer tokens
+replaced by wrong tokens), under the block-causal mask — exactly the attention pattern of inference.
+Loss: cross-entropy on masked and corrupted positions (weight 1) and on untouched answer tokens of the
+block (weight 0.3, so the model learns to keep correct tokens). Needs the ``[train]`` extra (torch).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dllm_cli.demo import tasks
+from dllm_cli.demo.bpe import BPE
+from dllm_cli.demo.checkpoint import tiny_config, write_checkpoint
+from dllm_cli.demo.evaluate import evaluate, format_score
+from dllm_cli.demo.tokenizer import train_bpe
+from dllm_cli.demo.torch_model import LLaDA2, block_causal
+
+B = tasks.BLOCK_LENGTH
+N_MERGES = 300
+VOCAB_PAD = 6
+MODEL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+             intermediate_size=384, moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2,
+             num_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+             max_position_embeddings=4096, _name_or_path="dllm/LLaDA2.1-demo", initializer_range=0.02)
+W_MASKED, W_CORRUPT, W_KEEP = 1.0, 1.0, 0.3
+
+
+class Noiser:
+    """Turns a token sequence into one (input, target, weight) training window."""
+
+    def __init__(self, bpe: BPE, answer_ids: np.ndarray) -> None:
+        self.bpe, self.answer_ids = bpe, answer_ids
+        self.mask_id, self.eos_id = bpe.token_id("<|mask|>"), bpe.token_id("<|endoftext|>")
+        self.n_text = 256 + len(bpe.merges)  # ids below are ordinary (non-special) tokens
+
+    def encode(self, ex: tasks.Example) -> tuple[np.ndarray, int]:
+        prompt = self.bpe.encode(tasks.render_prompt(ex))
+        full = prompt + self.bpe.encode(tasks.render_target(ex))
+        full += [self.eos_id] * (tasks.pad_to_block(len(full)) - len(full))
+        return np.asarray(full, dtype=np.int64), len(prompt)
+
+    def wrong_token(self, rng: np.random.Generator, seq: np.ndarray, i: int) -> int:
+        r = rng.random()
+        if r < 0.3 and i > 0:
+            return int(seq[i - 1])  # stutter: repeat the left neighbour, the typical parallel-decoding slip
+        if r < 0.8:
+            return int(self.answer_ids[rng.integers(len(self.answer_ids))])
+        return int(rng.integers(self.n_text))
+
+    def window(self, rng: np.random.Generator, full: np.ndarray, p_len: int):
+        k = int(rng.integers(p_len // B, len(full) // B))
+        w = (k + 1) * B
+        x, y = full[:w].copy(), full[:w].copy()
+        wt = np.zeros(w, dtype=np.float32)
+        pos = np.arange(max(p_len, k * B), w)
+        masked = rng.random(len(pos)) < rng.uniform(0.02, 1.0)
+        corrupt = ~masked & (rng.random(len(pos)) < rng.uniform(0.0, 0.25))
+        x[pos[masked]] = self.mask_id
+        for i in pos[corrupt]:
+            x[i] = self.wrong_token(rng, full, i)
+        wt[pos] = W_KEEP
+        wt[pos[masked]] = W_MASKED
+        wt[pos[corrupt & (x[pos] != full[pos])]] = W_CORRUPT
+        return x, y, wt
+
+
+def answer_pool(noiser: Noiser, seed: int) -> np.ndarray:
+    ids = [t for ex in tasks.examples(seed, 2000, heldout=False) for t in noiser.bpe.encode(tasks.render_target(ex))]
+    return np.asarray(ids + [noiser.eos_id] * (len(ids) // 4), dtype=np.int64)
+
+
+def make_batch(noiser: Noiser, stream, rng: np.random.Generator, size: int):
+    """Windows grouped by length: {W: (x [n, W], y [n, W], w [n, W])}."""
+    groups: dict[int, list] = {}
+    for _ in range(size):
+        full, p_len = noiser.encode(next(stream))
+        x, y, wt = noiser.window(rng, full, p_len)
+        groups.setdefault(len(x), []).append((x, y, wt))
+    return {w: tuple(torch.from_numpy(np.stack(c)) for c in zip(*g)) for w, g in groups.items()}
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int = 200) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def train(out: Path, *, steps: int, minutes: float, seed: int, batch: int, lr: float, log_every: int = 50):
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    merges = train_bpe(tasks.tokenizer_corpus(seed), N_MERGES)
+    bpe = BPE(merges)
+    cfg = tiny_config(**MODEL, vocab_size=len(bpe.vocab) + VOCAB_PAD, pad_token_id=bpe.token_id("<|endoftext|>"))
+    model = LLaDA2({**cfg, "block_length": B})
+    noiser = Noiser(bpe, np.empty(0, dtype=np.int64))
+    noiser.answer_ids = answer_pool(noiser, seed + 1)
+    stream = tasks.stream(seed + 2)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    other = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"params {n_params} vocab {cfg['vocab_size']} steps {steps} batch {batch}", file=sys.stderr)
+    t0, ema = time.time(), None
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr)
+        groups = make_batch(noiser, stream, rng, batch)
+        opt.zero_grad(set_to_none=True)
+        total_w = sum(float(w.sum()) for _, _, w in groups.values())
+        loss_sum = 0.0
+        for wlen, (x, y, wt) in groups.items():
+            logits = model(x, block_causal(wlen, B))
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
+            loss = (ce * wt.reshape(-1)).sum() / total_w
+            loss.backward()
+            loss_sum += float(loss)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        model.update_expert_bias(1e-3)
+        ema = loss_sum if ema is None else 0.98 * ema + 0.02 * loss_sum
+        if step % log_every == 0 or step == steps - 1:
+            print(f"step {step} loss {loss_sum:.4f} ema {ema:.4f} lr {lr_at(step, steps, lr):.2e} "
+                  f"{time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+        if minutes and time.time() - t0 > minutes * 60:
+            print(f"stopping at step {step}: --minutes {minutes} reached (run not reproducible)", file=sys.stderr)
+            break
+    train_s = time.time() - t0
+    model.eval()
+    ckpt = out / "hf"
+    written = write_checkpoint(ckpt, cfg, model.numpy_weights(), merges=merges)
+    meta = {"seed": seed, "steps": step + 1, "batch": batch, "lr": lr, "train_seconds": round(train_s),
+            "threads": torch.get_num_threads(), "params": n_params}
+    (out / "train_meta.json").write_text(json.dumps(meta, indent=1))
+    print(f"saved {ckpt} ({written['vocab_size']} vocab) in {train_s:.0f}s", file=sys.stderr)
+    return model, bpe
+
+
+def torch_logits_fn(model: LLaDA2):
+    @torch.no_grad()
+    def fn(ids: np.ndarray) -> np.ndarray:
+        return model(torch.from_numpy(np.asarray(ids, dtype=np.int64))[None])[0].numpy()
+    return fn
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--minutes", type=float, default=0.0, help="wall-clock cap (0 = none); hitting it breaks reproducibility")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eval", type=int, default=100, help="held-out examples scored at the end (0 = skip)")
+    ap.add_argument("--gguf", action="store_true", help="also convert to DIR/demo.gguf (f32)")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    a.out.mkdir(parents=True, exist_ok=True)
+    model, bpe = train(a.out, steps=a.steps, minutes=a.minutes, seed=a.seed, batch=a.batch, lr=a.lr)
+    if a.eval:
+        ex = tasks.eval_set(a.eval)
+        for mode in ("quality", "speed"):
+            print(format_score(evaluate(torch_logits_fn(model), bpe, ex, mode)), file=sys.stderr, flush=True)
+    if a.gguf:
+        from converters import convert
+        convert(str(a.out / "hf"), str(a.out / "demo.gguf"), outtype="f32")
+        print(f"wrote {a.out / 'demo.gguf'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The demo model's synthetic tasks, split, chat rendering, BPE encoder and evaluation decoder (no torch)."""
+from __future__ import annotations
+
+import random
+import re
+
+import numpy as np
+import pytest
+
+from dllm_cli.demo import tasks
+from dllm_cli.demo.bpe import BPE, pretokenize
+from dllm_cli.demo.evaluate import decode
+from dllm_cli.demo.tokenizer import SPECIAL_TOKENS, train_bpe
+
+# The bailingmoe2 split regex with \p{L} / \p{N} spelled out for ASCII input (Python's re has no \p).
+ASCII_SPLIT = re.compile(r"'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])|[^\r\nA-Za-z0-9]?[A-Za-z]+|[0-9]"
+                         r"| ?[^\sA-Za-z0-9]+[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+")
+
+
+@pytest.fixture(scope="module")
+def bpe() -> BPE:
+    return BPE(train_bpe(tasks.tokenizer_corpus(0, 400), 120))
+
+
+def test_generator_is_deterministic_for_a_seed():
+    assert tasks.examples(7, 50, heldout=False) == tasks.examples(7, 50, heldout=False)
+    assert tasks.examples(7, 50, heldout=False) != tasks.examples(8, 50, heldout=False)
+    assert tasks.eval_set(40) == tasks.eval_set(40)
+
+
+def _expected(ex: tasks.Example) -> str:
+    """An independent solver for every task, from the user message alone."""
+    u = ex.user
+    if ex.task in ("add", "sub"):
+        a, b = map(int, re.findall(r"\d+", u))
+        return str(a + b if ex.task == "add" else a - b)
+    if ex.task == "copy":
+        return u.split(": ", 1)[1]
+    if ex.task == "reverse":
+        return " ".join(u.split(": ", 1)[1].split()[::-1])
+    if ex.task == "sort":
+        return " ".join(sorted(u.split(": ", 1)[1].split(), key=int))
+    if ex.task == "count":
+        word = u.split("does ")[1].split(" appear")[0]
+        return str(u.split(": ", 1)[1].rstrip("?").split().count(word))
+    table = dict(tasks.CAPITALS if ex.task == "capital" else tasks.COLOURS)
+    return next(v for k, v in table.items() if re.search(rf"\b{k}\b", u))
+
+
+def test_every_task_answers_exactly_and_wrong_answers_fail():
+    rng = np.random.default_rng(3)
+    for name, gen in tasks.TASKS.items():
+        for _ in range(30):
+            ex = gen(rng)
+            assert ex.task == name and ex.answer == _expected(ex), ex
+            assert tasks.check(ex, ex.answer + "<|role_end|><|endoftext|><|endoftext|>")
+            assert tasks.check(ex, " " + ex.answer + " ")
+            assert not tasks.check(ex, ex.answer + "0")
+            assert not tasks.check(ex, "x" + ex.answer + "<|role_end|>")
+            assert not tasks.check(ex, "")
+
+
+def test_train_and_heldout_splits_are_disjoint():
+    held = tasks.eval_set(150)
+    assert len({e.user for e in held}) == len(held) and all(tasks.in_eval_split(e) for e in held)
+    train = tasks.examples(0, 3000, heldout=False)
+    assert not {e.user for e in train} & {e.user for e in held}
+    assert {e.task for e in held} == set(tasks.TASKS)
+    # every fact keeps training questions: only one template per fact is held out
+    for table, forms, art in ((tasks.CAPITALS, tasks.CAPITAL_TEMPLATES, ""), (tasks.COLOURS, tasks.COLOUR_TEMPLATES, "the ")):
+        for name, _ in table:
+            held_forms = [f for f in forms if tasks.in_eval_split(tasks.Example("f", f.format(x=art + name), ""))]
+            assert len(held_forms) == 1
+
+
+def test_chat_rendering_matches_the_template():
+    ex = tasks.Example("add", "What is 2 + 3?", "5")
+    assert tasks.render_prompt(ex) == ("<role>SYSTEM</role>detailed thinking off<|role_end|>"
+                                       "<role>HUMAN</role>What is 2 + 3?<|role_end|><role>ASSISTANT</role>")
+    sys_ex = tasks.Example("add", "Hi", "5", system="Be brief.")
+    assert tasks.render_prompt(sys_ex) == ("<role>SYSTEM</role>Be brief.\ndetailed thinking off<|role_end|>"
+                                           "<role>HUMAN</role>Hi<|role_end|><role>ASSISTANT</role>")
+    assert tasks.render_target(ex) == "5<|role_end|>"
+    assert [tasks.pad_to_block(n) for n in (1, 31, 32, 33, 63)] == [32, 32, 64, 64, 64]
+
+
+@pytest.mark.parametrize("text,pieces", [
+    ("What is 12 + 7?", ["What", " is", " ", "1", "2", " +", " ", "7", "?"]),
+    ("I'll go", ["I", "'ll", " go"]),
+    ("a  b", ["a", " ", " b"]),
+    ("x\n\ny", ["x", "\n\n", "y"]),
+    ("end  ", ["end", "  "]),
+    ("(abc) 3.14", ["(abc", ")", " ", "3", ".", "1", "4"]),
+    ("héllo wörld", ["héllo", " wörld"]),
+])
+def test_pretokenize_known_splits(text, pieces):
+    assert pretokenize(text) == pieces
+
+
+def test_pretokenize_matches_the_regex_on_random_ascii():
+    rng = random.Random(0)
+    alphabet = "abcXYZ019 '\n\r\t.,:?!-(sltvdmre"
+    for _ in range(2000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 24)))
+        assert pretokenize(text) == ASCII_SPLIT.findall(text), repr(text)
+
+
+def test_bpe_round_trips_and_keeps_special_tokens_whole(bpe):
+    for ex in tasks.examples(1, 50, heldout=False) + tasks.eval_set(30):
+        text = tasks.render_prompt(ex) + tasks.render_target(ex)
+        ids = bpe.encode(text)
+        assert bpe.decode(ids) == text
+        assert sum(i >= 256 + len(bpe.merges) for i in ids) == sum(text.count(t) for t in SPECIAL_TOKENS)
+    for text in ("", "héllo ✓ 日本\n\t x", "<|mask|><|mask|>a<role>", "<|role_end"):
+        assert bpe.decode(bpe.encode(text)) == text
+    assert bpe.encode("<|mask|>") == [bpe.token_id("<|mask|>")]
+    assert bpe.decode(bpe.encode("5<|role_end|><|endoftext|>"), skip_special=True) == "5"
+
+
+def test_bpe_applies_merges_lowest_rank_first():
+    bpe = BPE([("b", "c"), ("a", "b"), ("bc", "d")])
+    pieces = [bpe.id_to_token[i] for i in bpe.encode("abcd")]
+    assert pieces == ["a", "bcd"]  # (b,c) outranks (a,b), then (bc,d)
+    assert [bpe.id_to_token[i] for i in bpe.encode("abab")] == ["ab", "ab"]
+
+
+def test_decoder_counts_forwards_and_edits_on_scripted_logits():
+    """One block, prompt of 30 tokens, 2 answer slots; ids: 0 mask, 1 eos, 2/3 answer tokens."""
+    V, mask, eos = 4, 0, 1
+    calls = []
+
+    def logits_fn(ids):
+        calls.append(ids.copy())
+        out = np.zeros((len(ids), V))
+        step = len(calls)
+        out[30, 2 if step > 1 else 3] = 9.0  # first guess 3 (confident), later corrected to 2
+        out[31, eos] = 0.5 if step == 1 else 9.0  # unsure at first, then sure
+        return out
+
+    d = decode(logits_fn, [5] * 30, mask_id=mask, eos_id=eos, threshold=0.5, editing_threshold=0.0, gen_length=2)
+    # step 1 unmasks slot 30 (=3); step 2 unmasks slot 31 (eos) and edits slot 30 -> 2; step 3: no change, stop
+    assert d.tokens == [2, eos] and d.forwards == 3 and d.edits == 1
