@@ -189,14 +189,14 @@ def test_prefix_reuse_rolls_back_and_commits_once() -> None:
 def test_context_full_is_raised_before_any_decode() -> None:
     m = ScriptedModel(frames(), n_vocab=V, mask_id=MASK, eos_id=EOS, block_length=B, n_ctx=8, cached=[1, 2, 7, 7])
     with pytest.raises(ContextFullError, match="--max-tokens") as e:
-        next(generate(m, [1, 2, 3, 4, 5], make_config("speed", "2.1", max_tokens=4)))
+        generate(m, [1, 2, 3, 4, 5], make_config("speed", "2.1", max_tokens=4))  # raised eagerly
     assert "--ctx-size" in str(e.value) and (m.calls, m.commits, m.rollbacks) == ([], [], [])
 
 
 def test_block_length_mismatch_is_a_usage_error() -> None:
     m = ScriptedModel(frames(), block_length=B)
     with pytest.raises(UsageError, match="--block-length"):
-        next(generate(m, [1], make_config("speed", "2.1", block_length=8)))
+        generate(m, [1], make_config("speed", "2.1", block_length=8))
 
 
 def test_max_tokens_truncates_inside_a_block() -> None:

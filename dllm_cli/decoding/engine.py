@@ -50,9 +50,10 @@ class _Run:
 
 def generate(model: StepModel, prompt_ids: Sequence[int], config: DecodeConfig, *,
              rng: np.random.Generator | None = None, detokenize: Detokenize | None = None) -> Iterator[Event]:
-    """Decode a continuation of ``prompt_ids``; yields Start, Step*, Block*, and a final ``DoneEvent``.
+    """Decode a continuation of ``prompt_ids``; the iterator yields Start, Step*, Block*, then one ``DoneEvent``.
 
-    Raises ``ContextFullError`` before any decode when the canvas does not fit ``model.n_ctx``.
+    Checked eagerly, before any decode: ``ContextFullError`` when the canvas does not fit ``model.n_ctx``,
+    ``UsageError`` when ``config.block_length`` disagrees with the model's.
     """
     t0 = time.perf_counter()
     B = _block_length(model, config)
@@ -64,20 +65,24 @@ def generate(model: StepModel, prompt_ids: Sequence[int], config: DecodeConfig, 
             f"prompt ({P} tokens) + --max-tokens {config.max_tokens} need {n_blocks * B} positions "
             f"(whole blocks of {B}) but the context holds {model.n_ctx}",
             "raise --ctx-size or lower --max-tokens / shorten the prompt")
-    if rng is None:
-        rng = np.random.default_rng(config.seed)
-    k0 = P // B
     canvas = np.full(n_blocks * B, model.mask_id, dtype=np.int64)  # [T]
     canvas[:P] = prompt
     run = _Run(model, canvas, P, B, make_policy(config, B),
-               make_sampler(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p), rng, t0)
+               make_sampler(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p),
+               rng if rng is not None else np.random.default_rng(config.seed), t0)
+    return _events(run, prompt, n_blocks, config, detokenize)
+
+
+def _events(run: _Run, prompt: list[int], n_blocks: int, config: DecodeConfig,
+            detokenize: Detokenize | None) -> Iterator[Event]:
+    model, canvas, P, B = run.model, run.canvas, run.P, run.B
+    k0 = P // B
     reused = _reuse_prefix(run, prompt, k0 * B)
     yield StartEvent(P, reused, B, model.mask_id, k0, n_blocks, config.to_dict())
     stops = {int(model.eos_id), *config.stop_ids}
     window = Window(first=k0, size=config.mbe)
     text = _TextStream(detokenize)
-    emitted = 0
-    finish = "length"
+    emitted, ids, finish = 0, [], "length"
     for k in range(k0, n_blocks):
         yield from _decode_block(run, k, window.start(k) * B)
         ids, hit = _output(canvas, P, (k + 1) * B, config.max_tokens, stops)
