@@ -27,6 +27,8 @@ app = typer.Typer(
 COMMAND_MODULES = (
     "dllm_cli.cli.models_cmd",
     "dllm_cli.cli.convert_cmd",
+    "dllm_cli.cli.runtime_cmd",
+    "dllm_cli.cli.chat_cmd",
 )
 
 

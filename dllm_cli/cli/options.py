@@ -51,3 +51,5 @@ MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Gener
 Mbe = Annotated[int, typer.Option("--mbe", min=0, help="Experimental multi-block editing over N earlier blocks (0 = off).",
                                   rich_help_panel=DECODE)]
 System = Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")]
+Edit = Annotated[Optional[bool], typer.Option("--edit/--no-edit", help="Force token editing on or off.",
+                                              rich_help_panel=DECODE)]

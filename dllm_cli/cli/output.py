@@ -8,12 +8,18 @@ from typing import Any
 from rich.console import Console
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False)  # stdout; only for rendered answers (chat's Markdown), plain when not a TTY
 
 
 def answer(text: str, end: str = "\n") -> None:
     """Write answer text to stdout (never styled)."""
     sys.stdout.write(text + end)
     sys.stdout.flush()
+
+
+def rendered(renderable: Any) -> None:
+    """Print a Rich renderable (a Markdown answer) on stdout."""
+    out.print(renderable)
 
 
 def document(obj: Any) -> None:

@@ -16,6 +16,7 @@ from dllm_cli import registry
 from dllm_cli.cli import options as O
 from dllm_cli.cli import output
 from dllm_cli.cli.app import app
+from dllm_cli.cli.replay import trace_record
 from dllm_cli.decoding.events import BlockEvent, DoneEvent
 from dllm_cli.errors import DllmError, UsageError
 from dllm_cli.generate import decode_config, load, prompt_ids, stream_generate
@@ -83,8 +84,7 @@ def run(
     threshold: O.Threshold = None,
     editing_threshold: O.EditThreshold = None,
     max_post_steps: O.MaxPostSteps = None,
-    edit: Annotated[Optional[bool], typer.Option("--edit/--no-edit", help="Force token editing on or off.",
-                                                 rich_help_panel=O.DECODE)] = None,
+    edit: O.Edit = None,
     block_length: O.BlockLength = None,
     temperature: O.Temperature = 0.0,
     top_k: O.TopK = 0,
@@ -128,11 +128,12 @@ def run(
 def _drive(loaded, ids, config, *, stream: bool, trace: Path | None) -> DoneEvent:
     part = trace.with_name(trace.name + ".part") if trace else None
     sink = open(part, "w", encoding="utf-8") if part else None
+    seen: set[int] = set()  # token ids whose text the trace already carries (for `dllm chat --replay`)
     done = None
     try:
         for ev in stream_generate(loaded, ids, config):
             if sink:
-                sink.write(json.dumps(ev.to_dict(), ensure_ascii=False) + "\n")
+                sink.write(json.dumps(trace_record(ev, loaded.model.piece, seen), ensure_ascii=False) + "\n")
             if stream and isinstance(ev, BlockEvent) and ev.text:
                 output.answer(ev.text, end="")
             if isinstance(ev, DoneEvent):

@@ -1,0 +1,238 @@
+"""Conversation state for ``dllm chat``: messages, transcript, settings, save, retry, clear (no Rich, no I/O
+besides ``save``).
+
+``Conversation`` is the transcript (pure data). ``Chat`` binds one to a loaded model: it builds the prompt
+through the chat template, streams decoding events, records each answer (an interrupted one is kept, marked
+``interrupted``) and leaves the session's KV cache consistent whatever stops a turn. The engine reuses the
+longest block-aligned prefix of the cache that matches the next prompt, so turn N+1 only prefills its new
+tokens.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+from dllm_cli.decoding.config import DecodeConfig, with_overrides
+from dllm_cli.decoding.events import BlockEvent, DoneEvent, Event, StartEvent
+from dllm_cli.errors import UsageError
+from dllm_cli.registry import MODES
+
+# Knobs ``/set`` accepts, with how to read their value. Mode presets own the first four (``/mode`` resets them).
+SETTINGS: dict[str, type] = {
+    "threshold": float, "editing_threshold": float, "max_post_steps": int, "editing": bool,
+    "temperature": float, "top_k": int, "top_p": float, "seed": int, "max_tokens": int, "block_length": int,
+}
+PRESET_KNOBS = ("threshold", "editing_threshold", "max_post_steps", "editing")
+_TRUE, _FALSE = {"1", "true", "on", "yes"}, {"0", "false", "off", "no"}
+
+
+@dataclass
+class Turn:
+    """One message of the transcript; assistant turns carry stats and may be ``interrupted``."""
+
+    role: str  # "user" | "assistant"
+    content: str
+    interrupted: bool = False
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Conversation:
+    """The transcript of a chat: an optional system prompt and alternating user/assistant turns."""
+
+    system: str | None = None
+    turns: list[Turn] = field(default_factory=list)
+
+    def messages(self) -> list[dict[str, str]]:
+        """Messages for the chat template (an interrupted answer is kept as far as it got)."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + [{"role": t.role, "content": t.content} for t in self.turns]
+
+    def add_user(self, text: str) -> None:
+        self.turns.append(Turn("user", text))
+
+    def add_answer(self, text: str, *, interrupted: bool = False, stats: dict[str, Any] | None = None) -> Turn:
+        turn = Turn("assistant", text, interrupted, dict(stats or {}))
+        self.turns.append(turn)
+        return turn
+
+    def pop_for_retry(self) -> str:
+        """Drop the last answer (if any) and the user turn before it; return that user text to ask again."""
+        turns = self.turns
+        if turns and turns[-1].role == "assistant":
+            turns.pop()
+        if not turns or turns[-1].role != "user":
+            raise UsageError("nothing to retry yet", "ask something first")
+        return turns.pop().content
+
+    def clear(self) -> None:
+        """Forget every turn (the system prompt stays)."""
+        self.turns.clear()
+
+    # --- export ------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {"system": self.system, "turns": [asdict(t) for t in self.turns]}
+
+    def to_markdown(self) -> str:
+        out = ["# dllm chat", ""]
+        if self.system:
+            out += ["**System:** " + self.system, ""]
+        for t in self.turns:
+            if t.role == "user":
+                out += ["## User", "", t.content, ""]
+                continue
+            out += ["## Assistant" + (" (interrupted)" if t.interrupted else ""), "", t.content, ""]
+            if t.stats:
+                out += ["<!-- " + ", ".join(f"{k}={v}" for k, v in t.stats.items()) + " -->", ""]
+        return "\n".join(out).rstrip("\n") + "\n"
+
+    def save(self, path: str | Path) -> Path:
+        """Write the transcript as Markdown (``.md``) or JSON (``.json``), atomically (temp file + rename)."""
+        path = Path(path).expanduser()
+        suffix = path.suffix.lower()
+        if suffix in (".md", ".markdown"):
+            data = self.to_markdown()
+        elif suffix == ".json":
+            data = json.dumps(self.to_json(), ensure_ascii=False, indent=1) + "\n"
+        else:
+            raise UsageError(f"cannot save as {path.name!r}", "use a .md or .json file name")
+        if not path.parent.is_dir():
+            raise UsageError(f"cannot save to {path}: {path.parent} is not a directory")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+
+def parse_setting(name: str, text: str) -> tuple[str, Any]:
+    """``("threshold", "0.6")`` -> ``("threshold", 0.6)``; unknown names and unreadable values are UsageErrors."""
+    key = name.strip().lower().replace("-", "_")
+    kind = SETTINGS.get(key)
+    if kind is None:
+        raise UsageError(f"unknown setting {name!r}", "settings: " + ", ".join(SETTINGS))
+    raw = text.strip()
+    if kind is bool:
+        if raw.lower() not in _TRUE | _FALSE:
+            raise UsageError(f"{key} takes on/off, got {raw!r}")
+        return key, raw.lower() in _TRUE
+    if key in ("seed", "block_length") and raw.lower() in ("none", "off", "default"):
+        return key, None
+    try:
+        return key, kind(raw)
+    except ValueError:
+        raise UsageError(f"{key} takes {'an integer' if kind is int else 'a number'}, got {raw!r}") from None
+
+
+class Chat:
+    """A conversation bound to a loaded model (``generate.Loaded``) and a decode config."""
+
+    def __init__(self, loaded: Any, config: DecodeConfig, *, system: str | None = None,
+                 overrides: dict[str, Any] | None = None) -> None:
+        self.loaded = loaded
+        self.config = config
+        self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        self.conversation = Conversation(system=system)
+        self.last_prefill_s: float | None = None  # wall time from the request to the first step event
+
+    # --- settings ------------------------------------------------------------------------------
+    def set_mode(self, mode: str) -> DecodeConfig:
+        """Switch preset; the mode's thresholds replace any set by hand, other knobs are kept."""
+        from dllm_cli.generate import decode_config
+
+        if mode not in MODES:
+            raise UsageError(f"unknown mode {mode!r}", "use /mode " + "|".join(MODES))
+        for k in PRESET_KNOBS:
+            self.overrides.pop(k, None)
+        self.config = decode_config(self.loaded.model, mode, **self.overrides)
+        return self.config
+
+    def set(self, name: str, value: str) -> DecodeConfig:
+        """``/set NAME VALUE``: validated; on a bad value the config is unchanged and a UsageError says why."""
+        key, parsed = parse_setting(name, value)
+        self.config = with_overrides(self.config, **{key: parsed})
+        self.overrides[key] = parsed
+        return self.config
+
+    def settings(self) -> dict[str, Any]:
+        return {f.name: getattr(self.config, f.name) for f in fields(DecodeConfig)
+                if f.name in SETTINGS or f.name == "mode"}
+
+    # --- turns ---------------------------------------------------------------------------------
+    def clear(self) -> None:
+        """Forget the conversation and drop the KV cache."""
+        self.conversation.clear()
+        self.loaded.session.reset()
+
+    def ask(self, text: str) -> Iterator[Event]:
+        """Add a user turn and stream the answer's events; the answer joins the transcript when done."""
+        self.conversation.add_user(text)
+        yield from self._answer()
+
+    def retry(self) -> Iterator[Event]:
+        """Ask the last question again (its previous answer is dropped)."""
+        text = self.conversation.pop_for_retry()
+        yield from self.ask(text)
+
+    def prompt(self) -> list[int]:
+        """Token ids of the whole conversation so far, through the model's chat template."""
+        from dllm_cli.generate import prompt_ids
+
+        return prompt_ids(self.loaded.model, self.conversation.messages())
+
+    def stream(self, ids: list[int]) -> Iterator[Event]:
+        """Decoding events for ``ids`` (the engine reuses the session's matching KV prefix)."""
+        from dllm_cli.generate import stream_generate
+
+        return stream_generate(self.loaded, ids, self.config)
+
+    def _answer(self) -> Iterator[Event]:
+        parts: list[str] = []
+        t0 = time.perf_counter()
+        self.last_prefill_s = None
+        try:
+            for ev in self.stream(self.prompt()):
+                if self.last_prefill_s is None and not isinstance(ev, StartEvent):
+                    self.last_prefill_s = time.perf_counter() - t0
+                if isinstance(ev, BlockEvent):
+                    parts.append(ev.text)
+                elif isinstance(ev, DoneEvent):
+                    self.conversation.add_answer(ev.text, stats=answer_stats(ev, self.config.mode))
+                yield ev
+        except (KeyboardInterrupt, GeneratorExit):
+            if self.conversation.turns[-1].role == "user":
+                self.conversation.add_answer("".join(parts), interrupted=True)
+            self.repair()
+            raise
+        except BaseException:
+            if self.conversation.turns[-1].role == "user":
+                self.conversation.turns.pop()
+            self.repair()
+            raise
+
+    def repair(self) -> None:
+        """Make the KV cache match ``session.cached`` again after a turn stopped half-way.
+
+        Committed blocks stay (the next prompt reuses whatever prefix still matches); cells a stopped step
+        or commit left behind are removed.
+        """
+        session = self.loaded.session
+        if getattr(session, "ctx", True):  # a closed session has nothing to repair
+            session.rollback(len(session.cached))
+
+
+def answer_stats(done: DoneEvent, mode: str) -> dict[str, Any]:
+    """The per-answer numbers kept in the transcript."""
+    tps = len(done.ids) / done.elapsed_s if done.elapsed_s > 0 else 0.0
+    return {"mode": mode, "tokens": len(done.ids), "forwards": done.forwards, "tpf": round(done.tpf, 3),
+            "edits": done.edits, "tok_s": round(tps, 1), "seconds": round(done.elapsed_s, 3),
+            "finish": done.finish_reason, "reused_prompt_tokens": done.reused}

@@ -1,0 +1,309 @@
+"""``dllm chat``: interactive multi-turn chat with a live view of unmasking and editing.
+
+The live view (``cli/live.py``) is drawn on stderr's terminal; finished answers go to stdout (Markdown unless
+``--plain``). Without a terminal on stderr, or with ``--no-live``, only the finalized answer text is printed,
+block by block. ``--replay TRACE`` plays a ``dllm run --trace`` file through the same view, without a model.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Iterable, Optional
+
+import typer
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.markup import escape
+
+from dllm_cli.chat import SETTINGS, Chat
+from dllm_cli.cli import options as O
+from dllm_cli.cli import output
+from dllm_cli.cli.app import app
+from dllm_cli.cli.live import LiveView, PieceCache, summary_line
+from dllm_cli.cli.replay import paced, read_trace
+from dllm_cli.decoding.events import BlockEvent, DoneEvent, Event, StepEvent
+from dllm_cli.errors import ContextFullError, DllmError, UsageError
+from dllm_cli.registry import dllm_home
+
+FRAME_S = 1 / 30  # at most this many redraws per second; steps in between only update the view's state
+HELP = """[bold]commands[/]
+  /mode speed|quality     switch decode preset (resets thresholds set by hand)
+  /set [NAME VALUE]       show settings, or set one: {names}
+  /clear                  forget the conversation (and its KV cache)
+  /save PATH              write the transcript (.md or .json)
+  /retry                  ask the last question again
+  /help                   this help
+  /exit                   leave (also Ctrl-D, or Ctrl-C at an empty prompt)
+  \"\"\"                     start / end a multi-line message
+Ctrl-C while an answer is being written stops it."""
+
+
+class Screen:
+    """How a turn is shown: the live view on stderr's terminal, or plain finalized text on stdout."""
+
+    def __init__(self, *, live: bool, plain: bool, piece=None) -> None:
+        self.live = live
+        self.plain = plain or not output.out.is_terminal
+        self.view = LiveView(piece)
+
+    def show(self, events: Iterable[Event], mode: str = "") -> DoneEvent | None:
+        """Consume one answer's events; returns its DoneEvent (KeyboardInterrupt propagates)."""
+        self.view.mode = mode
+        self.view.reset()
+        if not self.live:
+            for ev in events:
+                self.view.update(ev)
+                if isinstance(ev, BlockEvent) and ev.text:
+                    output.answer(ev.text, end="")
+            if self.view.text and not self.view.text.endswith("\n"):
+                output.answer("")
+            return self.view.done
+        with Live(self.view, console=output.err, auto_refresh=False, transient=True,
+                  redirect_stdout=False, redirect_stderr=False) as live:
+            last = 0.0
+            for ev in events:
+                self.view.update(ev)
+                now = time.monotonic()
+                if isinstance(ev, (StepEvent, BlockEvent)) and now - last >= FRAME_S:
+                    live.refresh()
+                    last = now
+        self.finish()
+        return self.view.done
+
+    def finish(self, interrupted: bool = False) -> None:
+        """Print the answer for good (after the transient live view is gone) and its stats line."""
+        if not self.live:
+            if interrupted:
+                if self.view.text and not self.view.text.endswith("\n"):
+                    output.answer("")
+                output.err.print("interrupted")
+            return
+        text = self.view.text
+        if text.strip():
+            if self.plain:
+                output.answer(text.rstrip("\n"))
+            else:
+                output.rendered(Markdown(text))
+        done = self.view.done
+        if interrupted:
+            output.err.print("[yellow]⏹ interrupted[/] [grey50](partial answer kept in the transcript)[/]")
+        elif done is not None:
+            if not text.strip():
+                output.err.print("[grey50](empty answer)[/]")
+            output.err.print(f"[grey50]{escape(summary_line(done, self.view.mode))}[/]")
+
+
+@app.command("chat")
+def chat(
+    model: O.ModelArg = None,
+    mode: O.ModeOpt = O.Mode.quality,
+    system: O.System = None,
+    no_live: Annotated[bool, typer.Option("--no-live", help="No live view: print finalized text only.")] = False,
+    plain: Annotated[bool, typer.Option("--plain", help="Print answers as plain text, not Markdown.")] = False,
+    replay: Annotated[Optional[Path], typer.Option("--replay", help="Replay a `dllm run --trace` file (no model needed).",
+                                                   show_default=False)] = None,
+    speed: Annotated[float, typer.Option("--speed", min=0.0, help="Replay speed factor (0 = no pauses).")] = 1.0,
+    max_tokens: O.MaxTokens = 512,
+    threshold: O.Threshold = None,
+    editing_threshold: O.EditThreshold = None,
+    max_post_steps: O.MaxPostSteps = None,
+    edit: O.Edit = None,
+    block_length: O.BlockLength = None,
+    temperature: O.Temperature = 0.0,
+    top_k: O.TopK = 0,
+    top_p: O.TopP = 1.0,
+    seed: O.Seed = 0,
+    mbe: O.Mbe = 0,
+    threads: O.Threads = None,
+    n_gpu_layers: O.GpuLayers = None,
+    ctx_size: O.CtxSize = 4096,
+    kv_type: O.KvType = O.KVType.f16,
+) -> None:
+    """Chat with a model and watch it unmask and edit its answer, block by block.
+
+    Type /help inside for commands (/mode, /set, /clear, /save, /retry, /exit).
+
+    Examples:
+      dllm chat
+      dllm chat model.gguf --mode speed --system "Answer briefly."
+      dllm run "Write a haiku" --trace t.jsonl && dllm chat --replay t.jsonl --speed 0.5
+    """
+    live = not no_live and output.err.is_terminal
+    if replay is not None:
+        trace = read_trace(replay)
+        Screen(live=live, plain=plain, piece=PieceCache(table=trace.pieces)).show(paced(trace.events, speed))
+        return
+    from dllm_cli.generate import decode_config, load
+    from dllm_cli.runtime.options import RuntimeOptions
+
+    opts = RuntimeOptions(threads=threads, n_gpu_layers=n_gpu_layers, ctx_size=ctx_size, kv_type=kv_type.value)
+    overrides = dict(threshold=threshold, editing_threshold=editing_threshold, max_post_steps=max_post_steps,
+                     editing=edit, block_length=block_length, temperature=temperature, top_k=top_k, top_p=top_p,
+                     seed=seed, max_tokens=max_tokens, mbe=mbe)
+    loaded = load(model, opts)
+    try:
+        config = decode_config(loaded.model, mode.value, **overrides)
+        for w in config.warnings:
+            output.warn(w)
+        session = Chat(loaded, config, system=system, overrides=overrides)
+        Repl(session, Screen(live=live, plain=plain, piece=loaded.model.piece)).loop()
+    finally:
+        loaded.close()
+
+
+class Repl:
+    """Read a line, run a slash command or a turn, repeat; returns on /exit, Ctrl-D or Ctrl-C at the prompt."""
+
+    def __init__(self, chat: Chat, screen: Screen) -> None:
+        self.chat = chat
+        self.screen = screen
+        self.interactive = sys.stdin.isatty()
+        self.history: Path | None = None
+
+    def loop(self) -> None:
+        self._start_readline()
+        if self.interactive:
+            output.err.print(f"[grey50]dllm chat · {self.chat.loaded.model.path.name} · mode {self.chat.config.mode}"
+                             " · /help for commands, Ctrl-D to exit[/]")
+        try:
+            while True:
+                text = self.read()
+                if text is None:
+                    return
+                if not text.strip():
+                    continue
+                if text.lstrip().startswith("/"):
+                    if self.command(text.strip()) is False:
+                        return
+                else:
+                    self.turn(self.chat.ask(text))
+        finally:
+            self._save_history()
+
+    # --- input ---------------------------------------------------------------------------------
+    def _start_readline(self) -> None:
+        if not self.interactive:
+            return
+        try:
+            import readline
+        except ImportError:  # Windows without pyreadline: input() still works, without history
+            return
+        self.history = dllm_home() / "chat_history"
+        try:
+            self.history.parent.mkdir(parents=True, exist_ok=True)
+            readline.read_history_file(self.history)
+        except OSError:
+            pass
+        readline.set_history_length(1000)
+
+    def _save_history(self) -> None:
+        if self.history is None:
+            return
+        try:
+            import readline
+
+            readline.write_history_file(self.history)
+        except OSError:
+            pass
+
+    def _input(self, prompt: str) -> str:
+        if self.interactive and sys.stdout.isatty():
+            return input(prompt)  # readline draws the prompt and does the line editing
+        if self.interactive:
+            output.err.print(prompt, end="")
+        return input()
+
+    def read(self) -> str | None:
+        """One user message (``\"\"\"`` opens a multi-line one); None means leave."""
+        try:
+            line = self._input(">>> ")
+            if line.strip() != '"""':
+                return line
+            lines = []
+            while (line := self._input("... ")).strip() != '"""':
+                lines.append(line)
+            return "\n".join(lines)
+        except EOFError:
+            if self.interactive:
+                output.err.print()
+            return None
+        except KeyboardInterrupt:
+            output.err.print()
+            return None
+
+    # --- commands ------------------------------------------------------------------------------
+    def command(self, line: str) -> bool | None:
+        """Run a slash command; False means exit. Bad input gives a one-line message, the session goes on."""
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        try:
+            if name in ("/exit", "/quit", "/bye"):
+                return False
+            if name == "/help":
+                output.err.print(HELP.format(names=", ".join(SETTINGS)))
+            elif name == "/mode":
+                if arg:
+                    self.chat.set_mode(arg)
+                output.err.print(f"mode {self.chat.config.mode}: {self._knobs()}")
+            elif name == "/set":
+                if arg:
+                    key, _, value = arg.partition(" ")
+                    if not value.strip():
+                        raise UsageError(f"/set {key} needs a value", "for example: /set threshold 0.6")
+                    self.chat.set(key, value)
+                output.err.print(self._knobs(all_=not arg))
+            elif name == "/clear":
+                self.chat.clear()
+                output.err.print("conversation cleared")
+            elif name == "/save":
+                if not arg:
+                    raise UsageError("/save needs a file name", "for example: /save chat.md (or .json)")
+                path = self.chat.conversation.save(arg)
+                output.err.print(f"saved {escape(str(path))}")
+            elif name == "/retry":
+                self.turn(self.chat.retry())
+            else:
+                raise UsageError(f"unknown command {name}", "type /help for the list")
+        except UsageError as e:
+            output.err.print(f"[red]{escape(str(e))}[/]")
+        return None
+
+    def _knobs(self, all_: bool = False) -> str:
+        s = self.chat.settings()
+        keys = list(s) if all_ else ["threshold", "editing_threshold", "max_post_steps", "editing"]
+        return ", ".join(f"{k}={s[k]}" for k in keys if k != "mode" or all_)
+
+    # --- one answer ----------------------------------------------------------------------------
+    def turn(self, events: Iterable[Event]) -> None:
+        """Show one answer; Ctrl-C stops it (kept, marked interrupted); errors leave the session usable."""
+        try:
+            self.screen.show(events, self.chat.config.mode)
+        except KeyboardInterrupt:
+            self._close(events)
+            self.screen.finish(interrupted=True)
+        except ContextFullError as e:
+            self._close(events)
+            output.err.print(f"[yellow]{escape(e.message)}.[/] The conversation no longer fits the context: "
+                             "type [bold]/clear[/] to start over ([bold]/save PATH[/] first to keep it), "
+                             "or restart with a larger --ctx-size.")
+        except UsageError as e:
+            self._close(events)
+            output.err.print(f"[red]{escape(str(e))}[/]")
+        except DllmError as e:
+            self._close(events)
+            output.error(escape(str(e)))
+        else:
+            done = self.screen.view.done
+            if done is not None and done.finish_reason == "length" and self._nearly_full(done):
+                output.err.print("[yellow]the context is almost full:[/] type [bold]/clear[/] to start over")
+
+    @staticmethod
+    def _close(events: Iterable[Event]) -> None:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
+
+    def _nearly_full(self, done: DoneEvent) -> bool:
+        session = self.chat.loaded.session
+        return done.prompt_tokens + len(done.ids) + session.block_length >= session.n_ctx

@@ -1,0 +1,204 @@
+"""Rich renderables for the live diffusion view, built purely from decoding events (no model, no I/O).
+
+``LiveView`` folds ``StartEvent``/``StepEvent``/``BlockEvent``/``DoneEvent`` into a small state and renders:
+
+    finalized text of this answer (plain, the tail that fits the screen)
+    the active block as a row of cells:  masks ``░`` (dim), tokens unmasked this step (green),
+                                         tokens edited this step ``old→new`` (struck red → bold yellow)
+    a status line: mode · block · step · forwards · tokens/forward · edits · tokens/s
+
+Updating is O(block length) per step and rendering is string building, so the view never slows the model;
+the command decides how often to refresh.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.text import Text
+
+from dllm_cli.decoding.events import BlockEvent, DoneEvent, Event, StartEvent, StepEvent
+
+MASK_CELL = "░"
+MASK_STYLE = "grey42"
+NEW_STYLE = "bold black on green3"
+EDIT_OLD_STYLE = "strike red"
+EDIT_NEW_STYLE = "bold black on yellow"
+STATUS_STYLE = "grey62"
+
+Piece = Callable[[int], str]
+
+
+def id_piece(token: int) -> str:
+    """Fallback token rendering when no vocabulary is at hand (a trace without pieces)."""
+    return f"⟨{token}⟩"
+
+
+def visible(piece: str) -> str:
+    """A token's text for one cell: control characters made visible so a row stays one row."""
+    return piece.replace("\n", "↵").replace("\r", "").replace("\t", "⇥") or "∅"
+
+
+class PieceCache:
+    """Memoised ``piece(id)`` (the live view asks for the same ids every step)."""
+
+    def __init__(self, piece: Piece | None = None, table: dict[int, str] | None = None) -> None:
+        self._piece = piece
+        self.table: dict[int, str] = dict(table or {})
+
+    def __call__(self, token: int) -> str:
+        text = self.table.get(token)
+        if text is None:
+            text = self._piece(token) if self._piece else id_piece(token)
+            self.table[token] = text
+        return text
+
+
+class LiveView:
+    """State of one answer being decoded, and its rendering (a Rich renderable)."""
+
+    def __init__(self, piece: Piece | None = None, *, mode: str = "", max_text_lines: int | None = None) -> None:
+        self.piece = piece if isinstance(piece, PieceCache) else PieceCache(piece)
+        self.mode = mode
+        self.max_text_lines = max_text_lines
+        self.reset()
+
+    def reset(self) -> None:
+        self.text = ""  # finalized text of this answer
+        self.mask_id = -1
+        self.prompt_tokens = 0
+        self.first_block = 0
+        self.n_blocks = 0
+        self.block = 0
+        self.step = 0
+        self.start = 0
+        self.canvas: tuple[int, ...] = ()
+        self.unmasked: frozenset[int] = frozenset()
+        self.edited: dict[int, int] = {}  # relative position -> old id (edited this step)
+        self.forwards = 0
+        self.edits = 0
+        self.final_tokens = 0  # tokens in finalized blocks
+        self.elapsed_s = 0.0
+        self.reused = 0
+        self.done: DoneEvent | None = None
+
+    # --- folding events ------------------------------------------------------------------
+    def update(self, ev: Event) -> None:
+        """Fold one event into the view state (cheap: no rendering here)."""
+        if isinstance(ev, StartEvent):
+            mode = self.mode or str(ev.config.get("mode", ""))
+            self.reset()
+            self.mode = mode
+            self.mask_id, self.prompt_tokens, self.reused = ev.mask_id, ev.prompt_tokens, ev.reused
+            self.first_block, self.n_blocks, self.block = ev.first_block, ev.n_blocks, ev.first_block
+            self.start = ev.first_block * ev.block_length
+            self.canvas = (ev.mask_id,) * ev.block_length
+        elif isinstance(ev, StepEvent):
+            self.block, self.step, self.start, self.canvas = ev.block, ev.step, ev.start, ev.canvas
+            self.unmasked = frozenset(ev.unmasked)
+            self.edited = {pos: old for pos, old, _new in ev.edited}
+            self.forwards, self.elapsed_s = ev.forwards, ev.elapsed_s
+            self.edits += len(ev.edited)
+        elif isinstance(ev, BlockEvent):
+            self.text += ev.text
+            self.final_tokens += len(ev.ids)
+            self.forwards, self.elapsed_s = ev.forwards, ev.elapsed_s
+            self.canvas, self.unmasked, self.edited = (), frozenset(), {}
+            self.block = ev.block + 1
+            self.step = 0
+        elif isinstance(ev, DoneEvent):
+            self.done = ev
+            self.forwards, self.elapsed_s, self.edits = ev.forwards, ev.elapsed_s, ev.edits
+            self.canvas, self.unmasked, self.edited = (), frozenset(), {}
+
+    def feed(self, events: Iterable[Event]) -> "LiveView":
+        for ev in events:
+            self.update(ev)
+        return self
+
+    # --- numbers ---------------------------------------------------------------------------
+    def _is_prompt(self, rel: int) -> bool:
+        return self.start + rel < self.prompt_tokens
+
+    @property
+    def decoded_in_block(self) -> int:
+        return sum(1 for i, t in enumerate(self.canvas) if t != self.mask_id and not self._is_prompt(i))
+
+    @property
+    def tokens(self) -> int:
+        """Generated tokens so far: finalized blocks plus decoded cells of the active block."""
+        if self.done is not None:
+            return len(self.done.ids)
+        return self.final_tokens + self.decoded_in_block
+
+    @property
+    def tpf(self) -> float:
+        return self.tokens / self.forwards if self.forwards else 0.0
+
+    @property
+    def tps(self) -> float:
+        return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    # --- rendering -------------------------------------------------------------------------
+    def block_row(self) -> Text:
+        """The active block as a row of cells, read left to right like the text it becomes.
+
+        Token cells carry their own spacing (pieces start with a space where words do); prompt-tail positions
+        of the first block are left out.
+        """
+        row = Text(no_wrap=False, overflow="fold")
+        for i, tok in enumerate(self.canvas):
+            if self._is_prompt(i):
+                continue
+            if tok == self.mask_id:
+                row.append(MASK_CELL, style=MASK_STYLE)
+                continue
+            cell = visible(self.piece(tok))
+            old = self.edited.get(i)
+            if old is not None:
+                row.append(visible(self.piece(old)), style=EDIT_OLD_STYLE)
+                row.append("→", style="yellow")
+                row.append(cell, style=EDIT_NEW_STYLE)
+            elif i in self.unmasked:
+                row.append(cell, style=NEW_STYLE)
+            else:
+                row.append(cell)
+        return row
+
+    def status_line(self) -> Text:
+        """``speed · block 2/5 · step 3 · 17 fwd · 2.41 tok/fwd · 4 edits · 88.1 tok/s``."""
+        total = max(self.n_blocks - self.first_block, 0)
+        parts = [self.mode or "?"]
+        if total:
+            parts.append(f"block {min(self.block - self.first_block + 1, total)}/{total}")
+        parts += [f"step {self.step}", f"{self.forwards} fwd", f"{self.tpf:.2f} tok/fwd",
+                  f"{self.edits} edit{'s' if self.edits != 1 else ''}", f"{self.tps:.1f} tok/s"]
+        if self.reused:
+            parts.append(f"{self.reused} cached")
+        return Text(" · ".join(parts), style=STATUS_STYLE)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = options.max_width
+        budget = self.max_text_lines
+        if budget is None:
+            budget = max((options.height or console.size.height) - 6, 1)
+        if self.text:
+            text = self.text[:-1] if self.text.endswith("\n") else self.text  # the row below starts a line anyway
+            lines = Text(text).wrap(console, width)
+            yield from lines[-budget:] if len(lines) > budget else lines
+        if self.canvas:
+            yield self.block_row()
+        yield self.status_line()
+
+
+def summary_line(done: DoneEvent, mode: str = "") -> str:
+    """One line of stats after an answer: tokens, forwards, tok/fwd, edits, tok/s, reused prompt tokens."""
+    tps = len(done.ids) / done.elapsed_s if done.elapsed_s > 0 else 0.0
+    bits = [mode] if mode else []
+    bits += [f"{len(done.ids)} tokens", f"{done.forwards} fwd", f"{done.tpf:.2f} tok/fwd",
+             f"{done.edits} edit{'s' if done.edits != 1 else ''}", f"{tps:.1f} tok/s", f"{done.elapsed_s:.2f}s"]
+    if done.reused:
+        bits.append(f"{done.reused} prompt tokens cached")
+    if done.finish_reason == "length":
+        bits.append("stopped at max tokens")
+    return " · ".join(bits)
