@@ -1,17 +1,29 @@
 """Fetch the pinned llama-cpp-python sdist, apply ``patches/*.patch`` to its vendored llama.cpp, build
-the shared libraries with CMake and install them into ``$DLLM_HOME/runtime/<key>/``.
+the shared libraries with CMake and install them into ``<runtime root>/<backend>-<key>/lib/``.
 
-Run as ``python -m ggml_patch.build fetch|sdist-path`` (used by the Makefile before dllm is installed);
-``dllm runtime build`` drives the rest.
+Run as ``python -m ggml_patch.build fetch|sdist-path|build [--backend B] [--force]`` (the Makefile uses the
+first two before dllm is installed); ``dllm runtime build`` drives ``build()``.
+
+The key is a hash of the sdist checksum, the patch files, the backend and the CMake flags; it is also
+compiled into the library (``DLLM_PATCHSET``) and read back by ``llama_dllm_version()``, so Python can
+tell a library built from the current patches from a stale one.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import platform
+import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 PACKAGE = "llama-cpp-python"
 VERSION = "0.3.36"
@@ -62,6 +74,253 @@ def fetch(log=print) -> Path:
     return dest
 
 
+
+BACKENDS = ("cpu", "cuda", "metal")
+KEY_LEN = 16
+# CMake options common to every backend: only libllama and the ggml shared libraries, relocatable ($ORIGIN)
+BASE_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON",
+    "-DLLAMA_BUILD_COMMON=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_TOOLS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
+    "-DCMAKE_INSTALL_RPATH=$ORIGIN", "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
+)
+BACKEND_FLAGS = {"cpu": (), "cuda": ("-DGGML_CUDA=ON",), "metal": ("-DGGML_METAL=ON",)}
+LIB_PREFIXES = ("libllama", "libggml", "llama", "ggml")
+LIB_SUFFIXES = (".so", ".dylib", ".dll")
+
+
+def _build_error(message: str, hint: str | None = None) -> Exception:
+    try:  # dllm's typed error when the package is importable (it always is once installed)
+        from dllm_cli.errors import BuildError
+        return BuildError(message, hint)
+    except ImportError:  # pragma: no cover - only before dllm is installed
+        return RuntimeError(f"{message} ({hint})" if hint else message)
+
+
+def runtime_root() -> Path:
+    """Where built runtimes are installed: ``$DLLM_RUNTIME_DIR`` or ``$DLLM_HOME/runtime``."""
+    env = os.environ.get("DLLM_RUNTIME_DIR")
+    return Path(env) if env else home() / "runtime"
+
+
+def patch_files(patch_dir: Path | None = None) -> list[Path]:
+    """The patches in apply order (file name order: ``NNNN-name.patch``)."""
+    return sorted((patch_dir or PATCH_DIR).glob("*.patch"))
+
+
+def _nvidia_driver() -> bool:
+    return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """``auto`` -> cuda when ``nvcc`` is on PATH and an NVIDIA driver is present, metal on macOS, else cpu.
+
+    The driver check matters: a CUDA toolkit without a GPU (CI images, build boxes) would otherwise get an
+    hour-long CUDA compile of a library that cannot load there.
+    """
+    if backend == "auto":
+        if shutil.which("nvcc") and _nvidia_driver():
+            return "cuda"
+        return "metal" if sys.platform == "darwin" else "cpu"
+    if backend not in BACKENDS:
+        raise _build_error(f"unknown backend {backend!r}", f"use one of auto, {', '.join(BACKENDS)}")
+    return backend
+
+
+def cmake_flags(backend: str) -> list[str]:
+    return [*BASE_FLAGS, *BACKEND_FLAGS[backend]]
+
+
+def cache_key(backend: str, flags: list[str] | None = None, patches: list[Path] | None = None) -> str:
+    """sha256 over (sdist sha, patch names + contents in apply order, backend, flags), truncated."""
+    h = hashlib.sha256()
+    h.update(f"sdist:{SDIST_SHA256}\n".encode())
+    for p in (patch_files() if patches is None else patches):
+        h.update(f"patch:{p.name}:{len(p.read_bytes())}\n".encode())
+        h.update(p.read_bytes())
+    h.update(f"backend:{backend}\n".encode())
+    for f in (cmake_flags(backend) if flags is None else flags):
+        h.update(f"flag:{f}\n".encode())
+    return h.hexdigest()[:KEY_LEN]
+
+
+def install_dir(backend: str, key: str) -> Path:
+    return runtime_root() / f"{backend}-{key}"
+
+
+def read_build_info(path: Path) -> dict | None:
+    """``build.json`` of an installed runtime directory, or None if it is missing or unreadable."""
+    try:
+        return json.loads((path / "build.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    path: Path       # the installed runtime directory (libraries under ``lib/``)
+    backend: str
+    key: str
+    built: bool      # False when an up-to-date build was already installed
+    seconds: float
+
+
+Status = Callable[[str], None]
+
+
+def _run(cmd: list[str], cwd: Path, log_path: Path, status: Status, step: str) -> None:
+    """Run ``cmd``, appending its output to ``log_path``; show ninja/make step lines in ``status``."""
+    status(step)
+    tail: deque[str] = deque(maxlen=12)
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace")
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            tail.append(line.rstrip())
+            if line.startswith("[") and "]" in line[:16]:
+                status(f"{step} {line.strip()[:100]}")
+        rc = proc.wait()
+    if rc != 0:
+        last = " | ".join(t for t in tail if t)[-400:]
+        raise _build_error(f"{step} failed (exit {rc}): {last}", f"full log: {log_path}")
+
+
+def _extract(sdist: Path, dest: Path) -> None:
+    """Extract the sdist's ``vendor/llama.cpp`` into ``dest``."""
+    prefix = f"llama_cpp_python-{VERSION}/vendor/llama.cpp/"
+    tmp = dest.with_name(dest.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with tarfile.open(sdist) as tar:
+        members = []
+        for m in tar.getmembers():
+            if m.name.startswith(prefix) and len(m.name) > len(prefix):
+                m.name = m.name[len(prefix):]
+                if m.name == ".git" or m.name.startswith(".git/"):  # a submodule gitfile pointing nowhere
+                    continue
+                members.append(m)
+        if not members:
+            raise _build_error(f"{sdist.name} has no {prefix}", "delete it and rerun: dllm runtime build")
+        tar.extractall(tmp, members=members, filter="data")
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+
+
+def apply_patches(src: Path, patches: list[Path], log_path: Path | None = None) -> None:
+    """``git apply --check`` then ``git apply`` each patch in order; the first that does not apply is named."""
+    git = shutil.which("git")
+    if not git:
+        raise _build_error("git is needed to apply the llama.cpp patches", "install git and rerun")
+    # keep git from discovering an enclosing repository (it would resolve paths against that one)
+    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(src.parent)}
+    for p in patches:
+        for args in (["--check"], []):
+            res = subprocess.run([git, "apply", *args, "--whitespace=nowarn", str(p)], cwd=src, env=env,
+                                 capture_output=True, text=True)
+            if log_path is not None:
+                with open(log_path, "a") as log:
+                    log.write(f"$ git apply {' '.join(args)} {p.name}\n{res.stdout}{res.stderr}")
+            if res.returncode != 0:
+                why = (res.stderr.strip().splitlines() or ["git apply failed"])[0]
+                raise _build_error(f"patch {p.name} does not apply to llama.cpp {LLAMA_CPP_COMMIT}: {why}",
+                                   "regenerate the patch against the pinned tree (see ggml_patch/README.md)")
+
+
+def _libraries(bin_dir: Path) -> list[Path]:
+    return sorted(p for p in bin_dir.iterdir()
+                  if p.name.startswith(LIB_PREFIXES) and any(s in p.name for s in LIB_SUFFIXES))
+
+
+def _install(bin_dir: Path, target: Path, info: dict) -> None:
+    """Copy the libraries (symlinks kept) and build.json into a temp dir next to ``target``, then rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        lib = tmp / "lib"
+        lib.mkdir()
+        libs = _libraries(bin_dir)
+        if not any(p.name.startswith(("libllama", "llama")) for p in libs):
+            raise _build_error(f"the build produced no libllama in {bin_dir}")
+        for p in libs:
+            shutil.copy2(p, lib / p.name, follow_symlinks=False)
+        info = {**info, "libraries": [p.name for p in libs]}
+        (tmp / "build.json").write_text(json.dumps(info, indent=1) + "\n")
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old.{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def installed(backend: str, key: str) -> bool:
+    info = read_build_info(install_dir(backend, key))
+    return bool(info) and info.get("key") == key and (install_dir(backend, key) / "lib").is_dir()
+
+
+def build(backend: str = "auto", force: bool = False, status: Status | None = None,
+          jobs: int | None = None) -> BuildResult:
+    """Build and install the patched runtime for ``backend`` unless the same key is already installed."""
+    t0 = time.monotonic()
+    status = status or (lambda msg: None)
+    backend = resolve_backend(backend)
+    flags = cmake_flags(backend)
+    patches = patch_files()
+    key = cache_key(backend, flags, patches)
+    target = install_dir(backend, key)
+    if not force and installed(backend, key):
+        return BuildResult(target, backend, key, False, time.monotonic() - t0)
+    for tool in ("cmake",):
+        if not shutil.which(tool):
+            raise _build_error(f"{tool} is not on PATH", "install CMake >= 3.14 and a C++17 compiler")
+
+    work = home() / "build" / f"{backend}-{key}"
+    work.mkdir(parents=True, exist_ok=True)
+    log_path = work / "build.log"
+    log_path.write_text(f"dllm runtime build {backend}-{key} {time.ctime()}\n")
+    status("fetching the llama-cpp-python sdist")
+    try:
+        sdist = fetch(log=status)
+    except FetchError as e:
+        raise _build_error(str(e), "check the network access to PyPI, then rerun: dllm runtime build") from e
+
+    src, bdir = work / "llama.cpp", work / "build"
+    marker = src / ".dllm-patched"
+    if force or not marker.is_file() or marker.read_text().strip() != key:
+        status(f"extracting llama.cpp {LLAMA_CPP_COMMIT} from {sdist.name}")
+        _extract(sdist, src)
+        status(f"applying {len(patches)} patches")
+        apply_patches(src, patches, log_path)
+        marker.write_text(key + "\n")
+        shutil.rmtree(bdir, ignore_errors=True)
+
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    _run(["cmake", "-S", str(src), "-B", str(bdir), *gen, *flags, f"-DDLLM_PATCHSET={key}"], work, log_path,
+         status, "configuring (cmake)")
+    n = jobs or os.cpu_count() or 2
+    _run(["cmake", "--build", str(bdir), "--target", "llama", "-j", str(n)], work, log_path, status,
+         f"compiling libllama ({backend}, {n} jobs)")
+
+    status(f"installing into {target}")
+    bin_dir = bdir / "bin"
+    info = {
+        "backend": backend, "key": key, "flags": flags, "patches": [p.name for p in patches],
+        "llama_cpp_commit": LLAMA_CPP_COMMIT, "llama_cpp_python": VERSION, "sdist_sha256": SDIST_SHA256,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "platform": f"{sys.platform}-{platform.machine()}",
+        "build_seconds": round(time.monotonic() - t0, 1),
+    }
+    _install(bin_dir if bin_dir.is_dir() else bdir, target, info)
+    return BuildResult(target, backend, key, True, time.monotonic() - t0)
+
+
 def main(argv: list[str]) -> int:
     cmd = argv[0] if argv else "fetch"
     try:
@@ -69,10 +328,20 @@ def main(argv: list[str]) -> int:
             print(fetch(log=lambda m: print(m, file=sys.stderr)))
         elif cmd == "sdist-path":
             print(sdist_path())
+        elif cmd == "build":
+            backend = argv[argv.index("--backend") + 1] if "--backend" in argv else "auto"
+            res = build(backend, force="--force" in argv, status=lambda m: print(m, file=sys.stderr))
+            print(res.path)
         else:
-            print(f"usage: python -m ggml_patch.build fetch|sdist-path", file=sys.stderr)
+            print("usage: python -m ggml_patch.build fetch|sdist-path|build [--backend B] [--force]",
+                  file=sys.stderr)
             return 2
     except FetchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # BuildError (or RuntimeError before dllm is installed)
+        if type(e).__name__ not in ("BuildError", "RuntimeError"):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

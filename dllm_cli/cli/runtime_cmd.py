@@ -1,0 +1,68 @@
+"""``dllm runtime``: build the patched llama.cpp and show which one is loaded."""
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+from dllm_cli.cli import output
+from dllm_cli.cli.app import app
+
+runtime_app = typer.Typer(help="Build and inspect the patched llama.cpp runtime.", no_args_is_help=True)
+app.add_typer(runtime_app, name="runtime")
+
+
+class Backend(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    metal = "metal"
+
+
+BackendOpt = Annotated[Backend, typer.Option("--backend", "-b",
+                                             help="auto: cuda with nvcc and an NVIDIA driver, metal on macOS, else cpu.")]
+
+
+@runtime_app.command("build")
+def runtime_build(
+    backend: BackendOpt = Backend.auto,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if an up-to-date build is installed.")] = False,
+) -> None:
+    """Apply ggml_patch/patches to the pinned llama.cpp and build libllama (only when patches or flags changed).
+
+    Example: dllm runtime build --backend cpu
+    """
+    from ggml_patch import build as B
+
+    with output.err.status("preparing the runtime build", spinner="dots") as st:
+        res = B.build(backend.value, force=force, status=lambda msg: st.update(msg))
+    if res.built:
+        output.info(f"built {res.backend} runtime {res.key} in {res.seconds:.0f} s")
+    else:
+        output.info(f"{res.backend} runtime {res.key} is up to date")
+    output.answer(str(res.path))
+
+
+@runtime_app.command("info")
+def runtime_info(
+    backend: BackendOpt = Backend.auto,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Show the loaded runtime: library path, backend, devices, patch set, llama.cpp commit, build flags.
+
+    Example: dllm runtime info --json
+    """
+    from dllm_cli.runtime.library import load
+
+    info = load(backend.value).info()
+    if as_json:
+        output.document(info)
+        return
+    for k in ("library", "backend", "version", "patchset", "llama_cpp_commit", "llama_cpp_python", "built_at"):
+        output.answer(f"{k:17} {info[k]}")
+    output.answer(f"{'patches':17} {', '.join(info['patches'])}")
+    output.answer(f"{'flags':17} {' '.join(info['flags'])}")
+    for d in info["devices"]:
+        mem = f", {d['memory_total'] / 2**30:.1f} GiB" if d["memory_total"] else ""
+        output.answer(f"{'device':17} {d['name']} ({d['type']}: {d['description']}{mem})")

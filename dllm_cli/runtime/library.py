@@ -1,0 +1,132 @@
+"""Find the patched libllama built by ``dllm runtime build``, load it through llama-cpp-python, check its marker.
+
+llama-cpp-python reads ``LLAMA_CPP_LIB_PATH`` (a directory) once, at ``import llama_cpp``, and binds every
+symbol eagerly, so the path must be set before the first import, and the library must be built from the same
+vendored tree. ``llama_dllm_version()`` must contain the cache key of the current patches: a build of older
+patches (or a stock libllama) is refused with a message naming the command that fixes it.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ggml_patch import build as B
+from dllm_cli.errors import RuntimeMissingError
+
+_FIX = "run `dllm runtime build`"
+_lock = threading.Lock()
+_loaded: Runtime | None = None
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The loaded patched runtime. ``lib`` is the ``llama_cpp`` module (its low-level ctypes API)."""
+
+    lib: ModuleType
+    cdll: ctypes.CDLL
+    path: Path               # the installed runtime directory (``lib/`` holds the libraries)
+    backend: str             # cpu | cuda | metal
+    key: str                 # patch-set key, also inside llama_dllm_version()
+    build: dict = field(default_factory=dict, repr=False)   # build.json
+
+    def info(self) -> dict[str, Any]:
+        """Library path, backend, marker, llama.cpp commit, build flags and the ggml devices."""
+        from dllm_cli.runtime import bindings
+
+        return {
+            "library": str(self.path / "lib"), "backend": self.backend, "patchset": self.key,
+            "version": bindings.version(self), "llama_cpp_commit": self.build.get("llama_cpp_commit"),
+            "llama_cpp_python": self.build.get("llama_cpp_python"), "flags": self.build.get("flags", []),
+            "patches": self.build.get("patches", []), "built_at": self.build.get("built_at"),
+            "devices": bindings.devices(self),
+        }
+
+
+def candidates(backend: str = "auto") -> list[tuple[str, str, Path]]:
+    """Installed builds of the *current* patches as (backend, key, dir), best first.
+
+    An explicit backend only matches itself; ``auto`` prefers the backend auto-detection picks, then any other
+    current build, newest first.
+    """
+    wanted = B.resolve_backend(backend)
+    order = [wanted] if backend != "auto" else [wanted] + [b for b in B.BACKENDS if b != wanted]
+    found = []
+    for b in order:
+        key = B.cache_key(b)
+        if B.installed(b, key):
+            d = B.install_dir(b, key)
+            found.append((b, key, d, (d / "build.json").stat().st_mtime))
+    head = [f for f in found if f[0] == wanted]
+    rest = sorted((f for f in found if f[0] != wanted), key=lambda f: -f[3])
+    return [(b, k, d) for b, k, d, _ in head + rest]
+
+
+def _stale_hint(backend: str) -> str:
+    root = B.runtime_root()
+    others = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+    what = f"only builds of other patch sets are installed ({', '.join(others)})" if others else "none is installed"
+    return f"no runtime built from the current patches for backend {backend!r} under {root}: {what}"
+
+
+def load(backend: str | None = None) -> Runtime:
+    """Load (once per process) the newest current build; raise RuntimeMissingError if none can be used."""
+    global _loaded
+    with _lock:
+        if _loaded is not None:
+            return _loaded
+        requested = backend or os.environ.get("DLLM_BACKEND") or "auto"
+        try:
+            found = candidates(requested)
+        except Exception as e:  # unknown backend name
+            raise RuntimeMissingError(str(e), _FIX) from None
+        if not found:
+            raise RuntimeMissingError(_stale_hint(requested), _FIX)
+        b, key, path = found[0]
+        _loaded = _import(b, key, path)
+        return _loaded
+
+
+def _import(backend: str, key: str, path: Path) -> Runtime:
+    libdir = path / "lib"
+    if "llama_cpp" in sys.modules:
+        mod = sys.modules["llama_cpp"]
+        have = Path(getattr(getattr(mod.llama_cpp, "_lib", None), "_name", "") or "").parent
+        if have.resolve() != libdir.resolve():
+            raise RuntimeMissingError(f"llama_cpp was already imported with another library ({have})",
+                                      "import dllm_cli.runtime.library.load() before llama_cpp")
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(libdir)
+    try:
+        import llama_cpp  # noqa: F401  (binds every symbol of our libllama now)
+    except (OSError, RuntimeError, FileNotFoundError, AttributeError) as e:
+        raise RuntimeMissingError(f"cannot load the patched libllama from {libdir}: {e}", _FIX) from None
+    cdll = llama_cpp.llama_cpp._lib
+    marker = _marker(cdll)
+    if marker is None or key not in marker:
+        raise RuntimeMissingError(
+            f"{libdir} is not a build of the current patches (marker {marker!r}, expected {key})", _FIX)
+    llama_cpp.llama_backend_init()
+    return Runtime(lib=llama_cpp, cdll=cdll, path=path, backend=backend, key=key,
+                   build=B.read_build_info(path) or {})
+
+
+def _marker(cdll: ctypes.CDLL) -> str | None:
+    fn = getattr(cdll, "llama_dllm_version", None)
+    if fn is None:
+        return None
+    fn.restype, fn.argtypes = ctypes.c_char_p, []
+    raw = fn()
+    return raw.decode(errors="replace") if raw else None
+
+
+def check(backend: str = "auto") -> tuple[str, str, Path]:
+    """The build ``load`` would use, without importing it; RuntimeMissingError if there is none."""
+    found = candidates(backend)
+    if not found:
+        raise RuntimeMissingError(_stale_hint(backend), _FIX)
+    return found[0]
