@@ -337,3 +337,16 @@ def test_replay_live_view_on_a_terminal(tmp_path: Path, monkeypatch):
     drawn = err.getvalue()
     assert L.MASK_CELL in drawn and "→" in drawn and "speed · block" in drawn
     assert frames[-1] == " word→ wor" + "ld!" + L.MASK_CELL
+
+
+def test_an_edit_lingers_faintly_for_a_moment_then_reads_as_plain_text():
+    ev = events()
+    view = L.LiveView(piece).feed(ev[:5])  # " word" -> " wor" edited at 0.40 s
+    later = StepEvent(block=2, step=3, start=8, canvas=(3, 4, 6, 7), unmasked=(3,), edited=(), probs=(0.9,),
+                      forwards=5, commits=1, mask_count=0, elapsed_s=0.40 + L.EDIT_LINGER_S / 2)
+    view.update(later)
+    row = view.block_row()
+    assert row.plain == " word→ wor" + "ld!↵"
+    assert styles_of(row, " word") == {L.RECENT_OLD_STYLE}
+    view.update(StepEvent(**{**later.__dict__, "step": 4, "unmasked": (), "elapsed_s": 0.41 + L.EDIT_LINGER_S}))
+    assert view.block_row().plain == " world!↵"

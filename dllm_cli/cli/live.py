@@ -4,7 +4,8 @@
 
     finalized text of this answer (plain, the tail that fits the screen)
     the active block as a row of cells:  masks ``░`` (dim), tokens unmasked this step (green),
-                                         tokens edited this step ``old→new`` (struck red → bold yellow)
+                                         tokens edited this step ``old→new`` (struck red → bold yellow),
+                                         edits of the last ``EDIT_LINGER_S`` fainter
     a status line: mode · block · step · forwards · tokens/forward · edits · tokens/s
 
 Updating is O(block length) per step and rendering is string building, so the view never slows the model;
@@ -24,6 +25,9 @@ MASK_STYLE = "grey42"
 NEW_STYLE = "bold black on green3"
 EDIT_OLD_STYLE = "strike red"
 EDIT_NEW_STYLE = "bold black on yellow"
+RECENT_OLD_STYLE = "strike grey50"
+RECENT_NEW_STYLE = "yellow"
+EDIT_LINGER_S = 0.5  # an edit stays drawn as old→new this long (decode time), so eyes can catch fast steps
 STATUS_STYLE = "grey62"
 
 Piece = Callable[[int], str]
@@ -75,6 +79,7 @@ class LiveView:
         self.canvas: tuple[int, ...] = ()
         self.unmasked: frozenset[int] = frozenset()
         self.edited: dict[int, int] = {}  # relative position -> old id (edited this step)
+        self.recent: dict[int, tuple[int, float]] = {}  # absolute position -> (old id, elapsed_s of the edit)
         self.forwards = 0
         self.edits = 0
         self.final_tokens = 0  # tokens in finalized blocks
@@ -98,12 +103,14 @@ class LiveView:
             self.unmasked = frozenset(ev.unmasked)
             self.edited = {pos: old for pos, old, _new in ev.edited}
             self.forwards, self.elapsed_s = ev.forwards, ev.elapsed_s
+            for pos, old, _new in ev.edited:
+                self.recent[ev.start + pos] = (old, ev.elapsed_s)
             self.edits += len(ev.edited)
         elif isinstance(ev, BlockEvent):
             self.text += ev.text
             self.final_tokens += len(ev.ids)
             self.forwards, self.elapsed_s = ev.forwards, ev.elapsed_s
-            self.canvas, self.unmasked, self.edited = (), frozenset(), {}
+            self.canvas, self.unmasked, self.edited, self.recent = (), frozenset(), {}, {}
             self.block = ev.block + 1
             self.step = 0
         elif isinstance(ev, DoneEvent):
@@ -155,10 +162,15 @@ class LiveView:
                 continue
             cell = visible(self.piece(tok))
             old = self.edited.get(i)
+            recent = self.recent.get(self.start + i)
             if old is not None:
                 row.append(visible(self.piece(old)), style=EDIT_OLD_STYLE)
                 row.append("→", style="yellow")
                 row.append(cell, style=EDIT_NEW_STYLE)
+            elif recent is not None and self.elapsed_s - recent[1] <= EDIT_LINGER_S and recent[0] != tok:
+                row.append(visible(self.piece(recent[0])), style=RECENT_OLD_STYLE)
+                row.append("→", style=RECENT_NEW_STYLE)
+                row.append(cell, style=RECENT_NEW_STYLE)
             elif i in self.unmasked:
                 row.append(cell, style=NEW_STYLE)
             else:
