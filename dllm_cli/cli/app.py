@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "dllm_cli.cli.convert_cmd",
     "dllm_cli.cli.runtime_cmd",
     "dllm_cli.cli.chat_cmd",
+    "dllm_cli.cli.run_cmd",
 )
 
 
