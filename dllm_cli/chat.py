@@ -142,7 +142,7 @@ class Chat:
         self.config = config
         self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
         self.conversation = Conversation(system=system)
-        self.last_prefill_s: float | None = None  # wall time from the request to the first step event
+        self.last_prefill_s: float | None = None  # last turn: seconds from the request to a prefilled prompt
 
     # --- settings ------------------------------------------------------------------------------
     def set_mode(self, mode: str) -> DecodeConfig:
@@ -197,11 +197,12 @@ class Chat:
 
     def _answer(self) -> Iterator[Event]:
         parts: list[str] = []
-        t0 = time.perf_counter()
         self.last_prefill_s = None
         try:
-            for ev in self.stream(self.prompt()):
-                if self.last_prefill_s is None and not isinstance(ev, StartEvent):
+            ids = self.prompt()
+            t0 = time.perf_counter()
+            for ev in self.stream(ids):
+                if isinstance(ev, StartEvent):  # the engine yields it once the prompt's new blocks are in the cache
                     self.last_prefill_s = time.perf_counter() - t0
                 if isinstance(ev, BlockEvent):
                     parts.append(ev.text)
@@ -236,3 +237,35 @@ def answer_stats(done: DoneEvent, mode: str) -> dict[str, Any]:
     return {"mode": mode, "tokens": len(done.ids), "forwards": done.forwards, "tpf": round(done.tpf, 3),
             "edits": done.edits, "tok_s": round(tps, 1), "seconds": round(done.elapsed_s, 3),
             "finish": done.finish_reason, "reused_prompt_tokens": done.reused}
+
+
+def prefix_reuse_benchmark(loaded: Any, config: DecodeConfig, questions: list[str], *, system: str | None = None,
+                           repeats: int = 3) -> dict[str, Any]:
+    """Prefill time of the last turn of a conversation: warm (KV prefix kept from the earlier turns) vs cold.
+
+    Each repeat replays the conversation from an empty cache, timing the last question's prefill (request to
+    ``StartEvent``) with the prefix reused; then empties the cache and times the same prompt again, cold.
+    """
+    warm, cold, reused, n_prompt = [], [], 0, 0
+    for _ in range(repeats):
+        chat = Chat(loaded, config, system=system)
+        chat.clear()
+        for q in questions:
+            for _ev in chat.ask(q):
+                pass
+        warm.append(chat.last_prefill_s)
+        reused = chat.conversation.turns[-1].stats["reused_prompt_tokens"]
+        chat.conversation.turns.pop()  # back to the last question, to prefill it cold
+        ids = chat.prompt()
+        n_prompt = len(ids)
+        loaded.session.reset()
+        t0 = time.perf_counter()
+        events = chat.stream(ids)
+        next(iter(events))  # StartEvent: the whole prompt is prefilled
+        cold.append(time.perf_counter() - t0)
+        events.close()
+        chat.repair()
+    best = min
+    return {"turns": len(questions), "prompt_tokens": n_prompt, "reused_tokens": reused,
+            "warm_prefill_s": best(warm), "cold_prefill_s": best(cold),
+            "speedup": best(cold) / best(warm) if best(warm) else None, "repeats": repeats}

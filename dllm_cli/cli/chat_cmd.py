@@ -160,6 +160,7 @@ class Repl:
         self.screen = screen
         self.interactive = sys.stdin.isatty()
         self.history: Path | None = None
+        self.readline = None
 
     def loop(self) -> None:
         self._start_readline()
@@ -189,6 +190,7 @@ class Repl:
             import readline
         except ImportError:  # Windows without pyreadline: input() still works, without history
             return
+        self.readline = readline
         self.history = dllm_home() / "chat_history"
         try:
             self.history.parent.mkdir(parents=True, exist_ok=True)
@@ -198,12 +200,10 @@ class Repl:
         readline.set_history_length(1000)
 
     def _save_history(self) -> None:
-        if self.history is None:
+        if self.history is None or self.readline is None:
             return
         try:
-            import readline
-
-            readline.write_history_file(self.history)
+            self.readline.write_history_file(self.history)
         except OSError:
             pass
 
@@ -218,19 +218,26 @@ class Repl:
         """One user message (``\"\"\"`` opens a multi-line one); None means leave."""
         try:
             line = self._input(">>> ")
-            if line.strip() != '"""':
-                return line
-            lines = []
-            while (line := self._input("... ")).strip() != '"""':
-                lines.append(line)
-            return "\n".join(lines)
         except EOFError:
             if self.interactive:
                 output.err.print()
             return None
         except KeyboardInterrupt:
             output.err.print()
-            return None
+            typed = self.readline.get_line_buffer() if self.readline is not None else ""
+            return "" if typed.strip() else None  # Ctrl-C drops a typed line; at an empty prompt it exits
+        if line.strip() != '"""':
+            return line
+        lines = []
+        try:
+            while (line := self._input("... ")).strip() != '"""':
+                lines.append(line)
+        except EOFError:  # the end of input closes the message
+            pass
+        except KeyboardInterrupt:  # cancels the message
+            output.err.print()
+            return ""
+        return "\n".join(lines)
 
     # --- commands ------------------------------------------------------------------------------
     def command(self, line: str) -> bool | None:
