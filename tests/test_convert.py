@@ -412,3 +412,9 @@ def test_cli_process_streams(make_checkpoint, tmp_path):
     assert "warning:" in ok.stderr and "assuming 2.1" in ok.stderr and "wrote" in ok.stderr
     bad = subprocess.run([DLLM, "convert", tmp_path / "nowhere"], capture_output=True, text=True, env=env)
     assert (bad.returncode, bad.stdout) == (1, "") and bad.stderr.startswith("error: ")
+
+
+def test_make_gguf_fixture_builds_a_loadable_model(make_gguf):
+    path = make_gguf("q8_0", model_version="2.0", n_group=1, topk_group=1)
+    got = kv(GGUFReader(path))
+    assert (got["general.architecture"], got[K.MODEL_VERSION], got[f"{K.ARCH}.expert_group_count"]) == ("llada2", "2.0", 1)
