@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "dllm_cli.cli.runtime_cmd",
     "dllm_cli.cli.chat_cmd",
     "dllm_cli.cli.run_cmd",
+    "dllm_cli.cli.bench_cmd",
 )
 
 

@@ -9,7 +9,7 @@ ranges, output-row count).
 from __future__ import annotations
 
 import ctypes
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -41,7 +41,8 @@ def top2_excluding(logits: np.ndarray, exclude: int) -> tuple[np.ndarray, np.nda
 class Session:
     """One decoding context. ``cached`` are the committed token ids at positions 0..len-1."""
 
-    def __init__(self, model: Model, options: RuntimeOptions | None = None, *, device_confidence: bool = True) -> None:
+    def __init__(self, model: Model, options: RuntimeOptions | None = None, *, device_confidence: bool = True,
+                 eval_callback: Any = None) -> None:
         self.model = model
         self.options = opts = options or model.options
         self.lib = lib = model.rt.lib
@@ -61,6 +62,9 @@ class Session:
         p.type_k = p.type_v = KV_TYPES[opts.kv_type]
         p.flash_attn_type = _FLASH[True if opts.kv_type == "q8_0" and flash is None else flash]
         p.no_perf = True
+        if eval_callback is not None:  # a ggml_backend_sched_eval_callback (bench's instrumented pass)
+            p.cb_eval = eval_callback
+            self._eval_callback = eval_callback  # keep the ctypes thunk alive as long as the context
         self.ctx = lib.llama_init_from_model(model.ptr, p)
         if not self.ctx:
             raise DecodeError(f"llama.cpp could not create a context of {self.n_ctx} tokens",
@@ -153,6 +157,24 @@ class Session:
             self.lib.llama_memory_seq_rm(self.mem, 0, start, -1)
         inv = np.argsort(order) if rows else np.zeros(0, np.int64)
         return StepOutput(ids=ids[inv], probs=probs[inv], logits=None if logits is None or not want_logits else logits[inv])
+
+    # --- autoregressive use of the same weights (bench's AR baseline) ----------------------------
+    def set_causal(self, causal: bool) -> None:
+        """Switch llama.cpp's causal attention on or off (diffusion decoding needs it off, the default)."""
+        self.lib.llama_set_causal_attn(self.ctx, bool(causal))
+
+    def extend(self, tokens: Sequence[int], start: int, rows: Sequence[int] = ()) -> np.ndarray | None:
+        """Decode ``tokens`` at ``start..`` and keep their K/V, returning the raw logits of ``rows`` (sorted).
+
+        With ``set_causal(True)`` one token per call is an autoregressive decode step.
+        """
+        rows = sorted(rows)
+        self._decode(tokens, start, rows)
+        self.cached.extend(int(t) for t in tokens)
+        if not rows:
+            return None
+        ptr = self.lib.llama_get_logits(self.ctx)
+        return np.ctypeslib.as_array(ptr, shape=(len(rows), self.n_vocab)).copy()
 
     def rollback(self, pos: int) -> None:
         """Drop committed cells at positions >= pos."""

@@ -1,0 +1,128 @@
+"""The machine's limit: FLOPs and bytes of one forward from the model's shapes, against measured peaks.
+
+Costs count the matmuls (2 FLOPs per multiply-add), attention over the cached prefix, and the bytes of every
+weight a forward must read: all dense tensors, the output head, and for each MoE layer only the experts in
+the measured union (bytes from the file's actual tensor types). Peaks come from two probes: a numpy/BLAS
+f32 matmul (all cores) and a large array copy (read + write bytes).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dllm_cli import gguf_keys as K
+
+
+@dataclass(frozen=True)
+class Shapes:
+    hidden: int
+    layers: int
+    dense_layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    moe_ffn: int
+    experts: int
+    experts_used: int
+    vocab: int
+    params: int
+    dense_bytes: int  # every weight read in full per forward (attention, dense FFN, router, shared, output)
+    expert_bytes_per_layer: int  # all routed experts of one MoE layer (gate+up+down)
+    embd_row_bytes: int
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> "Shapes":
+        import gguf
+
+        r = gguf.GGUFReader(str(path), "r")
+
+        def u(key: str, default: int = 0) -> int:
+            f = r.get_field(key)
+            return int(f.contents()) if f is not None else default
+
+        dense = experts = embd = params = 0
+        n_moe = 0
+        vocab = 0
+        for t in r.tensors:
+            params += int(t.n_elements)
+            if t.name == "token_embd.weight":
+                vocab = int(t.shape[-1])
+                embd = int(t.n_bytes) // max(vocab, 1)
+            elif "_exps." in t.name:
+                experts += int(t.n_bytes)
+                n_moe += t.name.endswith("ffn_gate_exps.weight")
+            else:
+                dense += int(t.n_bytes)
+        layers = u(K.BLOCK_COUNT)
+        hidden = u(K.EMBEDDING_LENGTH)
+        heads = u(K.HEAD_COUNT)
+        return cls(hidden=hidden, layers=layers, dense_layers=u(K.LEADING_DENSE), heads=heads,
+                   kv_heads=u(K.HEAD_COUNT_KV), head_dim=u(K.KEY_LENGTH, hidden // max(heads, 1)),
+                   ffn=u(K.FEED_FORWARD_LENGTH), moe_ffn=u(K.EXPERT_FFN), experts=u(K.EXPERT_COUNT),
+                   experts_used=u(K.EXPERT_USED), vocab=vocab, params=params, dense_bytes=dense,
+                   expert_bytes_per_layer=experts // max(n_moe, 1), embd_row_bytes=embd)
+
+
+@dataclass(frozen=True)
+class Cost:
+    flops: float
+    bytes: float
+
+    def seconds(self, peak_flops: float, bandwidth: float) -> float:
+        """Roofline time: the slower of compute and memory traffic."""
+        return max(self.flops / peak_flops, self.bytes / bandwidth)
+
+
+def forward_cost(s: Shapes, n_tokens: int, n_prefix: float, n_rows: float, union: float,
+                 kv_bytes: int = 2) -> Cost:
+    """One decode of ``n_tokens`` against ``n_prefix`` cached positions, ``n_rows`` logits rows, ``union``
+    distinct routed experts per MoE layer."""
+    H, D, n = s.hidden, s.head_dim, n_tokens
+    moe = s.layers - s.dense_layers
+    attn = 2 * n * H * (s.heads + 2 * s.kv_heads) * D + 2 * n * s.heads * D * H  # qkv + output proj
+    attn += 4 * n * (n_prefix + n) * s.heads * D  # scores + weighted values
+    flops = s.layers * attn
+    flops += s.dense_layers * 6 * n * H * s.ffn
+    flops += moe * (2 * n * H * s.experts + 6 * n * H * s.moe_ffn * (s.experts_used + 1))  # router, routed, shared
+    flops += 2 * n_rows * H * s.vocab
+    kv = s.layers * 2 * (n_prefix + n) * s.kv_heads * D * kv_bytes
+    weights = s.dense_bytes + moe * s.expert_bytes_per_layer * min(union, s.experts) / max(s.experts, 1)
+    return Cost(float(flops), float(weights + kv + n * s.embd_row_bytes))
+
+
+def probe_machine(threads: int | None = None, size: int = 2048, copy_mib: int = 512) -> dict[str, float]:
+    """Measured peaks: f32 matmul GFLOP/s (numpy BLAS) and copy bandwidth GB/s (best of several runs)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    gflops = 2 * size ** 3 / best / 1e9
+    n = copy_mib * (1 << 20) // 8
+    src = np.ones(n, np.float64)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    bestc = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        bestc = min(bestc, time.perf_counter() - t0)
+    del src, dst
+    return {"matmul_gflops": round(gflops, 2), "bandwidth_gbs": round(2 * n * 8 / bestc / 1e9, 2),
+            "matmul_probe": f"numpy f32 {size}x{size} matmul", "copy_probe": f"{copy_mib} MiB copy (read+write)"}
+
+
+def roofline_pct(cost: Cost, measured_s: float, machine: dict[str, float]) -> dict[str, float]:
+    """What the roofline allows for ``cost`` and how close the measured time gets (100% = at the limit)."""
+    t = cost.seconds(machine["matmul_gflops"] * 1e9, machine["bandwidth_gbs"] * 1e9)
+    bound = "memory" if cost.bytes / (machine["bandwidth_gbs"] * 1e9) >= cost.flops / (machine["matmul_gflops"] * 1e9) else "compute"
+    return {"gflop": round(cost.flops / 1e9, 3), "gbytes": round(cost.bytes / 1e9, 4), "roofline_s": round(t, 5),
+            "bound": bound, "pct_of_roofline": round(100 * t / measured_s, 1) if measured_s > 0 else None}

@@ -1,0 +1,183 @@
+"""``dllm bench``: diffusion-aware benchmark (table on stdout, progress on stderr)."""
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+
+from dllm_cli.cli import options as O
+from dllm_cli.cli import output
+from dllm_cli.cli.app import app
+from dllm_cli.errors import UsageError
+
+BENCH = "Benchmark"
+
+
+class Shape(str, Enum):
+    mini = "llada2-mini"
+    flash = "llada2-flash"
+
+
+def _list(text: str | None, kind: type = str) -> tuple:
+    if text is None:
+        return ()
+    try:
+        return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"cannot parse the list {text!r}", "use comma-separated values, e.g. 2,4") from None
+
+
+def _read_prompts(path: Path) -> tuple[tuple[str, str], ...]:
+    """One prompt per non-empty line; a ``.jsonl`` file holds {"name": ..., "prompt": ...} objects."""
+    try:
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except OSError as e:
+        raise UsageError(f"cannot read --prompts {path}: {e.strerror}") from None
+    if path.suffix == ".jsonl":
+        try:
+            objs = [json.loads(ln) for ln in lines]
+            return tuple((str(o.get("name", f"p{i}")), str(o["prompt"])) for i, o in enumerate(objs))
+        except (ValueError, KeyError, AttributeError):
+            raise UsageError(f"{path} is not JSONL with a \"prompt\" field per line") from None
+    if not lines:
+        raise UsageError(f"--prompts {path} has no prompts")
+    return tuple((f"p{i}", ln.replace("\\n", "\n")) for i, ln in enumerate(lines))
+
+
+class _Status:
+    """The current step on stderr: a spinner on a terminal, plain lines otherwise."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.status = output.err.status("starting") if output.err.is_terminal and not quiet else None
+        if self.status:
+            self.status.start()
+
+    def __call__(self, msg: str) -> None:
+        if self.status:
+            self.status.update(escape(msg))
+        elif not self.quiet:
+            output.info(escape(msg))
+
+    def close(self) -> None:
+        if self.status:
+            self.status.stop()
+
+
+def _load_doc(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read bench JSON {path}: {e}") from None
+    if not isinstance(doc, dict) or "results" not in doc:
+        raise UsageError(f"{path} is not a `dllm bench --json` document")
+    return doc
+
+
+@app.command("bench")
+def bench_cmd(
+    models: Annotated[Optional[list[str]], typer.Argument(
+        help="GGUF paths or registry aliases (default: --synthetic, else the demo model).", show_default=False)] = None,
+    synthetic: Annotated[Optional[Shape], typer.Option("--synthetic", help="Build (and cache under "
+                         "$DLLM_HOME/synthetic/) a random-weight GGUF with the real shapes.", rich_help_panel=BENCH)] = None,
+    layers: Annotated[Optional[str], typer.Option("--layers", help="Truncate the synthetic model to N layers; "
+                      "several (2,4) add an estimate for --estimate-layers.", rich_help_panel=BENCH)] = None,
+    quant: Annotated[str, typer.Option("--quant", help="Quantization of the synthetic model (f16, q4_k_m, q4_k_moe, ...).",
+                                       rich_help_panel=BENCH)] = "q4_k_m",
+    modes: Annotated[str, typer.Option("--modes", help="Decode modes to generate with.", rich_help_panel=BENCH)] = "speed,quality",
+    tests: Annotated[str, typer.Option("--tests", help="pp (prefill), step (KV step vs recompute), gen, ar.",
+                                       rich_help_panel=BENCH)] = "pp,step,gen,ar",
+    threads: Annotated[Optional[str], typer.Option("--threads", "-t", help="Thread counts, e.g. 1,2 (default: all cores).",
+                                                   rich_help_panel=O.RUNTIME)] = None,
+    reps: Annotated[int, typer.Option("--reps", "-r", min=1, help="Timed repetitions.", rich_help_panel=BENCH)] = 3,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed warm-up runs.", rich_help_panel=BENCH)] = 1,
+    max_tokens: O.MaxTokens = 64,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file: one per line, or JSONL "
+                       "with a \"prompt\" field (default: a short and a long prompt).", rich_help_panel=BENCH)] = None,
+    prefill: Annotated[str, typer.Option("--prefill", help="Prompt lengths for the prefill test.", rich_help_panel=BENCH)] = "256",
+    prefix: Annotated[str, typer.Option("--prefix", help="KV prefix lengths for the step test.", rich_help_panel=BENCH)] = "256,1024",
+    ar_tokens: Annotated[int, typer.Option("--ar-tokens", min=1, help="Tokens per AR baseline run.", rich_help_panel=BENCH)] = 32,
+    recompute_samples: Annotated[int, typer.Option("--recompute-samples", min=1, help="Generation steps re-timed "
+                                                   "as full-window recomputes.", rich_help_panel=BENCH)] = 3,
+    paper_tpf: Annotated[Optional[str], typer.Option("--paper-tpf", help="Also report the AR ratio at the paper's "
+                         "tokens per forward of this model (llada2.1-mini, llada2.0-mini, ...; default for --synthetic).",
+                         rich_help_panel=BENCH)] = None,
+    no_experts: Annotated[bool, typer.Option("--no-experts", help="Skip the instrumented experts-touched pass.",
+                                             rich_help_panel=BENCH)] = False,
+    estimate_layers: Annotated[Optional[int], typer.Option("--estimate-layers", min=1, help="Extrapolate runs "
+                               "at several --layers to this depth (default: the shape's full depth).",
+                               rich_help_panel=BENCH)] = None,
+    kv_type: O.KvType = O.KVType.f16,
+    ctx_size: O.CtxSize = 2048,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON document.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV rows.")] = False,
+    as_md: Annotated[bool, typer.Option("--md", help="Print a Markdown table.")] = False,
+    save: Annotated[Optional[Path], typer.Option("--save", "-o", help="Also write the JSON document here.")] = None,
+    compare: Annotated[Optional[list[Path]], typer.Option("--compare", help="Compare two saved --json runs "
+                       "(give it twice: --compare A.json --compare B.json) instead of measuring.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+) -> None:
+    """Benchmark diffusion decoding with side-by-side baselines (recompute, autoregressive, roofline).
+
+    Examples:
+      dllm bench --synthetic llada2-mini --layers 4 --quant q4_k_m
+      dllm bench model.gguf --modes speed --threads 1,2 --json > run.json
+      dllm bench --compare before.json --compare after.json
+    """
+    from dllm_cli.bench import report
+
+    if sum((as_json, as_csv, as_md)) > 1:
+        raise UsageError("choose one of --json, --csv, --md")
+    if compare:
+        if len(compare) != 2:
+            raise UsageError("--compare needs exactly two files", "dllm bench --compare A.json --compare B.json")
+        rows = report.compare(_load_doc(compare[0]), _load_doc(compare[1]))
+        if as_json:
+            output.document({"a": str(compare[0]), "b": str(compare[1]), "rows": rows})
+        else:
+            output.answer(report.compare_table(rows))
+        return
+    from dllm_cli.bench.baselines import PAPER_TPF, PAPER_TPF_DEFAULT
+    from dllm_cli.bench.measure import BenchConfig, run_benchmark
+    from dllm_cli.registry import resolve_model
+
+    if paper_tpf and not any(k.startswith(paper_tpf + "/") for k in PAPER_TPF):
+        raise UsageError(f"no paper TPF for {paper_tpf!r}",
+                         f"use one of {', '.join(sorted({k.split('/')[0] for k in PAPER_TPF}))}")
+    status = _Status(quiet)
+    try:
+        paths = [str(resolve_model(m)) for m in models or []]
+        if synthetic is not None:
+            from dllm_cli.bench.synthetic import SHAPES, build_synthetic
+
+            for n in _list(layers, int) or (None,):
+                built = build_synthetic(synthetic.value, layers=n, quant=quant,
+                                        progress=lambda what, i, total: status(f"synthetic: {what} ({i}/{total})"))
+                paths.append(str(built.path))
+            paper_tpf = paper_tpf or PAPER_TPF_DEFAULT[synthetic.value]
+            estimate_layers = estimate_layers or int(SHAPES[synthetic.value]["num_hidden_layers"])
+        if not paths:
+            paths = [str(resolve_model(None))]
+        cfg = BenchConfig(modes=_list(modes), threads=_list(threads, int) or (None,), reps=reps, warmup=warmup,
+                          max_tokens=max_tokens, prefill=_list(prefill, int), prefixes=_list(prefix, int),
+                          tests=_list(tests), ar_tokens=ar_tokens, recompute_samples=recompute_samples,
+                          kv_type=kv_type.value, ctx_size=ctx_size, experts=not no_experts, paper_tpf=paper_tpf,
+                          **({"prompts": _read_prompts(prompts)} if prompts else {}))
+        bad = set(cfg.tests) - {"pp", "step", "gen", "ar"}
+        if bad:
+            raise UsageError(f"unknown --tests {', '.join(sorted(bad))}", "use pp, step, gen, ar")
+        doc = run_benchmark(paths, cfg, progress=status, estimate_to=estimate_layers)
+    finally:
+        status.close()
+    if save:
+        save.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    if as_json:
+        output.document(doc)
+    elif as_csv:
+        output.answer(report.to_csv(doc), end="")
+    else:
+        output.answer(report.table(doc, markdown=as_md))
