@@ -174,9 +174,9 @@ class Bench:
         self.session.close()
         self.model.close()
 
-    def row(self, test: str, samples_s: Sequence[float], tokens: float, **extra: Any) -> dict[str, Any]:
+    def row(self, test: str, samples_s: Sequence[float], n_tok: float, **extra: Any) -> dict[str, Any]:
         """A result row: t/s = tokens / time per repetition, mean ± sd over repetitions."""
-        tps = [tokens / s for s in samples_s if s > 0]
+        tps = [n_tok / s for s in samples_s if s > 0]
         st = stats(tps)
         return {**self.base, "test": test, "reps": len(samples_s), "tps": round(st["mean"], 3),
                 "tps_sd": round(st["sd"], 3), **extra}
