@@ -239,6 +239,7 @@ def _install(bin_dir: Path, target: Path, info: dict) -> None:
     """Copy the libraries (symlinks kept) and build.json into a temp dir next to ``target``, then rename."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the runtime may be shared
     try:
         lib = tmp / "lib"
         lib.mkdir()
