@@ -2,7 +2,7 @@
 
     python -m dllm_cli.demo.train --out DIR [--steps N] [--minutes M] [--seed S] [--threads T]
 
-Writes ``DIR/hf`` (an HF LLaDA2 checkpoint through ``write_checkpoint``) and, when the converter is
+Writes ``DIR/LLaDA2.1-demo`` (an HF LLaDA2 checkpoint through ``write_checkpoint``) and, when the converter is
 available, ``DIR/demo.gguf`` (f32). Objective (LLaDA2 block diffusion, spec §3.4/§5): each example is a
 chat-templated prompt + answer + ``<|role_end|>`` padded with ``<|endoftext|>`` to whole 32-token blocks.
 One answer block k is drawn per example; the input is the clean sequence up to block k with block k
@@ -39,6 +39,7 @@ MODEL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_ke
              num_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
              max_position_embeddings=4096, _name_or_path="dllm/LLaDA2.1-demo", initializer_range=0.02)
 W_MASKED, W_CORRUPT, W_KEEP = 1.0, 1.0, 0.3
+CHECKPOINT_DIR = "LLaDA2.1-demo"  # also the GGUF's general.name
 
 
 class Noiser:
@@ -131,7 +132,7 @@ def train(out: Path, *, steps: int, minutes: float, seed: int, batch: int, lr: f
             ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
             loss = (ce * wt.reshape(-1)).sum() / total_w
             loss.backward()
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         model.update_expert_bias(1e-3)
@@ -144,7 +145,7 @@ def train(out: Path, *, steps: int, minutes: float, seed: int, batch: int, lr: f
             break
     train_s = time.time() - t0
     model.eval()
-    ckpt = out / "hf"
+    ckpt = out / CHECKPOINT_DIR
     written = write_checkpoint(ckpt, cfg, model.numpy_weights(), merges=merges)
     meta = {"seed": seed, "steps": step + 1, "batch": batch, "lr": lr, "train_seconds": round(train_s),
             "threads": torch.get_num_threads(), "params": n_params}
@@ -158,6 +159,18 @@ def torch_logits_fn(model: LLaDA2):
     def fn(ids: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(np.asarray(ids, dtype=np.int64))[None])[0].numpy()
     return fn
+
+
+def check_parity(model: LLaDA2, ckpt: Path) -> float:
+    """Max |logit difference| between this torch model and the numpy reference on the saved checkpoint."""
+    from dllm_cli.reference import load_hf
+    ref = load_hf(ckpt, np.float64)
+    ids = np.random.default_rng(0).integers(0, model.cfg["vocab_size"], size=80)
+    with torch.no_grad():
+        mine = model(torch.from_numpy(ids)[None])[0].double().numpy()
+    diff = float(np.abs(ref.forward(ids) - mine).max())
+    print(f"torch vs numpy reference: max |dlogit| = {diff:.2e}", file=sys.stderr)
+    return diff
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -175,13 +188,14 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     model, bpe = train(a.out, steps=a.steps, minutes=a.minutes, seed=a.seed, batch=a.batch, lr=a.lr)
+    check_parity(model, a.out / CHECKPOINT_DIR)
     if a.eval:
         ex = tasks.eval_set(a.eval)
         for mode in ("quality", "speed"):
             print(format_score(evaluate(torch_logits_fn(model), bpe, ex, mode)), file=sys.stderr, flush=True)
     if a.gguf:
         from converters import convert
-        convert(str(a.out / "hf"), str(a.out / "demo.gguf"), outtype="f32")
+        convert(str(a.out / CHECKPOINT_DIR), str(a.out / "demo.gguf"), outtype="f32", model_version="2.1", force=True)
         print(f"wrote {a.out / 'demo.gguf'}", file=sys.stderr)
 
 
