@@ -113,3 +113,56 @@ def format_score(s: Score) -> str:
 
 
 __all__ = ["decode", "evaluate", "Decoded", "Score", "MODES", "format_score"]
+
+
+def evaluate_engine(step_model, bpe: BPE, examples: Sequence[tasks.Example], mode: str,
+                    max_tokens: int = 32) -> Score:
+    """The same figures through ``dllm_cli.decoding`` (KV-cached engine; stops at EOS or ``<|role_end|>``).
+
+    ``step_model`` is any ``StepModel``: ``ReferenceModel(load_gguf(path), ...)`` or the llama.cpp runtime.
+    """
+    from dllm_cli.decoding import collect, generate, make_config
+
+    thr, edit = MODES[mode]
+    cfg = make_config(mode, "2.1", threshold=thr, editing_threshold=edit, max_post_steps=16, editing=True,
+                      max_tokens=max_tokens, stop_ids=(bpe.token_id(tasks.ROLE_END),))
+    ok, toks, fwd, edits, edited = [], 0, 0, 0, 0
+    by_task: dict[str, list[bool]] = {}
+    for ex in examples:
+        step_model.rollback(0)
+        done = collect(generate(step_model, bpe.encode(tasks.render_prompt(ex)), cfg))
+        good = tasks.check(ex, bpe.decode(list(done.ids)))
+        ok.append(good)
+        by_task.setdefault(ex.task, []).append(good)
+        toks, fwd = toks + len(done.ids), fwd + done.forwards
+        edits, edited = edits + done.edits, edited + (done.edits > 0)
+    n = max(len(ok), 1)
+    return Score(mode, sum(ok) / n, toks / max(fwd, 1), edits / n, edited / n,
+                 {t: sum(v) / len(v) for t, v in sorted(by_task.items())})
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m dllm_cli.demo.evaluate GGUF [N]``: score a demo GGUF on the held-out set (numpy reference)."""
+    import sys
+
+    from dllm_cli.decoding import ReferenceModel
+    from dllm_cli.reference import load_gguf
+
+    args = sys.argv[1:] if argv is None else argv
+    path, n = args[0], int(args[1]) if len(args) > 1 else 200
+    ref = load_gguf(path, np.float32)
+    bpe = BPE(_merges_from_gguf(path))
+    model = ReferenceModel(ref, eos_id=bpe.token_id(tasks.EOS), mask_id=bpe.token_id("<|mask|>"))
+    for mode in MODES:
+        print(format_score(evaluate_engine(model, bpe, tasks.eval_set(n), mode)), flush=True)
+
+
+def _merges_from_gguf(path: str) -> list[tuple[str, str]]:
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).fields["tokenizer.ggml.merges"]
+    return [tuple(m.split(" ", 1)) for m in field.contents()]
+
+
+if __name__ == "__main__":
+    main()
