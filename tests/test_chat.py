@@ -350,3 +350,21 @@ def test_an_edit_lingers_faintly_for_a_moment_then_reads_as_plain_text():
     assert styles_of(row, " word") == {L.RECENT_OLD_STYLE}
     view.update(StepEvent(**{**later.__dict__, "step": 4, "unmasked": (), "elapsed_s": 0.41 + L.EDIT_LINGER_S}))
     assert view.block_row().plain == " world!↵"
+
+
+def test_repl_keeps_going_after_bad_commands_and_a_full_context(tmp_path: Path, capsys):
+    from dllm_cli.cli.chat_cmd import Repl, Screen
+
+    chat = ScriptedChat(events(), fail_after=0, error=ContextFullError("the context is full (4100 > 4096 tokens)"))
+    repl = Repl(chat, Screen(live=False, plain=True))
+    for line in ("/set threshold 7", "/set threshold", "/bogus", "/save x.txt", f"/save {tmp_path / 'a.md'}"):
+        assert repl.command(line) is None
+    repl.turn(chat.ask("hi"))
+    assert repl.command("/exit") is False
+    out = capsys.readouterr()
+    assert out.out == ""
+    err = out.err
+    assert "--threshold must be in [0, 1], got 7.0" in err and "/set threshold needs a value" in err
+    assert "unknown command /bogus" in err and "use a .md or .json file name" in err and "saved " in err
+    assert "the context is full (4100 > 4096 tokens)" in err and "/clear" in err
+    assert chat.conversation.turns == [] and (tmp_path / "a.md").is_file()
