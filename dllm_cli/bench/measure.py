@@ -380,6 +380,21 @@ def machine_info() -> dict[str, Any]:
             "load_avg": [round(x, 2) for x in os.getloadavg()]}
 
 
+_QUIET_LOG: Any = None
+
+
+def quiet_llama_log() -> None:
+    """Drop llama.cpp's load/graph log lines (stderr carries the progress display); DLLM_DEBUG=1 keeps them."""
+    global _QUIET_LOG
+    if os.environ.get("DLLM_DEBUG") == "1" or _QUIET_LOG is not None:
+        return
+    from dllm_cli.runtime.library import load as load_runtime
+
+    lib = load_runtime().lib
+    _QUIET_LOG = lib.llama_log_callback(lambda level, text, user: None)
+    lib.llama_log_set(_QUIET_LOG, None)
+
+
 def run_benchmark(models: Sequence[str | Path], config: BenchConfig | None = None, *,
                   progress: Progress | None = None, machine: dict[str, Any] | None = None,
                   estimate_to: int | None = None) -> dict[str, Any]:
@@ -390,6 +405,7 @@ def run_benchmark(models: Sequence[str | Path], config: BenchConfig | None = Non
     cfg = config or BenchConfig()
     say = progress or (lambda _msg: None)
     info = machine_info()
+    quiet_llama_log()
     if machine is None:
         say("probing matmul throughput and memory bandwidth")
         machine = probe_machine()

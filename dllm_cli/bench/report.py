@@ -58,11 +58,23 @@ def table(doc: dict[str, Any], markdown: bool = False) -> str:
 
     sep = "| " + " | ".join(("-" * (w[i] - 1) + ":") if i in right else "-" * w[i] for i in range(len(w))) + " |"
     out = [line(rows[0]), sep] + [line(r) for r in rows[1:]]
+    if doc.get("quality"):
+        out += ["", quality_table(doc["quality"])]
     if not markdown:
         m = doc.get("machine", {})
         out.append(f"\nmachine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, load {m.get('load_avg', '?')}; "
                    f"matmul {m.get('matmul_gflops', '?')} GFLOP/s, copy {m.get('bandwidth_gbs', '?')} GB/s")
     return "\n".join(out)
+
+
+def quality_table(rows: list[dict[str, Any]]) -> str:
+    head = ["file", "size", "x reference", "max |Δlogit|", "p50 row max", "mean |Δlogit|", "argmax agree"]
+    body = [[re.sub(r".*/", "", r["path"]), _gib(r["size_bytes"]), f"{r['size_vs_reference']:.3f}",
+             f"{r['logit_max_abs_err']:.3f}", f"{r['logit_p50_row_max_err']:.3f}", f"{r['logit_mean_abs_err']:.4f}",
+             f"{r['argmax_agreement']:.3f}"] for r in rows]
+    w = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
+    lines = ["| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(x)) + " |" for x in [head] + body]
+    return "\n".join(lines[:1] + ["| " + " | ".join("-" * n for n in w) + " |"] + lines[1:])
 
 
 def flat(r: dict[str, Any]) -> dict[str, Any]:

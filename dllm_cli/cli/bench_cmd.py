@@ -111,6 +111,9 @@ def bench_cmd(
     estimate_layers: Annotated[Optional[int], typer.Option("--estimate-layers", min=1, help="Extrapolate runs "
                                "at several --layers to this depth (default: the shape's full depth).",
                                rich_help_panel=BENCH)] = None,
+    quality_vs: Annotated[Optional[str], typer.Option("--quality-vs", help="Also compare each model's logits "
+                          "with this reference GGUF (f16/f32 of the same weights): error and argmax agreement.",
+                          rich_help_panel=BENCH)] = None,
     kv_type: O.KvType = O.KVType.f16,
     ctx_size: O.CtxSize = 2048,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON document.")] = False,
@@ -171,6 +174,11 @@ def bench_cmd(
         if bad:
             raise UsageError(f"unknown --tests {', '.join(sorted(bad))}", "use pp, step, gen, ar")
         doc = run_benchmark(paths, cfg, progress=status, estimate_to=estimate_layers)
+        if quality_vs:
+            from dllm_cli.bench.quality import compare_quality
+
+            doc["quality"] = compare_quality(resolve_model(quality_vs), paths, [t for _, t in cfg.prompts],
+                                             threads=cfg.threads[0], progress=status)
     finally:
         status.close()
     if save:
