@@ -110,9 +110,27 @@ def _import(backend: str, key: str, path: Path) -> Runtime:
     if marker is None or key not in marker:
         raise RuntimeMissingError(
             f"{libdir} is not a build of the current patches (marker {marker!r}, expected {key})", _FIX)
+    _quiet_logs(llama_cpp)
     llama_cpp.llama_backend_init()
     return Runtime(lib=llama_cpp, cdll=cdll, path=path, backend=backend, key=key,
                    build=B.read_build_info(path) or {})
+
+
+_log_callback: Any = None  # kept alive for the process: llama.cpp holds the pointer
+
+
+def _quiet_logs(llama_cpp: ModuleType) -> None:
+    """llama.cpp logs every load and context creation to stderr; show them only with DLLM_DEBUG=1 or
+    DLLM_VERBOSE=1 (stderr carries our one-line messages and the live view)."""
+    global _log_callback
+    verbose = os.environ.get("DLLM_DEBUG") == "1" or os.environ.get("DLLM_VERBOSE") == "1"
+
+    def emit(level: int, text: bytes, user_data: Any) -> None:
+        if verbose and text:
+            sys.stderr.write(text.decode("utf-8", errors="replace"))
+
+    _log_callback = llama_cpp.llama_log_callback(emit)
+    llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
 
 
 def _marker(cdll: ctypes.CDLL) -> str | None:
