@@ -56,7 +56,13 @@ def main() -> None:
     """Console-script entry point."""
     debug = os.environ.get("DLLM_DEBUG") == "1"
     try:
-        app(standalone_mode=False)
+        # In non-standalone mode Typer returns the exit code of typer.Exit (and 130 for Ctrl-C) instead of
+        # raising it; commands themselves return None.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            if code == 130:
+                output.err.print("interrupted")
+            sys.exit(code)
     except DllmError as e:
         if debug:
             raise
