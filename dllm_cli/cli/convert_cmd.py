@@ -21,6 +21,15 @@ class OutTypeChoice(str, Enum):
     q8_0 = "q8_0"
 
 
+class QuantChoice(str, Enum):
+    q8_0 = "q8_0"
+    q6_k = "q6_k"
+    q5_k_m = "q5_k_m"
+    q4_k_m = "q4_k_m"
+    q4_0 = "q4_0"
+    q4_k_moe = "q4_k_moe"
+
+
 class VersionChoice(str, Enum):
     v20 = "2.0"
     v21 = "2.1"
@@ -64,6 +73,10 @@ def convert_cmd(
     model_version: Annotated[Optional[VersionChoice], typer.Option(
         "--model-version", help="LLaDA2 version whose decode presets go into the file (default: from the "
         "registry or the model name).", show_default=False)] = None,
+    quant: Annotated[Optional[QuantChoice], typer.Option(
+        "--quant", help="Quantize with the patched llama.cpp (K-quants; q4_k_moe keeps attention, shared expert "
+        "and output at 8 bits and puts the routed experts at 4-5 bits). SRC may also be an f32/f16/bf16 GGUF.",
+        show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output file.")] = False,
 ) -> None:
     """Convert a LLaDA2.x safetensors checkpoint to GGUF (streams tensors; never loads the whole model).
@@ -72,7 +85,11 @@ def convert_cmd(
       dllm convert llada2.1-mini --outtype q8_0
       dllm convert inclusionAI/LLaDA2.0-mini -o mini.gguf
       dllm convert ./my-checkpoint -o tiny.gguf --outtype f32 --force
+      dllm convert model-f16.gguf --quant q4_k_m -o model-q4_k_m.gguf
     """
+    if quant is not None:
+        _quantize(source, out, quant.value, revision, model_version, force)
+        return
     from converters import convert  # imported here so `dllm --help` stays fast
 
     bar = _Bar()
@@ -86,3 +103,36 @@ def convert_cmd(
     output.info(escape(f"wrote {res.path} ({res.tensors} tensors, {size / 1e6:.1f} MB, {res.outtype}, "
                        f"LLaDA{res.model_version}) in {res.seconds:.1f}s"))
     output.answer(str(res.path))
+
+
+def _quantize(source: str, out: Path | None, preset: str, revision: str | None, model_version, force: bool) -> None:
+    """GGUF -> quantized GGUF, or checkpoint -> bf16 GGUF (temporary) -> quantized GGUF."""
+    import tempfile
+
+    from converters import convert
+    from dllm_cli.runtime.quantize import quantize
+
+    src = Path(source)
+    if src.suffix == ".gguf" and src.is_file():
+        dst = out or src.with_name(f"{src.stem.rsplit('-', 1)[0]}-{preset}.gguf")
+        with output.err.status(f"quantizing to {preset} ..."):
+            path = quantize(src, dst, preset, force=force)
+    else:
+        if out is not None and out.exists() and not force:
+            from dllm_cli.errors import ConvertError
+            raise ConvertError(f"{out} already exists", "pass --force to overwrite it")
+        staging = out.parent if out is not None else None
+        with tempfile.TemporaryDirectory(dir=staging, prefix=".dllm-quant-") as tmp:
+            bar = _Bar()
+            try:
+                res = convert(source, Path(tmp) / "src-bf16.gguf", outtype="bf16", revision=revision,
+                              model_version=model_version.value if model_version else None, progress=bar,
+                              warn=lambda m: output.warn(escape(m)))
+            finally:
+                bar.close()
+            from dllm_cli.registry import models_dir
+            dst = out or models_dir() / f"{Path(str(source).rstrip('/')).name}-{preset}.gguf"
+            with output.err.status(f"quantizing to {preset} ..."):
+                path = quantize(res.path, dst, preset, force=force)
+    output.info(escape(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {preset})"))
+    output.answer(str(path))
