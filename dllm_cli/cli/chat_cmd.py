@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Iterable, Optional
+from typing import Annotated, Callable, Iterable, Optional
 
 import typer
 from rich.live import Live
@@ -42,7 +42,7 @@ Ctrl-C while an answer is being written stops it."""
 class Screen:
     """How a turn is shown: the live view on stderr's terminal, or plain finalized text on stdout."""
 
-    def __init__(self, *, live: bool, plain: bool, piece=None) -> None:
+    def __init__(self, *, live: bool, plain: bool, piece: Callable[[int], str] | None = None) -> None:
         self.live = live
         self.plain = plain or not output.out.is_terminal
         self.view = LiveView(piece)
