@@ -146,7 +146,7 @@ def test_live_view_shows_masks_then_the_answer_and_edits_in_speed_mode(chat):
 
 @needs_runtime
 @needs_tmux
-def test_slash_commands_interrupt_save_and_exit(chat, tmp_path: Path):
+def test_slash_commands_interrupt_save_and_exit(chat, tmp_path: Path, dllm_home: Path):
     pane = chat("--max-tokens", "512", "--plain")
     pane.line("/mode speed")
     pane.wait_for("mode speed: threshold=")
@@ -186,12 +186,17 @@ def test_slash_commands_interrupt_save_and_exit(chat, tmp_path: Path):
     pane.wait_for("nothing to retry yet")
     pane.send("C-d")
     pane.wait_for("EXIT=0")
+    history = (dllm_home / "chat_history").read_text()
+    assert "/mode speed" in history and "Tell me everything." in history  # readline history kept
 
 
 @needs_runtime
 @needs_tmux
 def test_ctrl_c_at_an_empty_prompt_exits_0(chat):
     pane = chat()
+    pane.send("half a thought", literal=True)
+    pane.send("C-c")  # a typed line is dropped, the chat goes on
+    pane.wait(lambda t: t.count(PROMPT) >= 2)
     pane.send("C-c")
     pane.wait_for("EXIT=0")
 
