@@ -27,18 +27,19 @@ ANSI = re.compile(r"\x1b\[")
 def events(mode: str = "speed") -> list:
     """Prompt of 6 tokens (block 1 holds 2 prompt-tail tokens), blocks of 4, two generated blocks.
 
-    Block 1: step 1 unmasks "Hel" "lo"; block 2: step 1 unmasks " word" and "!", step 2 edits " word" -> " wor",
+    Steps count from 0 as the engine's do. Block 1: step 0 unmasks "Hel" "lo"; block 2: step 0 unmasks " word"
+    and "!", step 1 edits " word" -> " wor",
     unmasks "ld" ... final text "Hello wor!ld".
     """
     cfg = {"mode": mode}
     return [
         StartEvent(prompt_tokens=6, reused=4, block_length=4, mask_id=M, first_block=1, n_blocks=3, config=cfg),
-        StepEvent(block=1, step=1, start=4, canvas=(10, 11, 1, 2), unmasked=(2, 3), edited=(), probs=(0.9, 0.8),
+        StepEvent(block=1, step=0, start=4, canvas=(10, 11, 1, 2), unmasked=(2, 3), edited=(), probs=(0.9, 0.8),
                   forwards=1, commits=0, mask_count=0, elapsed_s=0.10),
         BlockEvent(block=1, ids=(1, 2), text="Hello", forwards=2, elapsed_s=0.20),
-        StepEvent(block=2, step=1, start=8, canvas=(5, M, 6, M), unmasked=(0, 2), edited=(), probs=(0.7, 0.6),
+        StepEvent(block=2, step=0, start=8, canvas=(5, M, 6, M), unmasked=(0, 2), edited=(), probs=(0.7, 0.6),
                   forwards=3, commits=1, mask_count=2, elapsed_s=0.30),
-        StepEvent(block=2, step=2, start=8, canvas=(3, 4, 6, M), unmasked=(1,), edited=((0, 5, 3),),
+        StepEvent(block=2, step=1, start=8, canvas=(3, 4, 6, M), unmasked=(1,), edited=((0, 5, 3),),
                   probs=(0.8, 0.9), forwards=4, commits=1, mask_count=1, elapsed_s=0.40),
         BlockEvent(block=2, ids=(3, 6, 4, 8), text=" wor!ld", forwards=6, elapsed_s=0.60),
         DoneEvent(ids=(1, 2, 3, 6, 4, 8), text="Hello wor!ld", prompt_tokens=6, finish_reason="eos", forwards=6,
@@ -342,13 +343,13 @@ def test_replay_live_view_on_a_terminal(tmp_path: Path, monkeypatch):
 def test_an_edit_lingers_faintly_for_a_moment_then_reads_as_plain_text():
     ev = events()
     view = L.LiveView(piece).feed(ev[:5])  # " word" -> " wor" edited at 0.40 s
-    later = StepEvent(block=2, step=3, start=8, canvas=(3, 4, 6, 7), unmasked=(3,), edited=(), probs=(0.9,),
+    later = StepEvent(block=2, step=2, start=8, canvas=(3, 4, 6, 7), unmasked=(3,), edited=(), probs=(0.9,),
                       forwards=5, commits=1, mask_count=0, elapsed_s=0.40 + L.EDIT_LINGER_S / 2)
     view.update(later)
     row = view.block_row()
     assert row.plain == " word→ wor" + "ld!↵"
     assert styles_of(row, " word") == {L.RECENT_OLD_STYLE}
-    view.update(StepEvent(**{**later.__dict__, "step": 4, "unmasked": (), "elapsed_s": 0.41 + L.EDIT_LINGER_S}))
+    view.update(StepEvent(**{**later.__dict__, "step": 3, "unmasked": (), "elapsed_s": 0.41 + L.EDIT_LINGER_S}))
     assert view.block_row().plain == " world!↵"
 
 
@@ -368,3 +369,8 @@ def test_repl_keeps_going_after_bad_commands_and_a_full_context(tmp_path: Path, 
     assert "unknown command /bogus" in err and "use a .md or .json file name" in err and "saved " in err
     assert "the context is full (4100 > 4096 tokens)" in err and "/clear" in err
     assert chat.conversation.turns == [] and (tmp_path / "a.md").is_file()
+
+
+def test_special_tokens_are_drawn_short():
+    assert L.visible("<|endoftext|>") == "␄" and L.visible("<|role_end|>") == "‹role_end›"
+    assert L.visible("<|") == "<|" and L.visible("<role>") == "<role>"

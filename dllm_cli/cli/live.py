@@ -39,7 +39,10 @@ def id_piece(token: int) -> str:
 
 
 def visible(piece: str) -> str:
-    """A token's text for one cell: control characters made visible so a row stays one row."""
+    """A token's text for one cell: control characters made visible so a row stays one row, and special tokens
+    short (a finished block is mostly ``<|endoftext|>`` padding: ``␄``; ``<|role_end|>`` -> ``‹role_end›``)."""
+    if piece.startswith("<|") and piece.endswith("|>") and len(piece) > 4:
+        return "␄" if piece == "<|endoftext|>" else f"‹{piece[2:-2]}›"
     return piece.replace("\n", "↵").replace("\r", "").replace("\t", "⇥") or "∅"
 
 
@@ -74,7 +77,7 @@ class LiveView:
         self.first_block = 0
         self.n_blocks = 0
         self.block = 0
-        self.step = 0
+        self.step = 0  # forwards of the active block so far (engine steps count from 0)
         self.start = 0
         self.canvas: tuple[int, ...] = ()
         self.unmasked: frozenset[int] = frozenset()
@@ -99,7 +102,7 @@ class LiveView:
             self.start = ev.first_block * ev.block_length
             self.canvas = (ev.mask_id,) * ev.block_length
         elif isinstance(ev, StepEvent):
-            self.block, self.step, self.start, self.canvas = ev.block, ev.step, ev.start, ev.canvas
+            self.block, self.step, self.start, self.canvas = ev.block, ev.step + 1, ev.start, ev.canvas
             self.unmasked = frozenset(ev.unmasked)
             self.edited = {pos: old for pos, old, _new in ev.edited}
             self.forwards, self.elapsed_s = ev.forwards, ev.elapsed_s
