@@ -374,3 +374,12 @@ def test_repl_keeps_going_after_bad_commands_and_a_full_context(tmp_path: Path, 
 def test_special_tokens_are_drawn_short():
     assert L.visible("<|endoftext|>") == "␄" and L.visible("<|role_end|>") == "‹role_end›"
     assert L.visible("<|") == "<|" and L.visible("<role>") == "<role>"
+
+
+def test_tokens_stop_counting_at_the_first_stop_id():
+    start = StartEvent(prompt_tokens=4, reused=0, block_length=4, mask_id=M, first_block=1, n_blocks=2,
+                       config={"mode": "speed", "stop_ids": [8]})
+    step = StepEvent(block=1, step=0, start=4, canvas=(1, 8, 8, 8), unmasked=(0, 1, 2, 3), edited=(),
+                     probs=(0.9,) * 4, forwards=1, commits=0, mask_count=0, elapsed_s=0.5)
+    view = L.LiveView(piece).feed([start, step])
+    assert view.tokens == 2 and view.block_row().plain == "Hel<eos><eos><eos>"

@@ -73,6 +73,7 @@ class LiveView:
     def reset(self) -> None:
         self.text = ""  # finalized text of this answer
         self.mask_id = -1
+        self.stops: frozenset[int] = frozenset()  # stop ids: cells after the first one are padding, not output
         self.prompt_tokens = 0
         self.first_block = 0
         self.n_blocks = 0
@@ -98,6 +99,7 @@ class LiveView:
             self.reset()
             self.mode = mode
             self.mask_id, self.prompt_tokens, self.reused = ev.mask_id, ev.prompt_tokens, ev.reused
+            self.stops = frozenset(int(t) for t in ev.config.get("stop_ids", ()))
             self.first_block, self.n_blocks, self.block = ev.first_block, ev.n_blocks, ev.first_block
             self.start = ev.first_block * ev.block_length
             self.canvas = (ev.mask_id,) * ev.block_length
@@ -132,7 +134,15 @@ class LiveView:
 
     @property
     def decoded_in_block(self) -> int:
-        return sum(1 for i, t in enumerate(self.canvas) if t != self.mask_id and not self._is_prompt(i))
+        """Decoded cells of the active block up to and including the first stop id (the rest is padding)."""
+        n = 0
+        for i, t in enumerate(self.canvas):
+            if t == self.mask_id or self._is_prompt(i):
+                continue
+            n += 1
+            if t in self.stops:
+                break
+        return n
 
     @property
     def tokens(self) -> int:
