@@ -383,3 +383,10 @@ def test_tokens_stop_counting_at_the_first_stop_id():
                      probs=(0.9,) * 4, forwards=1, commits=0, mask_count=0, elapsed_s=0.5)
     view = L.LiveView(piece).feed([start, step])
     assert view.tokens == 2 and view.block_row().plain == "Hel<eos><eos><eos>"
+
+
+def test_status_before_the_first_step_says_the_prompt_is_being_read():
+    view = L.LiveView(piece, mode="quality")
+    assert view.status_line().plain == "quality · reading the prompt"
+    view.update(events()[0])
+    assert view.status_line().plain == "quality · 6 prompt tokens, 4 cached"

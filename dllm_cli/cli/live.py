@@ -192,6 +192,10 @@ class LiveView:
 
     def status_line(self) -> Text:
         """``speed · block 2/5 · step 3 · 17 fwd · 2.41 tok/fwd · 4 edits · 88.1 tok/s``."""
+        if not self.forwards and self.done is None:  # before the first step: the prefill
+            what = (f"{self.prompt_tokens} prompt tokens, {self.reused} cached" if self.prompt_tokens
+                    else "reading the prompt")
+            return Text(f"{self.mode or '?'} · {what}", style=STATUS_STYLE)
         total = max(self.n_blocks - self.first_block, 0)
         parts = [self.mode or "?"]
         if total:
