@@ -142,17 +142,27 @@ def evaluate_engine(step_model, bpe: BPE, examples: Sequence[tasks.Example], mod
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m dllm_cli.demo.evaluate GGUF [N]``: score a demo GGUF on the held-out set (numpy reference)."""
+    """``python -m dllm_cli.demo.evaluate GGUF [N] [--runtime]``: score a demo GGUF on the held-out set.
+
+    Through the numpy reference by default; ``--runtime`` uses the patched llama.cpp session instead.
+    """
     import sys
 
-    from dllm_cli.decoding import ReferenceModel
-    from dllm_cli.reference import load_gguf
-
     args = sys.argv[1:] if argv is None else argv
+    runtime = "--runtime" in args
+    args = [a for a in args if a != "--runtime"]
     path, n = args[0], int(args[1]) if len(args) > 1 else 200
-    ref = load_gguf(path, np.float32)
     bpe = BPE(_merges_from_gguf(path))
-    model = ReferenceModel(ref, eos_id=bpe.token_id(tasks.EOS), mask_id=bpe.token_id("<|mask|>"))
+    if runtime:
+        from dllm_cli.generate import load
+
+        model = load(path).session
+    else:
+        from dllm_cli.decoding import ReferenceModel
+        from dllm_cli.reference import load_gguf
+
+        model = ReferenceModel(load_gguf(path, np.float32), eos_id=bpe.token_id(tasks.EOS),
+                               mask_id=bpe.token_id("<|mask|>"))
     for mode in MODES:
         print(format_score(evaluate_engine(model, bpe, tasks.eval_set(n), mode)), flush=True)
 

@@ -103,13 +103,30 @@ def lr_at(step: int, steps: int, peak: float, warmup: int = 200) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
-def train(out: Path, *, steps: int, minutes: float, seed: int, batch: int, lr: float, log_every: int = 50):
+def load_init(ckpt: Path) -> tuple[list[tuple[str, str]], dict, dict]:
+    """Merges, config and weights of a checkpoint written by a previous stage (``--init``)."""
+    from converters.safetensors import Checkpoint
+    tok = json.loads((ckpt / "tokenizer.json").read_text())
+    merges = [tuple(m.split(" ", 1)) for m in tok["model"]["merges"]]
+    cfg = json.loads((ckpt / "config.json").read_text())
+    ck = Checkpoint(ckpt)
+    return merges, cfg, {n: torch.from_numpy(np.array(ck.get(n), dtype=np.float32)) for n in ck.names()}
+
+
+def train(out: Path, *, steps: int, minutes: float, seed: int, batch: int, lr: float, init: Path | None = None,
+          log_every: int = 50):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    merges = train_bpe(tasks.tokenizer_corpus(seed), N_MERGES)
-    bpe = BPE(merges)
-    cfg = tiny_config(**MODEL, vocab_size=len(bpe.vocab) + VOCAB_PAD, pad_token_id=bpe.token_id("<|endoftext|>"))
-    model = LLaDA2({**cfg, "block_length": B})
+    if init is None:
+        merges = train_bpe(tasks.tokenizer_corpus(seed), N_MERGES)
+        bpe = BPE(merges)
+        cfg = tiny_config(**MODEL, vocab_size=len(bpe.vocab) + VOCAB_PAD, pad_token_id=bpe.token_id("<|endoftext|>"))
+        model = LLaDA2({**cfg, "block_length": B})
+    else:  # continue a previous stage: its tokenizer, config and weights (expert bias included)
+        merges, cfg, state = load_init(init)
+        bpe = BPE(merges)
+        model = LLaDA2({**cfg, "block_length": B})
+        model.load_state_dict(state, strict=True)
     noiser = Noiser(bpe, np.empty(0, dtype=np.int64))
     noiser.answer_ids = answer_pool(noiser, seed + 1)
     stream = tasks.stream(seed + 2)
@@ -147,7 +164,7 @@ def train(out: Path, *, steps: int, minutes: float, seed: int, batch: int, lr: f
     model.eval()
     ckpt = out / CHECKPOINT_DIR
     written = write_checkpoint(ckpt, cfg, model.numpy_weights(), merges=merges)
-    meta = {"seed": seed, "steps": step + 1, "batch": batch, "lr": lr, "train_seconds": round(train_s),
+    meta = {"init": str(init) if init else None, "seed": seed, "steps": step + 1, "batch": batch, "lr": lr, "train_seconds": round(train_s),
             "threads": torch.get_num_threads(), "params": n_params}
     (out / "train_meta.json").write_text(json.dumps(meta, indent=1))
     print(f"saved {ckpt} ({written['vocab_size']} vocab) in {train_s:.0f}s", file=sys.stderr)
@@ -181,13 +198,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--init", type=Path, default=None, help="continue from this checkpoint (a previous stage)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval", type=int, default=100, help="held-out examples scored at the end (0 = skip)")
     ap.add_argument("--gguf", action="store_true", help="also convert to DIR/demo.gguf (f32)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
-    model, bpe = train(a.out, steps=a.steps, minutes=a.minutes, seed=a.seed, batch=a.batch, lr=a.lr)
+    model, bpe = train(a.out, steps=a.steps, minutes=a.minutes, seed=a.seed, batch=a.batch, lr=a.lr,
+                       init=a.init)
     check_parity(model, a.out / CHECKPOINT_DIR)
     if a.eval:
         ex = tasks.eval_set(a.eval)
