@@ -155,6 +155,16 @@ def filler_ids(model: Model, n: int) -> list[int]:
     return (base * (n // len(base) + 1))[:n]
 
 
+def _gpu_free() -> int | None:
+    """Free memory summed over the GPU devices (None on a CPU-only runtime): VRAM taken = before - after."""
+    from dllm_cli.runtime import bindings
+    from dllm_cli.runtime.library import load as load_runtime
+
+    rt = load_runtime()
+    gpus = [d for d in bindings.devices(rt) if d["type"] in ("gpu", "igpu")] if rt.backend != "cpu" else []
+    return sum(int(d["memory_free"]) for d in gpus) if gpus else None
+
+
 class Bench:
     """All measurements for one model file at one thread count."""
 
@@ -162,13 +172,16 @@ class Bench:
         self.cfg, self.progress = cfg, progress
         need = max([cfg.ctx_size, *(p + 64 for p in cfg.prefixes), *(p + 32 for p in cfg.prefill)])
         self.opts = RuntimeOptions(threads=threads, ctx_size=need, kv_type=cfg.kv_type, ubatch=need)
+        free0 = _gpu_free()
         self.model = Model(path, self.opts)
         self.session = Session(self.model, self.opts)
+        free1 = _gpu_free()
         self.B = self.session.block_length
         self.shapes = Shapes.from_gguf(path)
         self.base = {"model": self.model.description, "path": str(path), "size_bytes": self.model.size_bytes,
                      "params": self.model.n_params, "backend": self.model.rt.backend, "threads": self.opts.n_threads,
-                     "kv_type": cfg.kv_type, "n_layers": self.shapes.layers}
+                     "kv_type": cfg.kv_type, "n_layers": self.shapes.layers,
+                     "vram_bytes": free0 - free1 if free0 is not None and free1 is not None else None}
 
     def close(self) -> None:
         self.session.close()
@@ -253,7 +266,7 @@ class Bench:
         runs: list[list[GenRun]] = []
         for r in range(self.cfg.warmup + self.cfg.reps):
             rep = []
-            for name, ids in prompts:
+            for name, ids in (prompts[:1] if r < self.cfg.warmup else prompts):  # warm-up: builds the graphs
                 self.progress(f"gen {mode} rep {r + 1}/{self.cfg.warmup + self.cfg.reps} prompt {name}")
                 rep.append(generate_once(self.session, ids, config))
             if r >= self.cfg.warmup:
@@ -263,6 +276,7 @@ class Bench:
         tokens = sum(g.tokens for g in last)
         decode_s = [sum(g.elapsed - g.prefill for g in rep) for rep in runs]
         steps = [x for g in flat for x in g.step_s]
+        out_rows = [n for g in flat if g.timed for (_, _, n) in g.timed.steps]
         forwards = sum(g.forwards for g in last)
         row = self.row(f"gen/{mode}", decode_s, tokens, mode=mode, tokens=tokens, forwards=forwards,
                        tpf=round(tokens / forwards, 4) if forwards else 0.0,
@@ -271,13 +285,17 @@ class Bench:
                        edits_per_token=round(sum(g.edits for g in last) / max(tokens, 1), 4),
                        prompt_tokens=[len(ids) for _, ids in prompts],
                        prefill_tps=round(sum(len(ids) for _, ids in prompts) / max(sum(g.prefill for g in last), 1e-9), 2),
-                       first_block_s=stats([g.first_block for g in flat]), step_s=stats(steps))
+                       first_block_s=stats([g.first_block for g in flat]), step_s=stats(steps),
+                       rows_per_step=round(float(np.mean(out_rows)), 2) if out_rows else 0.0)
         row["experts"] = self._experts(config, prompts) if self.cfg.experts else None
         row["recompute"] = self._recompute(last)
         return row
 
     def _experts(self, config: Any, prompts: list[tuple[str, list[int]]]) -> dict[str, Any]:
         """Instrumented replay: per step, per MoE layer, distinct routed experts over the active block."""
+        from dllm_cli.decoding.config import with_overrides
+
+        config = with_overrides(config, max_tokens=min(config.max_tokens, self.B))  # one block per prompt
         probe = ExpertProbe(self.model.rt)
         sess = Session(self.model, self.opts, eval_callback=probe.callback)
         try:
@@ -347,7 +365,7 @@ class Bench:
         step = row["step_s"]["mean"]
         union = (row.get("experts") or {}).get("mean", self.shapes.experts)
         prefix = statistics.mean(row["prompt_tokens"]) + self.cfg.max_tokens / 2
-        cost = forward_cost(self.shapes, self.B, prefix, self.B, union)
+        cost = forward_cost(self.shapes, self.B, prefix, row.get("rows_per_step") or self.B, union)
         row["roofline"] = roofline_pct(cost, step, self.machine)
         if ar_row is None:
             return

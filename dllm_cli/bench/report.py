@@ -153,8 +153,10 @@ def estimate_layers(results: list[dict[str, Any]], target: int) -> list[dict[str
         def lin(y0: float, y1: float) -> float:
             return y0 + (y1 - y0) * (target - l0) / (l1 - l0)
 
-        sec_per_tok = lin(1 / r0["tps"], 1 / r1["tps"]) if r0["tps"] and r1["tps"] else 0.0
         s0, s1 = (r0.get("step_s") or {}).get("mean"), (r1.get("step_s") or {}).get("mean")
+        if not (r0["tps"] > r1["tps"] > 0) or (s0 and s1 and s1 <= s0):
+            continue  # the deeper model was not slower: noise, no meaningful per-layer cost to extrapolate
+        sec_per_tok = lin(1 / r0["tps"], 1 / r1["tps"])
         out.append({"model": fam.replace("-L*-", f"-L{target}-"), "backend": r1["backend"], "threads": threads,
                     "test": test, "n_layers": target, "from_layers": [l0, l1],
                     "tps": round(1 / sec_per_tok, 3) if sec_per_tok > 0 else 0.0,
