@@ -121,7 +121,9 @@ def main() -> int:
     # same answer both ways
     agree = float((outs["host"][0] == outs["device"][0]).mean())
     dp = float(np.abs(outs["host"][1] - outs["device"][1]).max())
-    meta = {"model": f"random LLaDA2, {a.layers} layers, hidden {a.hidden}, vocab {n_vocab}, f32 weights",
+    model = (f"{Path(a.gguf).name}, vocab {n_vocab}" if a.gguf else
+             f"random LLaDA2, {a.layers} layers, hidden {a.hidden}, vocab {n_vocab}, f32 weights")
+    meta = {"model": model,
             "rows": a.rows, "threads": p.n_threads, "backend": rt.backend, "machine": platform.processor() or platform.machine(),
             "reps": a.reps, "id_agreement": agree, "max_prob_diff": dp}
     if a.json:
