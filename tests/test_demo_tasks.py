@@ -36,10 +36,21 @@ def _expected(ex: tasks.Example) -> str:
         return str(a + b if ex.task == "add" else a - b)
     if ex.task == "copy":
         return u.split(": ", 1)[1]
-    if ex.task == "reverse":
+    if ex.task in ("reverse", "reverse_long"):
         return " ".join(u.split(": ", 1)[1].split()[::-1])
-    if ex.task == "sort":
+    if ex.task in ("sort", "sort_long"):
         return " ".join(sorted(u.split(": ", 1)[1].split(), key=int))
+    if ex.task == "range":
+        a, b = map(int, re.findall(r"\d+", u))
+        return " ".join(str(v) for v in range(a, b + 1))
+    if ex.task == "spell":
+        return " ".join(next(w for w in re.findall(r"[a-z]+", u) if w in tasks.SPELL_WORDS))
+    if ex.task == "repeat":
+        m = re.fullmatch(r"(?:Say|Write) ([a-z ]+) (\d+) times\.", u)
+        return " ".join([m.group(1)] * int(m.group(2)))
+    if ex.task == "capitals":
+        table = dict(tasks.CAPITALS)
+        return ", ".join(table[c] for c in re.findall(r"[A-Z][a-z]+", u.split(" of ", 1)[1]))
     if ex.task == "count":
         word = u.split("does ")[1].split(" appear")[0]
         return str(u.split(": ", 1)[1].rstrip("?").split().count(word))
@@ -49,7 +60,7 @@ def _expected(ex: tasks.Example) -> str:
 
 def test_every_task_answers_exactly_and_wrong_answers_fail():
     rng = np.random.default_rng(3)
-    for name, gen in tasks.TASKS.items():
+    for name, gen in tasks.ALL_TASKS.items():
         for _ in range(30):
             ex = gen(rng)
             assert ex.task == name and ex.answer == _expected(ex), ex
@@ -66,11 +77,34 @@ def test_train_and_heldout_splits_are_disjoint():
     train = tasks.examples(0, 3000, heldout=False)
     assert not {e.user for e in train} & {e.user for e in held}
     assert {e.task for e in held} == set(tasks.TASKS)
+    held_all = tasks.eval_set(300, families=tasks.ALL_TASKS)
+    assert {e.task for e in held_all} == set(tasks.ALL_TASKS) and all(tasks.in_eval_split(e) for e in held_all)
+    train_all = tasks.examples(0, 3000, heldout=False, families=tasks.ALL_TASKS)
+    assert not {e.user for e in train_all} & {e.user for e in held_all}
+    weighted = tasks.stream(0, long_weight=3.0, families=tasks.ALL_TASKS)
+    drawn = [next(weighted).task for _ in range(600)]
+    assert sum(t in tasks.LONG_TASKS for t in drawn) > 400 and not any(tasks.in_eval_split(next(weighted)) for _ in range(200))
     # every fact keeps training questions: only one template per fact is held out
-    for table, forms, art in ((tasks.CAPITALS, tasks.CAPITAL_TEMPLATES, ""), (tasks.COLOURS, tasks.COLOUR_TEMPLATES, "the ")):
+    spell = tuple((w, None) for w in tasks.SPELL_WORDS)
+    for table, forms, art in ((tasks.CAPITALS, tasks.CAPITAL_TEMPLATES, ""), (tasks.COLOURS, tasks.COLOUR_TEMPLATES, "the "),
+                              (spell, tasks.SPELL_TEMPLATES, "")):
         for name, _ in table:
             held_forms = [f for f in forms if tasks.in_eval_split(tasks.Example("f", f.format(x=art + name), ""))]
             assert len(held_forms) == 1
+
+
+def test_long_families_have_long_answers_and_the_old_families_are_unchanged(bpe):
+    assert set(tasks.ALL_TASKS) == set(tasks.TASKS) | set(tasks.LONG_TASKS) and len(tasks.ALL_TASKS) == 14
+    rng = np.random.default_rng(5)
+    lengths = {name: [len(bpe.encode(tasks.render_target(gen(rng)))) for _ in range(200)]
+               for name, gen in tasks.LONG_TASKS.items()}
+    assert np.mean([v for vs in lengths.values() for v in vs]) >= 12
+    assert max(max(v) for v in lengths.values()) > 32  # some answers spill into a second block
+    # the original eight generators still draw the same questions for a seed (pinned held-out answers stay valid)
+    rng = np.random.default_rng(0)
+    got = [gen(rng) for gen in tasks.TASKS.values()]
+    assert [(e.user, e.answer) for e in got[:3]] == [
+        ("What is 85 plus 63?", "148"), ("What is 30 - 26?", "4"), ("Copy this: cat tree", "cat tree")]
 
 
 def test_chat_rendering_matches_the_template():

@@ -7,6 +7,7 @@ scored before and independently of ``dllm_cli.decoding``.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -32,7 +33,7 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def decode(logits_fn: LogitsFn, prompt: Sequence[int], *, mask_id: int, eos_id: int, threshold: float,
-           editing_threshold: float, gen_length: int = 32, block: int = tasks.BLOCK_LENGTH,
+           editing_threshold: float, gen_length: int = 64, block: int = tasks.BLOCK_LENGTH,
            max_post_steps: int = 16) -> Decoded:
     """Spec §5.2 joint threshold decoding, one token minimum per step, editing inside the active block."""
     p_len = len(prompt)
@@ -85,10 +86,11 @@ class Score:
     edits_per_answer: float
     answers_with_edits: float  # share of answers where at least one T2T edit happened
     per_task: dict[str, float]
+    tokens_per_s: float = 0.0  # generated tokens / decoding wall time (engine path only)
 
 
 def evaluate(logits_fn: LogitsFn, bpe: BPE, examples: Sequence[tasks.Example], mode: str,
-             gen_length: int = 32) -> Score:
+             gen_length: int = 64) -> Score:
     """Exact-match accuracy, tokens per forward and edit statistics over ``examples``."""
     thr, edit = MODES[mode]
     mask_id, eos_id = bpe.token_id("<|mask|>"), bpe.token_id("<|endoftext|>")
@@ -108,15 +110,16 @@ def evaluate(logits_fn: LogitsFn, bpe: BPE, examples: Sequence[tasks.Example], m
 
 def format_score(s: Score) -> str:
     tasks_txt = " ".join(f"{t}={a:.2f}" for t, a in s.per_task.items())
+    speed = f" tok/s={s.tokens_per_s:.0f}" if s.tokens_per_s else ""
     return (f"{s.mode:8s} acc={s.accuracy:.3f} tpf={s.tokens_per_forward:.2f} edits/answer={s.edits_per_answer:.2f} "
-            f"edited={s.answers_with_edits:.2f} | {tasks_txt}")
+            f"edited={s.answers_with_edits:.2f}{speed} | {tasks_txt}")
 
 
 __all__ = ["decode", "evaluate", "Decoded", "Score", "MODES", "format_score"]
 
 
 def evaluate_engine(step_model, bpe: BPE, examples: Sequence[tasks.Example], mode: str,
-                    max_tokens: int = 32) -> Score:
+                    max_tokens: int = 64) -> Score:
     """The same figures through ``dllm_cli.decoding`` (KV-cached engine; stops at EOS or ``<|role_end|>``).
 
     ``step_model`` is any ``StepModel``: ``ReferenceModel(load_gguf(path), ...)`` or the llama.cpp runtime.
@@ -126,11 +129,14 @@ def evaluate_engine(step_model, bpe: BPE, examples: Sequence[tasks.Example], mod
     thr, edit = MODES[mode]
     cfg = make_config(mode, "2.1", threshold=thr, editing_threshold=edit, max_post_steps=16, editing=True,
                       max_tokens=max_tokens, stop_ids=(bpe.token_id(tasks.ROLE_END),))
-    ok, toks, fwd, edits, edited = [], 0, 0, 0, 0
+    ok, toks, fwd, edits, edited, secs = [], 0, 0, 0, 0, 0.0
     by_task: dict[str, list[bool]] = {}
     for ex in examples:
         step_model.rollback(0)
-        done = collect(generate(step_model, bpe.encode(tasks.render_prompt(ex)), cfg))
+        ids = bpe.encode(tasks.render_prompt(ex))
+        t0 = time.perf_counter()
+        done = collect(generate(step_model, ids, cfg))
+        secs += time.perf_counter() - t0
         good = tasks.check(ex, bpe.decode(list(done.ids)))
         ok.append(good)
         by_task.setdefault(ex.task, []).append(good)
@@ -138,25 +144,32 @@ def evaluate_engine(step_model, bpe: BPE, examples: Sequence[tasks.Example], mod
         edits, edited = edits + done.edits, edited + (done.edits > 0)
     n = max(len(ok), 1)
     return Score(mode, sum(ok) / n, toks / max(fwd, 1), edits / n, edited / n,
-                 {t: sum(v) / len(v) for t, v in sorted(by_task.items())})
+                 {t: sum(v) / len(v) for t, v in sorted(by_task.items())}, toks / max(secs, 1e-9))
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m dllm_cli.demo.evaluate GGUF [N] [--runtime]``: score a demo GGUF on the held-out set.
+    """``python -m dllm_cli.demo.evaluate GGUF [N] [--runtime] [--families all]``: score a demo GGUF on the held-out set.
 
-    Through the numpy reference by default; ``--runtime`` uses the patched llama.cpp session instead.
+    Through the numpy reference by default; ``--runtime`` uses the patched llama.cpp session instead
+    (one thread: more threads only add synchronisation on a model this small).
     """
     import sys
 
     args = sys.argv[1:] if argv is None else argv
     runtime = "--runtime" in args
     args = [a for a in args if a != "--runtime"]
+    families = tasks.TASKS
+    if "--families" in args:
+        i = args.index("--families")
+        families = tasks.FAMILIES[args[i + 1]]
+        del args[i:i + 2]
     path, n = args[0], int(args[1]) if len(args) > 1 else 200
     bpe = BPE(_merges_from_gguf(path))
     if runtime:
         from dllm_cli.generate import load
+        from dllm_cli.runtime.options import RuntimeOptions
 
-        model = load(path).session
+        model = load(path, RuntimeOptions(threads=1)).session  # one thread: fastest for a 1.8 M model
     else:
         from dllm_cli.decoding import ReferenceModel
         from dllm_cli.reference import load_gguf
@@ -164,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         model = ReferenceModel(load_gguf(path, np.float32), eos_id=bpe.token_id(tasks.EOS),
                                mask_id=bpe.token_id("<|mask|>"))
     for mode in MODES:
-        print(format_score(evaluate_engine(model, bpe, tasks.eval_set(n), mode)), flush=True)
+        print(format_score(evaluate_engine(model, bpe, tasks.eval_set(n, families=families), mode)), flush=True)
 
 
 def _merges_from_gguf(path: str) -> list[tuple[str, str]]:

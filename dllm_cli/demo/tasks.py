@@ -38,6 +38,18 @@ CAPITAL_TEMPLATES = ("What is the capital of {x}?", "Name the capital of {x}.", 
 COLOUR_TEMPLATES = ("What colour is {x}?", "Name the colour of {x}.", "Colour of {x}?",
                     "Which colour does {x} have?")
 
+# Long-answer families (12-40 tokens: answers fill most of a block or spill into the next one). Their later
+# tokens depend on the earlier ones, so a parallel decoder is unsure of them until the prefix is fixed.
+SPELL_WORDS = ("elephant", "mountain", "computer", "umbrella", "triangle", "sandwich", "keyboard", "dinosaur",
+               "pineapple", "butterfly", "chocolate", "telephone", "hospital", "calendar", "envelope", "kangaroo",
+               "magazine", "notebook", "octopus", "penguin", "question", "rainbow", "scissors", "strawberry",
+               "tomorrow", "universe", "vacation", "whistle", "yesterday", "airplane", "backpack", "blanket",
+               "cucumber", "diamond", "festival", "giraffe", "hamburger", "internet", "jellyfish", "lemonade")
+SPELL_TEMPLATES = ("Spell {x}.", "Spell the word {x}.", "How do you spell {x}?", "Write {x} letter by letter.")
+RANGE_TEMPLATES = ("Count from {a} to {b}.", "List the numbers from {a} to {b}.", "Write the numbers {a} to {b}.")
+REPEAT_TEMPLATES = ("Say {p} {n} times.", "Write {p} {n} times.")
+CAPITALS_TEMPLATES = ("Name the capitals of {a}, {b} and {c}.", "Capitals of {a}, {b} and {c}?")
+
 
 @dataclass(frozen=True)
 class Example:
@@ -113,21 +125,84 @@ def gen_colour(rng: np.random.Generator) -> Example:
     return _fact(rng, COLOURS, COLOUR_TEMPLATES, "colour", article=True)
 
 
-TASKS: dict[str, Callable[[np.random.Generator], Example]] = {
+def gen_range(rng: np.random.Generator) -> Example:
+    """``Count from 7 to 19.`` -> ``7 8 9 ... 19`` (8-14 numbers, 0-99)."""
+    n = int(rng.integers(8, 15))
+    a = int(rng.integers(0, 101 - n))
+    form = RANGE_TEMPLATES[int(rng.integers(len(RANGE_TEMPLATES)))]
+    return Example("range", form.format(a=a, b=a + n - 1), " ".join(str(v) for v in range(a, a + n)))
+
+
+def gen_spell(rng: np.random.Generator) -> Example:
+    """``Spell elephant.`` -> ``e l e p h a n t`` (a fact table: word i is held out in template i % 4)."""
+    i = int(rng.integers(len(SPELL_WORDS)))
+    word = SPELL_WORDS[i]
+    form = SPELL_TEMPLATES[int(rng.integers(len(SPELL_TEMPLATES)))]
+    return Example("spell", form.format(x=word), " ".join(word))
+
+
+def gen_repeat(rng: np.random.Generator) -> Example:
+    """``Say cat dog 3 times.`` -> ``cat dog cat dog cat dog`` (1-3 words, 3-7 times)."""
+    words = [WORDS[i] for i in rng.integers(0, len(WORDS), size=int(rng.integers(1, 4)))]
+    n = int(rng.integers(3, 8))
+    form = REPEAT_TEMPLATES[int(rng.integers(len(REPEAT_TEMPLATES)))]
+    return Example("repeat", form.format(p=" ".join(words), n=n), " ".join(words * n))
+
+
+def gen_capitals(rng: np.random.Generator) -> Example:
+    """``Capitals of France, Peru and Japan?`` -> ``Paris, Lima, Tokyo`` (3 distinct countries)."""
+    idx = [int(i) for i in rng.choice(len(CAPITALS), size=3, replace=False)]
+    form = CAPITALS_TEMPLATES[int(rng.integers(len(CAPITALS_TEMPLATES)))]
+    names = [CAPITALS[i][0] for i in idx]
+    return Example("capitals", form.format(a=names[0], b=names[1], c=names[2]),
+                   ", ".join(CAPITALS[i][1] for i in idx))
+
+
+def gen_reverse_long(rng: np.random.Generator) -> Example:
+    """``Reverse:`` with 8-12 letters or digits."""
+    n = int(rng.integers(8, 13))
+    items = [LETTERS[i] for i in rng.integers(0, 26, size=n)] if rng.random() < 0.5 else [str(v) for v in _nums(rng, n)]
+    return Example("reverse_long", "Reverse: " + " ".join(items), " ".join(reversed(items)))
+
+
+def gen_sort_long(rng: np.random.Generator) -> Example:
+    """``Sort:`` with 8-12 digits."""
+    items = _nums(rng, int(rng.integers(8, 13)))
+    return Example("sort_long", "Sort: " + " ".join(map(str, items)), " ".join(map(str, sorted(items))))
+
+
+Generator = Callable[[np.random.Generator], Example]
+# The eight families of the shipped model (the default mixture everywhere: its training and evaluation set).
+TASKS: dict[str, Generator] = {
     "add": gen_add, "sub": gen_sub, "copy": gen_copy, "reverse": gen_reverse, "sort": gen_sort,
     "count": gen_count, "capital": gen_capital, "colour": gen_colour,
 }
+# Long-answer families (opt-in: ``families=ALL_TASKS``, ``--families all``).
+LONG_TASKS: dict[str, Generator] = {
+    "range": gen_range, "spell": gen_spell, "repeat": gen_repeat, "capitals": gen_capitals,
+    "reverse_long": gen_reverse_long, "sort_long": gen_sort_long,
+}
+ALL_TASKS: dict[str, Generator] = {**TASKS, **LONG_TASKS}
+FAMILIES: dict[str, dict[str, Generator]] = {"short": TASKS, "all": ALL_TASKS}
+
+
+@lru_cache(maxsize=1)
+def _fact_questions() -> dict[str, bool]:
+    """Every fact-table question -> held out? (fact i is held out in template i % len(templates) only)."""
+    out: dict[str, bool] = {}
+    for names, templates, article in (([n for n, _ in CAPITALS], CAPITAL_TEMPLATES, False),
+                                      ([n for n, _ in COLOURS], COLOUR_TEMPLATES, True),
+                                      (list(SPELL_WORDS), SPELL_TEMPLATES, False)):
+        for i, name in enumerate(names):
+            x = ("the " + name) if article else name
+            for t, form in enumerate(templates):
+                out[form.format(x=x)] = t == i % len(templates)
+    return out
 
 
 def _fact_heldout(user: str) -> bool | None:
-    """Fact questions: fact i is held out in template i % 4 only; None for other tasks."""
-    for table, templates, article in ((CAPITALS, CAPITAL_TEMPLATES, False), (COLOURS, COLOUR_TEMPLATES, True)):
-        for i, (name, _) in enumerate(table):
-            x = ("the " + name) if article else name
-            for t, form in enumerate(templates):
-                if user == form.format(x=x):
-                    return t == i % len(templates)
-    return None
+    """Fact questions (capital, colour, spell): held out by template; None for other tasks."""
+    return _fact_questions().get(user)
 
 
 def in_eval_split(ex: Example) -> bool:
@@ -136,11 +211,20 @@ def in_eval_split(ex: Example) -> bool:
     return fact if fact is not None else is_heldout(ex.user)
 
 
-def sample(rng: np.random.Generator, *, heldout: bool, system_rate: float = 0.2) -> Example:
-    """One example from the requested split (rejection sampling over the task mixture)."""
-    names = list(TASKS)
+def sample(rng: np.random.Generator, *, heldout: bool, system_rate: float = 0.2, long_weight: float = 1.0,
+           families: dict[str, Generator] = TASKS) -> Example:
+    """One example from the requested split (rejection sampling over the task mixture ``families``).
+
+    Families are drawn uniformly; ``long_weight`` != 1 weights the ``LONG_TASKS`` families by that factor
+    (training only; the evaluation set is always uniform)."""
+    names = list(families)
+    p = None
+    if long_weight != 1.0:
+        w = np.array([long_weight if n in LONG_TASKS else 1.0 for n in names])
+        p = w / w.sum()
     while True:
-        ex = TASKS[names[int(rng.integers(len(names)))]](rng)
+        i = int(rng.integers(len(names))) if p is None else int(rng.choice(len(names), p=p))
+        ex = families[names[i]](rng)
         if in_eval_split(ex) == heldout:
             break
     if rng.random() < system_rate:
@@ -148,27 +232,27 @@ def sample(rng: np.random.Generator, *, heldout: bool, system_rate: float = 0.2)
     return ex
 
 
-def examples(seed: int, n: int, *, heldout: bool) -> list[Example]:
+def examples(seed: int, n: int, *, heldout: bool, families: dict[str, Generator] = TASKS) -> list[Example]:
     """``n`` examples of one split, deterministic for ``seed``."""
     rng = np.random.default_rng(seed)
-    return [sample(rng, heldout=heldout) for _ in range(n)]
+    return [sample(rng, heldout=heldout, families=families) for _ in range(n)]
 
 
-def eval_set(n: int = 200, seed: int = 1234) -> list[Example]:
+def eval_set(n: int = 200, seed: int = 1234, families: dict[str, Generator] = TASKS) -> list[Example]:
     """The held-out evaluation set: distinct user messages, deterministic."""
     rng = np.random.default_rng(seed)
     seen: dict[str, Example] = {}
     while len(seen) < n:
-        ex = sample(rng, heldout=True)
+        ex = sample(rng, heldout=True, families=families)
         seen.setdefault(ex.user, ex)
     return list(seen.values())
 
 
-def stream(seed: int) -> Iterator[Example]:
+def stream(seed: int, long_weight: float = 1.0, families: dict[str, Generator] = TASKS) -> Iterator[Example]:
     """An endless training stream."""
     rng = np.random.default_rng(seed)
     while True:
-        yield sample(rng, heldout=False)
+        yield sample(rng, heldout=False, long_weight=long_weight, families=families)
 
 
 @lru_cache(maxsize=1)
@@ -203,7 +287,7 @@ def check(ex: Example, generated: str) -> bool:
     return extract_answer(generated) == ex.answer
 
 
-__all__ = ["Example", "TASKS", "BLOCK_LENGTH", "examples", "eval_set", "stream", "sample", "in_eval_split",
+__all__ = ["Example", "TASKS", "LONG_TASKS", "ALL_TASKS", "FAMILIES", "BLOCK_LENGTH", "examples", "eval_set", "stream", "sample", "in_eval_split",
            "is_heldout", "render_prompt", "render_target", "pad_to_block", "extract_answer", "check"]
 
 

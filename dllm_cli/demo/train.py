@@ -81,8 +81,8 @@ class Noiser:
         return x, y, wt
 
 
-def answer_pool(noiser: Noiser, seed: int) -> np.ndarray:
-    ids = [t for ex in tasks.examples(seed, 2000, heldout=False) for t in noiser.bpe.encode(tasks.render_target(ex))]
+def answer_pool(noiser: Noiser, seed: int, families=tasks.TASKS) -> np.ndarray:
+    ids = [t for ex in tasks.examples(seed, 2000, heldout=False, families=families) for t in noiser.bpe.encode(tasks.render_target(ex))]
     return np.asarray(ids + [noiser.eos_id] * (len(ids) // 4), dtype=np.int64)
 
 
@@ -114,7 +114,7 @@ def load_init(ckpt: Path) -> tuple[list[tuple[str, str]], dict, dict]:
 
 
 def train(out: Path, *, steps: int, minutes: float, seed: int, batch: int, lr: float, init: Path | None = None,
-          log_every: int = 50):
+          long_weight: float = 1.0, families: str = "short", log_every: int = 50):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     if init is None:
@@ -128,8 +128,9 @@ def train(out: Path, *, steps: int, minutes: float, seed: int, batch: int, lr: f
         model = LLaDA2({**cfg, "block_length": B})
         model.load_state_dict(state, strict=True)
     noiser = Noiser(bpe, np.empty(0, dtype=np.int64))
-    noiser.answer_ids = answer_pool(noiser, seed + 1)
-    stream = tasks.stream(seed + 2)
+    mix = tasks.FAMILIES[families]
+    noiser.answer_ids = answer_pool(noiser, seed + 1, mix)
+    stream = tasks.stream(seed + 2, long_weight, mix)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     other = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
@@ -164,7 +165,7 @@ def train(out: Path, *, steps: int, minutes: float, seed: int, batch: int, lr: f
     model.eval()
     ckpt = out / CHECKPOINT_DIR
     written = write_checkpoint(ckpt, cfg, model.numpy_weights(), merges=merges)
-    meta = {"init": str(init) if init else None, "seed": seed, "steps": step + 1, "batch": batch, "lr": lr, "train_seconds": round(train_s),
+    meta = {"init": str(init) if init else None, "seed": seed, "steps": step + 1, "batch": batch, "lr": lr, "families": families, "long_weight": long_weight, "train_seconds": round(train_s),
             "threads": torch.get_num_threads(), "params": n_params}
     (out / "train_meta.json").write_text(json.dumps(meta, indent=1))
     print(f"saved {ckpt} ({written['vocab_size']} vocab) in {train_s:.0f}s", file=sys.stderr)
@@ -200,16 +201,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--init", type=Path, default=None, help="continue from this checkpoint (a previous stage)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--families", choices=sorted(tasks.FAMILIES), default="short",
+                    help="task mixture: the shipped model's eight families, or all (with the long-answer ones)")
+    ap.add_argument("--long-weight", type=float, default=1.0,
+                    help="sampling weight of the long-answer task families relative to the others (training only)")
     ap.add_argument("--eval", type=int, default=100, help="held-out examples scored at the end (0 = skip)")
     ap.add_argument("--gguf", action="store_true", help="also convert to DIR/demo.gguf (f32)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     model, bpe = train(a.out, steps=a.steps, minutes=a.minutes, seed=a.seed, batch=a.batch, lr=a.lr,
-                       init=a.init)
+                       init=a.init, long_weight=a.long_weight, families=a.families)
     check_parity(model, a.out / CHECKPOINT_DIR)
     if a.eval:
-        ex = tasks.eval_set(a.eval)
+        ex = tasks.eval_set(a.eval, families=tasks.FAMILIES[a.families])
         for mode in ("quality", "speed"):
             print(format_score(evaluate(torch_logits_fn(model), bpe, ex, mode)), file=sys.stderr, flush=True)
     if a.gguf:
