@@ -16,7 +16,8 @@ import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from types import TracebackType
+from typing import Callable, Iterator, Literal, Protocol, Sequence
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType
@@ -249,7 +250,7 @@ ProgressFn = Callable[[Progress], None]
 
 
 class KVWriter(Protocol):
-    def __call__(self, writer: GGUFWriter) -> None: ...
+    def __call__(self, writer: GGUFWriter, /) -> None: ...
 
 
 def write_gguf(path: Path, arch: str, write_kv: KVWriter, ckpt: Checkpoint, plans: Sequence[TensorPlan],
@@ -317,7 +318,8 @@ class AtomicOutput:
             raise ConvertError(f"cannot create {self.out.parent}: {e.strerror}", "choose another -o") from None
         return self.part
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> Literal[False]:
         if exc_type is None:
             os.replace(self.part, self.out)
             return False

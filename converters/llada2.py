@@ -75,7 +75,7 @@ class HParams:
 
     @classmethod
     def from_config(cls, cfg: dict) -> "HParams":
-        def get(key: str, kind: type) -> object:
+        def get(key: str, kind: type) -> int | float:
             if key not in cfg or cfg[key] is None:
                 raise ConvertError(f"config.json is missing required key {key!r}",
                                    "use the config.json shipped with the checkpoint")
@@ -86,8 +86,8 @@ class HParams:
                 raise ConvertError(f"config.json key {key!r} must be {kind.__name__}, got {v!r}")
             return kind(v)
 
-        ints = {k: int(get(k, int)) for k in _INT_KEYS}  # type: ignore[arg-type]
-        flts = {k: float(get(k, float)) for k in _FLOAT_KEYS}  # type: ignore[arg-type]
+        ints = {k: int(get(k, int)) for k in _INT_KEYS}
+        flts = {k: float(get(k, float)) for k in _FLOAT_KEYS}
         _check_supported(cfg)
         head_dim = int(cfg["head_dim"]) if cfg.get("head_dim") else ints["hidden_size"] // ints["num_attention_heads"]
         hp = cls(vocab=ints["vocab_size"], hidden=ints["hidden_size"], layers=ints["num_hidden_layers"],

@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Generator, Iterator
 
 from dllm_cli.decoding.config import DecodeConfig, with_overrides
 from dllm_cli.decoding.events import BlockEvent, DoneEvent, Event, StartEvent
@@ -189,7 +189,7 @@ class Chat:
 
         return prompt_ids(self.loaded.model, self.conversation.messages())
 
-    def stream(self, ids: list[int]) -> Iterator[Event]:
+    def stream(self, ids: list[int]) -> Generator[Event, None, None]:
         """Decoding events for ``ids`` (the engine reuses the session's matching KV prefix)."""
         from dllm_cli.generate import stream_generate
 
@@ -246,13 +246,16 @@ def prefix_reuse_benchmark(loaded: Any, config: DecodeConfig, questions: list[st
     Each repeat replays the conversation from an empty cache, timing the last question's prefill (request to
     ``StartEvent``) with the prefix reused; then empties the cache and times the same prompt again, cold.
     """
-    warm, cold, reused, n_prompt = [], [], 0, 0
+    warm: list[float] = []
+    cold: list[float] = []
+    reused, n_prompt = 0, 0
     for _ in range(repeats):
         chat = Chat(loaded, config, system=system)
         chat.clear()
         for q in questions:
             for _ev in chat.ask(q):
                 pass
+        assert chat.last_prefill_s is not None  # set at the StartEvent, which the engine always yields first
         warm.append(chat.last_prefill_s)
         reused = chat.conversation.turns[-1].stats["reused_prompt_tokens"]
         chat.conversation.turns.pop()  # back to the last question, to prefill it cold

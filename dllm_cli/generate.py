@@ -5,7 +5,7 @@ The CLI front ends (run, chat, bench) all consume ``stream_generate``'s event st
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Generator
 
 import numpy as np
 
@@ -68,7 +68,7 @@ def fit_context(session: Session, n_prompt: int, config: DecodeConfig) -> Decode
     return config if config.max_tokens <= room else with_overrides(config, max_tokens=room)
 
 
-def stream_generate(loaded: Loaded, ids: list[int], config: DecodeConfig) -> Iterator[Event]:
+def stream_generate(loaded: Loaded, ids: list[int], config: DecodeConfig) -> Generator[Event, None, None]:
     """Decode ``ids`` with ``config``, yielding typed step events (the KV prefix is reused when it matches)."""
     config = fit_context(loaded.session, len(ids), config)
     rng = np.random.default_rng(config.seed)

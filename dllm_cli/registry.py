@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -56,7 +57,7 @@ def registry_path() -> Path:
     raise RegistryError("models.toml not found next to the dllm_cli package", "reinstall dllm-cli")
 
 
-def _check(table: Any, keys: dict[str, type], where: str, optional: dict[str, type] | None = None) -> None:
+def _check(table: Any, keys: Mapping[str, type], where: str, optional: Mapping[str, type] | None = None) -> None:
     if not isinstance(table, dict):
         raise RegistryError(f"models.toml: {where} must be a table")
     optional = optional or {}

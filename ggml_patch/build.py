@@ -264,7 +264,9 @@ def _install(bin_dir: Path, target: Path, info: dict) -> None:
 
 def installed(backend: str, key: str) -> bool:
     info = read_build_info(install_dir(backend, key))
-    return bool(info) and info.get("key") == key and (install_dir(backend, key) / "lib").is_dir()
+    if not info:
+        return False
+    return info.get("key") == key and (install_dir(backend, key) / "lib").is_dir()
 
 
 def build(backend: str = "auto", force: bool = False, status: Status | None = None,

@@ -335,7 +335,7 @@ class Bench:
                 "recompute_step_s": round(statistics.mean(rc), 5), "kv_step_s": round(statistics.mean(kv), 5),
                 "ratio": round(statistics.mean(rc) / statistics.mean(kv), 2)}
 
-    def run(self, machine: dict[str, float]) -> list[dict[str, Any]]:
+    def run(self, machine: dict[str, Any]) -> list[dict[str, Any]]:
         self.machine = machine
         cfg, rows = self.cfg, []
         if "pp" in cfg.tests:
@@ -413,6 +413,11 @@ def quiet_llama_log() -> None:
     lib.llama_log_set(_QUIET_LOG, None)
 
 
+def _prefixed(say: Progress, prefix: str) -> Progress:
+    """``say`` with every message prefixed by ``prefix`` (bound now, not when the loop moves on)."""
+    return lambda msg: say(f"{prefix}: {msg}")
+
+
 def run_benchmark(models: Sequence[str | Path], config: BenchConfig | None = None, *,
                   progress: Progress | None = None, machine: dict[str, Any] | None = None,
                   estimate_to: int | None = None) -> dict[str, Any]:
@@ -432,7 +437,7 @@ def run_benchmark(models: Sequence[str | Path], config: BenchConfig | None = Non
     for path in models:
         for threads in cfg.threads:
             say(f"loading {Path(path).name} ({threads or 'all'} threads)")
-            b = Bench(Path(path), cfg, threads, lambda m, p=Path(path).name: say(f"{p}: {m}"))
+            b = Bench(Path(path), cfg, threads, _prefixed(say, Path(path).name))
             try:
                 results += b.run(machine)
             finally:

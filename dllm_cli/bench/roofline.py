@@ -8,8 +8,10 @@ f32 matmul (all cores) and a large array copy (read + write bytes).
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -83,9 +85,9 @@ def forward_cost(s: Shapes, n_tokens: int, n_prefix: float, n_rows: float, union
     distinct routed experts per MoE layer."""
     H, D, n = s.hidden, s.head_dim, n_tokens
     moe = s.layers - s.dense_layers
-    attn = 2 * n * H * (s.heads + 2 * s.kv_heads) * D + 2 * n * s.heads * D * H  # qkv + output proj
+    attn: float = 2 * n * H * (s.heads + 2 * s.kv_heads) * D + 2 * n * s.heads * D * H  # qkv + output proj
     attn += 4 * n * (n_prefix + n) * s.heads * D  # scores + weighted values
-    flops = s.layers * attn
+    flops: float = s.layers * attn
     flops += s.dense_layers * 6 * n * H * s.ffn
     flops += moe * (2 * n * H * s.experts + 6 * n * H * s.moe_ffn * (s.experts_used + 1))  # router, routed, shared
     flops += 2 * n_rows * H * s.vocab
@@ -94,7 +96,7 @@ def forward_cost(s: Shapes, n_tokens: int, n_prefix: float, n_rows: float, union
     return Cost(float(flops), float(weights + kv + n * s.embd_row_bytes))
 
 
-def probe_machine(threads: int | None = None, size: int = 2048, copy_mib: int = 512) -> dict[str, float]:
+def probe_machine(threads: int | None = None, size: int = 2048, copy_mib: int = 512) -> dict[str, float | str]:
     """Measured peaks: f32 matmul GFLOP/s (numpy BLAS) and copy bandwidth GB/s (best of several runs)."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((size, size), dtype=np.float32)
@@ -120,7 +122,7 @@ def probe_machine(threads: int | None = None, size: int = 2048, copy_mib: int = 
             "matmul_probe": f"numpy f32 {size}x{size} matmul", "copy_probe": f"{copy_mib} MiB copy (read+write)"}
 
 
-def roofline_pct(cost: Cost, measured_s: float, machine: dict[str, float]) -> dict[str, float]:
+def roofline_pct(cost: Cost, measured_s: float, machine: Mapping[str, Any]) -> dict[str, float | str | None]:
     """What the roofline allows for ``cost`` and how close the measured time gets (100% = at the limit)."""
     t = cost.seconds(machine["matmul_gflops"] * 1e9, machine["bandwidth_gbs"] * 1e9)
     bound = "memory" if cost.bytes / (machine["bandwidth_gbs"] * 1e9) >= cost.flops / (machine["matmul_gflops"] * 1e9) else "compute"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated, Callable, Iterable, Optional
 
 import typer
@@ -160,7 +161,7 @@ class Repl:
         self.screen = screen
         self.interactive = sys.stdin.isatty()
         self.history: Path | None = None
-        self.readline = None
+        self.readline: ModuleType | None = None
 
     def loop(self) -> None:
         self._start_readline()

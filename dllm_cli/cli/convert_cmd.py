@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
+from rich.progress import (BarColumn, DownloadColumn, Progress, TaskID, TextColumn,
+                           TimeRemainingColumn, TransferSpeedColumn)
 
 from dllm_cli.cli import output
 from dllm_cli.cli.app import app
@@ -40,7 +40,7 @@ class _Bar:
 
     def __init__(self) -> None:
         self.progress: Progress | None = None
-        self.task = None
+        self.task: TaskID | None = None
 
     def __call__(self, ev) -> None:  # ev: converters.Progress
         if not output.err.is_terminal:
@@ -51,6 +51,7 @@ class _Bar:
                                      TimeRemainingColumn(), console=output.err, transient=True)
             self.progress.start()
             self.task = self.progress.add_task("convert", total=ev.total_bytes, tensors="")
+        assert self.task is not None  # added together with self.progress
         self.progress.update(self.task, completed=ev.done_bytes,
                              tensors=f"{ev.done_tensors}/{ev.total_tensors}")
 

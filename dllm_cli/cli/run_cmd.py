@@ -138,11 +138,11 @@ def _drive(loaded, ids, config, *, stream: bool, trace: Path | None) -> DoneEven
                 output.answer(ev.text, end="")
             if isinstance(ev, DoneEvent):
                 done = ev
-        if sink:
+        if sink and part and trace:  # all three are set together, when a trace was asked for
             sink.close()
             os.replace(part, trace)
     except BaseException:
-        if sink:
+        if sink and part:
             sink.close()
             part.unlink(missing_ok=True)
         raise

@@ -82,7 +82,8 @@ def _events(run: _Run, prompt: list[int], n_blocks: int, config: DecodeConfig,
     stops = {int(model.eos_id), *config.stop_ids}
     window = Window(first=k0, size=config.mbe)
     text = _TextStream(detokenize)
-    emitted, ids, finish = 0, [], "length"
+    ids: list[int] = []
+    emitted, finish = 0, "length"
     for k in range(k0, n_blocks):
         yield from _decode_block(run, k, window.start(k) * B)
         ids, hit = _output(canvas, P, (k + 1) * B, config.max_tokens, stops)

@@ -30,7 +30,10 @@ class StepModel(Protocol):
     eos_id: int
     block_length: int
     n_ctx: int
-    cached: list[int]
+
+    @property
+    def cached(self) -> list[int]:
+        """Token ids whose K/V are committed, position i at index i (the engine reads it, never rebinds it)."""
 
     def commit(self, tokens: Sequence[int], start: int) -> None:
         """Decode ``tokens`` at positions ``start..`` (== len(cached)) block-causally and keep their K/V."""

@@ -55,7 +55,7 @@ def byte_to_unicode() -> dict[int, str]:
 def train_bpe(corpus: list[str], n_merges: int) -> list[tuple[str, str]]:
     """Greedy byte-level BPE merges learned from ``corpus`` (deterministic: ties broken by pair text)."""
     table = byte_to_unicode()
-    words = Counter()
+    words: Counter[str] = Counter()
     for text in corpus:
         for piece in _TRAIN_SPLIT.findall(text):
             words["".join(table[b] for b in piece.encode())] += 1

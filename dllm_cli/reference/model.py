@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
-from numpy.typing import ArrayLike
+from numpy.typing import ArrayLike, DTypeLike
 
 from dllm_cli.errors import UsageError
 from dllm_cli.reference.config import RefConfig
@@ -21,7 +21,7 @@ class KVCache:
     positions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @classmethod
-    def empty(cls, cfg: RefConfig, dtype: type = np.float64) -> "KVCache":
+    def empty(cls, cfg: RefConfig, dtype: DTypeLike = np.float64) -> "KVCache":
         shape = (0, cfg.n_head_kv, cfg.head_dim)
         return cls([np.zeros(shape, dtype) for _ in range(cfg.n_layer)],
                    [np.zeros(shape, dtype) for _ in range(cfg.n_layer)])
@@ -53,7 +53,7 @@ MaskSpec = np.ndarray | str | None
 class RefModel:
     """A loaded LLaDA2 model: ``cfg``, ``weights`` (GGUF names, numpy [out, in]) and the dtype of both."""
 
-    def __init__(self, cfg: RefConfig, weights: Mapping[str, np.ndarray], dtype: type = np.float64) -> None:
+    def __init__(self, cfg: RefConfig, weights: Mapping[str, np.ndarray], dtype: DTypeLike = np.float64) -> None:
         self.cfg = cfg
         self.dtype = np.dtype(dtype)
         self.weights = {n: np.asarray(w, dtype=self.dtype) for n, w in weights.items()}
@@ -98,6 +98,6 @@ class RefModel:
         m = self.mask_for(mask, pos, k_pos)  # [S, T]
         logits, outs = forward(self.weights, self.cfg, ids, pos, m, list(zip(past.k, past.v)))  # [S, V]
         self.last_routes = [o.route for o in outs]
-        if commit:
+        if commit and cache is not None:  # commit without a cache was rejected above
             cache.append([o.k for o in outs], [o.v for o in outs], pos)
         return logits

@@ -103,12 +103,12 @@ class Model:
         fallback = version_presets(self.version) if self.version in ("2.0", "2.1") else version_presets("2.1")
         out = {}
         for mode in MODES:
-            vals = {f: self.meta(K.preset_key(mode, f)) for f in ("threshold", "editing_threshold", "max_post_steps", "editing")}
-            if any(v is None for v in vals.values()):
+            th, eth, mps, editing = (self.meta(K.preset_key(mode, f))
+                                     for f in ("threshold", "editing_threshold", "max_post_steps", "editing"))
+            if th is None or eth is None or mps is None or editing is None:
                 out[mode] = fallback[mode]
                 continue
-            out[mode] = Preset(float(vals["threshold"]), float(vals["editing_threshold"]),
-                               int(float(vals["max_post_steps"])), vals["editing"] in ("true", "1", "True"))
+            out[mode] = Preset(float(th), float(eth), int(float(mps)), editing in ("true", "1", "True"))
         return out
 
     @cached_property

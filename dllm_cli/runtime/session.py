@@ -150,6 +150,7 @@ class Session:
             if srows and self.device_confidence:
                 ids, probs = bindings.get_confidence(self.model.rt, self.ctx, len(srows))
             elif srows:
+                assert logits is not None  # read above: without device confidence use_device is False
                 ids, probs = top2_excluding(logits, self.mask_id)
             else:
                 ids, probs = np.zeros((0, 2), np.int32), np.zeros((0, 2), np.float32)
