@@ -84,7 +84,7 @@ class BPE:
     """Encode/decode with a merge list and the LLaDA2 special tokens (ids from ``build_vocab``)."""
 
     def __init__(self, merges: Iterable[tuple[str, str]]) -> None:
-        self.merges = [tuple(m) for m in merges]
+        self.merges: list[tuple[str, str]] = [(a, b) for a, b in merges]
         self.vocab = build_vocab(self.merges)
         self.id_to_token = {i: t for t, i in self.vocab.items()}
         self.ranks = {m: r for r, m in enumerate(self.merges)}

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from dllm_cli.demo import tasks
+from dllm_cli.decoding.stepper import StepModel
 from dllm_cli.demo.bpe import BPE
 
 LogitsFn = Callable[[np.ndarray], np.ndarray]
@@ -165,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         del args[i:i + 2]
     path, n = args[0], int(args[1]) if len(args) > 1 else 200
     bpe = BPE(_merges_from_gguf(path))
+    model: StepModel
     if runtime:
         from dllm_cli.generate import load
         from dllm_cli.runtime.options import RuntimeOptions

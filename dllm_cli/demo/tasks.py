@@ -296,7 +296,7 @@ def tokenizer_corpus(seed: int, n: int = 3000) -> list[str]:
     import re
     from dllm_cli.demo.tokenizer import SPECIAL_TOKENS
     cut = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
-    out = []
+    out: list[str] = []
     for ex in examples(seed, n, heldout=False):
         out.extend(p for p in cut.split(render_prompt(ex) + render_target(ex)) if p)
     return out
