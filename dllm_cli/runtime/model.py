@@ -115,7 +115,11 @@ class Model:
     def description(self) -> str:
         buf = ctypes.create_string_buffer(256)
         self.rt.lib.llama_model_desc(self.ptr, buf, len(buf))
-        return buf.value.decode(errors="replace")
+        desc = buf.value.decode(errors="replace")
+        # llama.cpp only knows size classes of its own archs and prints "?B" for llada2: use the real count
+        n = self.n_params
+        size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+        return desc.replace("?B", size)
 
     @property
     def size_bytes(self) -> int:
