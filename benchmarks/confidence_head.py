@@ -3,7 +3,7 @@
 Per step, both paths decode one 32-token block with all rows as outputs and produce, per row, the top-2 token ids
 and their full-vocabulary probabilities with the mask token excluded:
 
-  host    decode (raw logits copied to the host) + ``session.top2_excluding`` on the zero-copy logits view
+  host    decode (raw logits copied to the host) + ``top2_from_logits`` (float32) on the zero-copy logits view
   device  ``llama_dllm_set_confidence(ctx, true, mask, keep_logits=false)``: decode + ``llama_dllm_get_confidence``
 
 Usage: python benchmarks/confidence_head.py [--gguf PATH] [--vocab 157184] [--hidden 512] [--rows 32] [--reps 20]
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dllm_cli.runtime import bindings  # noqa: E402
 from dllm_cli.runtime.library import load  # noqa: E402
-from dllm_cli.runtime.session import top2_excluding  # noqa: E402
+from dllm_cli.decoding.stepper import top2_from_logits  # noqa: E402
 
 
 def make_gguf(out_dir: Path, vocab: int, hidden: int, layers: int) -> Path:
@@ -86,7 +86,8 @@ def main() -> int:
         td = decode(ctx)
         t0 = time.perf_counter()
         view = np.ctypeslib.as_array(lib.llama_get_logits(ctx), shape=(a.rows, n_vocab))
-        ids, probs = top2_excluding(view, mask)
+        host = top2_from_logits(view, mask, dtype=np.float32)
+        ids, probs = host.ids, host.probs
         tr = time.perf_counter() - t0
         lib.llama_memory_seq_rm(lib.llama_get_memory(ctx), 0, 0, -1)
         return td, tr, ids, probs

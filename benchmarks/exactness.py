@@ -6,6 +6,8 @@ to q4_k_m and q4_k_moe; prompts of 40/100/300 tokens; every row of the first act
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import argparse
 import tempfile
 from pathlib import Path
@@ -16,12 +18,12 @@ from converters import convert
 from dllm_cli.demo.checkpoint import tiny_config, write_checkpoint
 from dllm_cli.reference import load_gguf
 from dllm_cli.runtime.model import Model
-from dllm_cli.runtime.options import RuntimeOptions
+from dllm_cli.runtime import options
 from dllm_cli.runtime.quantize import quantize
 from dllm_cli.runtime.session import Session
 
 B = 32
-OPTS = RuntimeOptions(kv_type="f32", flash_attn=False, ctx_size=512, threads=2)
+OPTS = replace(options.EXACT, ctx_size=512, threads=2)
 
 
 def distribution(path: Path) -> dict:

@@ -4,7 +4,7 @@ The CLI front ends (run, chat, bench) all consume ``stream_generate``'s event st
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generator
 
 import numpy as np
@@ -25,7 +25,6 @@ class Loaded:
 
     model: Model
     session: Session
-    messages: list[dict[str, str]] = field(default_factory=list)
 
     def close(self) -> None:
         self.session.close()

@@ -4,6 +4,8 @@ prefix gives the same tokens as a cold run. The lm_head is scaled so thresholds 
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -14,10 +16,10 @@ from dllm_cli.decoding.stepper import ReferenceModel
 from dllm_cli.demo.checkpoint import tiny_config, write_checkpoint
 from dllm_cli.reference import load_gguf
 from dllm_cli.runtime.model import Model
-from dllm_cli.runtime.options import RuntimeOptions
+from dllm_cli.runtime import options
 from dllm_cli.runtime.session import Session
 
-EXACT = RuntimeOptions(kv_type="f32", flash_attn=False, ctx_size=512, threads=2)
+EXACT = replace(options.EXACT, ctx_size=512, threads=2)
 
 
 @pytest.fixture(scope="module")

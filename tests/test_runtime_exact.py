@@ -5,6 +5,8 @@ are compared with the reference run on their own dequantized weights.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -13,12 +15,12 @@ from dllm_cli.decoding.stepper import top2_from_logits
 from dllm_cli.demo.checkpoint import tiny_config, write_checkpoint
 from dllm_cli.reference import load_gguf
 from dllm_cli.runtime.model import Model
-from dllm_cli.runtime.options import RuntimeOptions
+from dllm_cli.runtime import options
 from dllm_cli.runtime.session import Session
 
 TOL = 1e-4
 B = 32
-EXACT = RuntimeOptions(kv_type="f32", flash_attn=False, ctx_size=512, ubatch=512, threads=2)
+EXACT = replace(options.EXACT, ctx_size=512, ubatch=512, threads=2)
 
 
 @pytest.fixture(scope="module")

@@ -50,15 +50,24 @@ class StepModel(Protocol):
         """Drop committed cells at positions >= ``pos``."""
 
 
-def top2_from_logits(logits: np.ndarray, mask_id: int, want_logits: bool = False) -> StepOutput:
-    """Top-2 ids and probabilities of ``logits`` [n, V] with the mask token excluded (its logit set to -inf)."""
-    lg = np.asarray(logits, dtype=np.float64).copy()  # [n, V]
-    lg[:, mask_id] = -np.inf
-    lg -= lg.max(axis=1, keepdims=True)
-    p = np.exp(lg)  # [n, V]
-    p /= p.sum(axis=1, keepdims=True)
-    top = np.argsort(-p, axis=1, kind="stable")[:, :2]  # [n, 2]
-    return StepOutput(ids=top.astype(np.int32), probs=np.take_along_axis(p, top, 1).astype(np.float32),
+def top2_from_logits(logits: np.ndarray, mask_id: int, want_logits: bool = False,
+                     dtype: type = np.float64) -> StepOutput:
+    """Top-2 ids and full-vocabulary probabilities of ``logits`` [n, V] with the mask token excluded (its logit
+    set to -inf), computed in ``dtype``. Ties go to the lowest id. Also the runtime's host path when the
+    on-device confidence head is off (there with ``dtype=np.float32``)."""
+    e: np.ndarray = np.array(logits, dtype=dtype, copy=True)  # [n, V]
+    if 0 <= mask_id < e.shape[1]:
+        e[:, mask_id] = -np.inf
+    e -= e.max(axis=1, keepdims=True)
+    np.exp(e, out=e)  # [n, V] unnormalised probabilities
+    z = e.sum(axis=1)  # [n]
+    rows = np.arange(e.shape[0])
+    i1 = np.argmax(e, axis=1)  # [n]
+    p1 = e[rows, i1] / z
+    e[rows, i1] = -1.0
+    i2 = np.argmax(e, axis=1)  # [n]
+    p2 = e[rows, i2] / z
+    return StepOutput(ids=np.stack([i1, i2], 1).astype(np.int32), probs=np.stack([p1, p2], 1).astype(np.float32),
                       logits=np.asarray(logits, dtype=np.float32) if want_logits else None)
 
 

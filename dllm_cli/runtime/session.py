@@ -13,29 +13,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dllm_cli.decoding.stepper import StepOutput
+from dllm_cli.decoding.stepper import StepOutput, top2_from_logits
 from dllm_cli.errors import ContextFullError, DecodeError
 from dllm_cli.runtime import bindings
 from dllm_cli.runtime.model import Model
 from dllm_cli.runtime.options import KV_TYPES, RuntimeOptions
 
 _FLASH = {None: -1, False: 0, True: 1}  # llama_flash_attn_type: auto, disabled, enabled
-
-
-def top2_excluding(logits: np.ndarray, exclude: int) -> tuple[np.ndarray, np.ndarray]:
-    """Host path of the confidence head: top-2 ids and full-vocab softmax probabilities, ``exclude`` masked."""
-    x = np.array(logits, dtype=np.float32, copy=True)  # [n, V]
-    if 0 <= exclude < x.shape[1]:
-        x[:, exclude] = -np.inf
-    rows = np.arange(x.shape[0])
-    i1 = np.argmax(x, axis=1)  # [n]
-    m = x[rows, i1]  # [n]
-    z = np.exp(x - m[:, None]).sum(axis=1)  # [n]
-    x[rows, i1] = -np.inf
-    i2 = np.argmax(x, axis=1)  # [n]
-    p1 = 1.0 / z
-    p2 = np.exp(x[rows, i2] - m) / z
-    return np.stack([i1, i2], 1).astype(np.int32), np.stack([p1, p2], 1).astype(np.float32)
 
 
 class Session:
@@ -151,7 +135,8 @@ class Session:
                 ids, probs = bindings.get_confidence(self.model.rt, self.ctx, len(srows))
             elif srows:
                 assert logits is not None  # read above: without device confidence use_device is False
-                ids, probs = top2_excluding(logits, self.mask_id)
+                host = top2_from_logits(logits, self.mask_id, dtype=np.float32)
+                ids, probs = host.ids, host.probs
             else:
                 ids, probs = np.zeros((0, 2), np.int32), np.zeros((0, 2), np.float32)
         finally:
