@@ -1,9 +1,10 @@
 """The shipped demo model (``dllm_cli/demo/demo.gguf``) on the real patched llama.cpp runtime.
 
-A fixed subset of the held-out evaluation set (the first 12 questions of ``tasks.eval_set(200)``, all eight
-task families of the shipped model), quality mode (threshold 0.7, editing threshold 0.5), greedy and therefore
-deterministic: a few answers are pinned exactly and the subset accuracy must stay at the level measured
-for the shipped model (docs/DEMO_MODEL.md). One runtime thread; well under a minute on 2 cores.
+A fixed subset of the held-out evaluation set (the first two questions of each of the twelve task families in
+``tasks.eval_set(200, families=tasks.CHAT_TASKS)``), decoded greedily in quality mode (0.7 / 0.5) and speed mode
+(0.5 / 0.0), so everything is deterministic: a few answers are pinned exactly, the subset accuracy must stay at
+the level measured for the shipped model, and speed mode must keep its advantage on the open questions
+(docs/DEMO_MODEL.md). One runtime thread; a few seconds on 2 cores.
 """
 from __future__ import annotations
 
@@ -14,34 +15,41 @@ from dllm_cli.generate import decode_config, generate, load, prompt_ids
 from dllm_cli.registry import embedded_model_path
 from dllm_cli.runtime.options import RuntimeOptions
 
-# question -> exact answer the shipped model gives (all correct); short and long families
+MODES = {"quality": (0.7, 0.5), "speed": (0.5, 0.0)}
+# question -> exact answer the shipped model gives in quality mode (all correct)
 PINNED = {
-    "Copy this: coat coat ship": "coat coat ship",
-    "What is 94 minus 85?": "9",
-    "Reverse: t m a c": "c a m t",
-    "What is the capital of Japan?": "Tokyo",
-    "Sort: 6 6 2 9 8": "2 6 6 8 9",
-    "Which city is the capital of Chile?": "Santiago",
+    "Copy this: book ship book rose": "book ship book rose",
+    "What is 93 minus 76?": "17",
+    "Reverse: 8 9 5 8 2 9": "9 2 8 5 9 8",
+    "Which city is the capital of Germany?": "Berlin",
+    "What colour is the coal?": "black",
+    "Describe Peru.": "Well, the capital of Peru is Lima. It is a very nice city.",
+    "What do you think of the cloud?": "The cloud is white. It is a very nice colour!",
+    "What do you think of the number 41?": "Well, 41 is an odd number. It is a very nice number.",
 }
-MIN_CORRECT = 10  # of 12: the shipped model misses the two additions (55 + 69 -> 123, 46 + 9 -> 54)
+MIN_CORRECT = 22  # of 24 in quality mode: the shipped model misses both additions (60 + 28 -> 98, 84 + 49 -> 143)
 
 
 def subset() -> list[tasks.Example]:
-    return tasks.eval_set(200)[:12]
+    held = tasks.eval_set(200, families=tasks.CHAT_TASKS)
+    return [e for family in tasks.CHAT_TASKS for e in [e for e in held if e.task == family][:2]]
 
 
 @pytest.fixture(scope="module")
-def answers() -> dict[str, tuple[tasks.Example, str, int]]:
+def runs() -> dict[str, dict[str, tuple[tasks.Example, str, int, int, int]]]:
+    """mode -> question -> (example, answer, generated tokens, forwards, edits)."""
     loaded = load(str(embedded_model_path()), RuntimeOptions(threads=1))
     try:
-        config = decode_config(loaded.model, "quality", threshold=0.7, editing_threshold=0.5, editing=True,
-                               max_post_steps=16, max_tokens=64)
-        out = {}
-        for ex in subset():
-            loaded.session.rollback(0)
-            done = generate(loaded, prompt_ids(loaded.model, ex.messages()), config)
-            text = loaded.model.detokenize(list(done.ids), skip_special=False)
-            out[ex.user] = (ex, tasks.extract_answer(text), done.forwards)
+        out: dict[str, dict[str, tuple[tasks.Example, str, int, int, int]]] = {}
+        for mode, (threshold, editing_threshold) in MODES.items():
+            config = decode_config(loaded.model, mode, threshold=threshold, editing_threshold=editing_threshold,
+                                   editing=True, max_post_steps=16, max_tokens=64)
+            out[mode] = {}
+            for ex in subset():
+                loaded.session.rollback(0)
+                done = generate(loaded, prompt_ids(loaded.model, ex.messages()), config)
+                text = loaded.model.detokenize(list(done.ids), skip_special=False)
+                out[mode][ex.user] = (ex, tasks.extract_answer(text), len(done.ids), done.forwards, done.edits)
         return out
     finally:
         loaded.close()
@@ -49,17 +57,32 @@ def answers() -> dict[str, tuple[tasks.Example, str, int]]:
 
 def test_subset_covers_every_family_and_is_held_out():
     sub = subset()
-    assert {e.task for e in sub} == set(tasks.TASKS)
+    assert len(sub) == 24 and {e.task for e in sub} == set(tasks.CHAT_TASKS)
     assert all(tasks.in_eval_split(e) for e in sub)
     assert set(PINNED) <= {e.user for e in sub}
 
 
 @pytest.mark.parametrize("user", sorted(PINNED))
-def test_pinned_answers_are_exact(answers, user):
-    ex, got, _ = answers[user]
-    assert got == PINNED[user] == ex.answer
+def test_pinned_answers_are_exact(runs, user):
+    ex, got, *_ = runs["quality"][user]
+    assert got == PINNED[user] and tasks.check(ex, got)
 
 
-def test_subset_accuracy(answers):
-    wrong = {u: (ex.answer, got) for u, (ex, got, _) in answers.items() if got != ex.answer}
-    assert len(answers) - len(wrong) >= MIN_CORRECT, wrong
+def test_subset_accuracy(runs):
+    wrong = {u: (ex.answer, got) for u, (ex, got, *_) in runs["quality"].items() if not tasks.check(ex, got)}
+    assert len(runs["quality"]) - len(wrong) >= MIN_CORRECT, wrong
+
+
+def test_speed_mode_is_faster_and_edits_on_open_questions(runs):
+    """On the open (free-wording) questions quality mode commits one word choice per forward, speed mode
+    commits them together and repairs mixed words with T2T edits. Shipped model on these eight: 72 forwards in
+    quality mode, 29 in speed mode with 2 edits (held-out figures: docs/DEMO_MODEL.md)."""
+    def totals(mode: str) -> tuple[int, int, int, int]:
+        rows = [r for r in runs[mode].values() if r[0].task in tasks.PHRASING_TASKS]
+        return (sum(r[2] for r in rows), sum(r[3] for r in rows), sum(r[4] for r in rows),
+                sum(tasks.check(r[0], r[1]) for r in rows))
+    q_tokens, q_forwards, _, q_ok = totals("quality")
+    s_tokens, s_forwards, s_edits, s_ok = totals("speed")
+    assert q_ok == 8 and s_ok >= 7
+    assert (s_tokens / s_forwards) >= 2.0 * (q_tokens / q_forwards), (s_tokens, s_forwards, q_tokens, q_forwards)
+    assert s_edits >= 1

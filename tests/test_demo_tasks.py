@@ -54,16 +54,36 @@ def _expected(ex: tasks.Example) -> str:
     if ex.task == "count":
         word = u.split("does ")[1].split(" appear")[0]
         return str(u.split(": ", 1)[1].rstrip("?").split().count(word))
-    table = dict(tasks.CAPITALS if ex.task == "capital" else tasks.COLOURS)
+    table = dict(tasks.CAPITALS if ex.task in ("capital", "country") else tasks.COLOURS)
     return next(v for k, v in table.items() if re.search(rf"\b{k}\b", u))
+
+
+# The phrasing families' grammars, written out independently of tasks.OPINION / OBJECT / COUNTRY.
+PHRASING_RE = {
+    "opinion": r"(The|This) {x} is (very|quite) (nice|good)[.!] I (like|want) it[.!]",
+    "object": r"(The|This) {x} is {c}[.!] It is (a very|quite a) (nice|good) colour[.!]",
+    "country": r"(Well|So), the capital of {x} is {c}[.!] It is (a very|quite a) (nice|great) city[.!]",
+    "number": r"(Well|So), {x} is an {c} number[.!] It is (a very|quite a) (nice|good) number[.!]",
+}
+
+
+def _phrasing_ok(ex: tasks.Example, answer: str) -> bool:
+    x = re.search(r"(?:the )?([A-Za-z0-9]+)[.?]$", ex.user).group(1)  # type: ignore[union-attr]
+    c = ("odd" if int(x) % 2 else "even") if x.isdigit() else dict(tasks.CAPITALS + tasks.COLOURS).get(x, "")
+    return re.fullmatch(PHRASING_RE[ex.task].format(x=x, c=c), answer) is not None
 
 
 def test_every_task_answers_exactly_and_wrong_answers_fail():
     rng = np.random.default_rng(3)
-    for name, gen in tasks.ALL_TASKS.items():
+    for name, gen in {**tasks.ALL_TASKS, **tasks.PHRASING_TASKS}.items():
         for _ in range(30):
             ex = gen(rng)
-            assert ex.task == name and ex.answer == _expected(ex), ex
+            if name in tasks.PHRASING_TASKS:
+                assert ex.answer in ex.accept and len(set(ex.accept)) == len(ex.accept) >= 32
+                assert all(_phrasing_ok(ex, a) for a in ex.accept), ex
+                assert all(tasks.check(ex, a + "<|role_end|>") for a in ex.accept)
+            else:
+                assert ex.task == name and ex.answer == _expected(ex) and not ex.accept, ex
             assert tasks.check(ex, ex.answer + "<|role_end|><|endoftext|><|endoftext|>")
             assert tasks.check(ex, " " + ex.answer + " ")
             assert not tasks.check(ex, ex.answer + "0")
@@ -81,16 +101,31 @@ def test_train_and_heldout_splits_are_disjoint():
     assert {e.task for e in held_all} == set(tasks.ALL_TASKS) and all(tasks.in_eval_split(e) for e in held_all)
     train_all = tasks.examples(0, 3000, heldout=False, families=tasks.ALL_TASKS)
     assert not {e.user for e in train_all} & {e.user for e in held_all}
-    weighted = tasks.stream(0, long_weight=3.0, families=tasks.ALL_TASKS)
+    weighted = tasks.stream(0, extra_weight=3.0, families=tasks.ALL_TASKS)
     drawn = [next(weighted).task for _ in range(600)]
     assert sum(t in tasks.LONG_TASKS for t in drawn) > 400 and not any(tasks.in_eval_split(next(weighted)) for _ in range(200))
     # every fact keeps training questions: only one template per fact is held out
     spell = tuple((w, None) for w in tasks.SPELL_WORDS)
+    words = tuple((w, None) for w in tasks.WORDS)
     for table, forms, art in ((tasks.CAPITALS, tasks.CAPITAL_TEMPLATES, ""), (tasks.COLOURS, tasks.COLOUR_TEMPLATES, "the "),
-                              (spell, tasks.SPELL_TEMPLATES, "")):
+                              (spell, tasks.SPELL_TEMPLATES, ""), (words, tasks.ABOUT_THE_TEMPLATES, ""),
+                              (tasks.COLOURS, tasks.ABOUT_THE_TEMPLATES, ""), (tasks.CAPITALS, tasks.ABOUT_TEMPLATES, "")):
         for name, _ in table:
             held_forms = [f for f in forms if tasks.in_eval_split(tasks.Example("f", f.format(x=art + name), ""))]
             assert len(held_forms) == 1
+
+
+def test_chat_mixture_split_and_wording_frequencies():
+    held = tasks.eval_set(200, families=tasks.CHAT_TASKS)
+    assert {e.task for e in held} == set(tasks.CHAT_TASKS) and all(tasks.in_eval_split(e) for e in held)
+    train = tasks.examples(0, 3000, heldout=False, families=tasks.CHAT_TASKS)
+    assert not {e.user for e in train} & {e.user for e in held}
+    # each choice takes its first wording with probability PREFERRED, independently of the others
+    opinions = [e for e in train if e.task == "opinion"]
+    firsts = np.array([[e.answer.startswith("The"), " very " in e.answer, " like " in e.answer] for e in opinions])
+    assert len(opinions) > 150
+    assert np.all(np.abs(firsts.mean(0) - tasks.PREFERRED) < 0.08), firsts.mean(0)
+    assert abs(np.mean(firsts[:, 0] & firsts[:, 1]) - tasks.PREFERRED ** 2) < 0.08
 
 
 def test_long_families_have_long_answers_and_the_old_families_are_unchanged(bpe):

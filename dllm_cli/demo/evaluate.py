@@ -88,6 +88,7 @@ class Score:
     answers_with_edits: float  # share of answers where at least one T2T edit happened
     per_task: dict[str, float]
     tokens_per_s: float = 0.0  # generated tokens / decoding wall time (engine path only)
+    per_task_tpf: dict[str, float] | None = None  # tokens per forward of each task family (engine path only)
 
 
 def evaluate(logits_fn: LogitsFn, bpe: BPE, examples: Sequence[tasks.Example], mode: str,
@@ -110,10 +111,11 @@ def evaluate(logits_fn: LogitsFn, bpe: BPE, examples: Sequence[tasks.Example], m
 
 
 def format_score(s: Score) -> str:
-    tasks_txt = " ".join(f"{t}={a:.2f}" for t, a in s.per_task.items())
+    tpf = s.per_task_tpf or {}
+    tasks_txt = " ".join(f"{t}={a:.2f}" + (f"/{tpf[t]:.2f}" if t in tpf else "") for t, a in s.per_task.items())
     speed = f" tok/s={s.tokens_per_s:.0f}" if s.tokens_per_s else ""
     return (f"{s.mode:8s} acc={s.accuracy:.3f} tpf={s.tokens_per_forward:.2f} edits/answer={s.edits_per_answer:.2f} "
-            f"edited={s.answers_with_edits:.2f}{speed} | {tasks_txt}")
+            f"edited={s.answers_with_edits:.2f}{speed} | {'accuracy/tpf' if tpf else 'accuracy'}: {tasks_txt}")
 
 
 __all__ = ["decode", "evaluate", "Decoded", "Score", "MODES", "format_score"]
@@ -132,6 +134,7 @@ def evaluate_engine(step_model, bpe: BPE, examples: Sequence[tasks.Example], mod
                       max_tokens=max_tokens, stop_ids=(bpe.token_id(tasks.ROLE_END),))
     ok, toks, fwd, edits, edited, secs = [], 0, 0, 0, 0, 0.0
     by_task: dict[str, list[bool]] = {}
+    task_tf: dict[str, list[int]] = {}
     for ex in examples:
         step_model.rollback(0)
         ids = bpe.encode(tasks.render_prompt(ex))
@@ -143,13 +146,16 @@ def evaluate_engine(step_model, bpe: BPE, examples: Sequence[tasks.Example], mod
         by_task.setdefault(ex.task, []).append(good)
         toks, fwd = toks + len(done.ids), fwd + done.forwards
         edits, edited = edits + done.edits, edited + (done.edits > 0)
+        tf = task_tf.setdefault(ex.task, [0, 0])
+        tf[0], tf[1] = tf[0] + len(done.ids), tf[1] + done.forwards
     n = max(len(ok), 1)
     return Score(mode, sum(ok) / n, toks / max(fwd, 1), edits / n, edited / n,
-                 {t: sum(v) / len(v) for t, v in sorted(by_task.items())}, toks / max(secs, 1e-9))
+                 {t: sum(v) / len(v) for t, v in sorted(by_task.items())}, toks / max(secs, 1e-9),
+                 {t: a / max(b, 1) for t, (a, b) in sorted(task_tf.items())})
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m dllm_cli.demo.evaluate GGUF [N] [--runtime] [--families all]``: score a demo GGUF on the held-out set.
+    """``python -m dllm_cli.demo.evaluate GGUF [N] [--runtime] [--families short|chat|all]``: score a demo GGUF on the held-out set.
 
     Through the numpy reference by default; ``--runtime`` uses the patched llama.cpp session instead
     (one thread: more threads only add synchronisation on a model this small).
@@ -159,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     runtime = "--runtime" in args
     args = [a for a in args if a != "--runtime"]
-    families = tasks.TASKS
+    families = tasks.CHAT_TASKS  # the shipped model's mixture
     if "--families" in args:
         i = args.index("--families")
         families = tasks.FAMILIES[args[i + 1]]

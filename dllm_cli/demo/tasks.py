@@ -7,6 +7,7 @@ Fact questions generalise over phrasing: each fact keeps one question template f
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Iterator
@@ -50,6 +51,28 @@ RANGE_TEMPLATES = ("Count from {a} to {b}.", "List the numbers from {a} to {b}."
 REPEAT_TEMPLATES = ("Say {p} {n} times.", "Write {p} {n} times.")
 CAPITALS_TEMPLATES = ("Name the capitals of {a}, {b} and {c}.", "Capitals of {a}, {b} and {c}?")
 
+# Phrasing families: open questions whose answer is a sentence with free wording, like ordinary chat. A
+# phrasing is fixed text and (preferred, alternative) word choices; the training data takes the preferred
+# wording of each choice with probability PREFERRED, independently, and every combination is a correct
+# answer. The choices are the genuine uncertainty of natural text: a decoder cannot know which wording it
+# will get until it commits one, which is where the speed and quality modes of LLaDA2.1 differ. Both words
+# of a choice have the same number of tokens, so the rest of the sentence does not shift.
+PREFERRED = 0.6
+Phrasing = tuple[str | tuple[str, str], ...]
+OPINION: Phrasing = (("The", "This"), " {x} is", (" very", " quite"), (" nice", " good"), (".", "!"), " I",
+                     (" like", " want"), " it", (".", "!"))
+OBJECT: Phrasing = (("The", "This"), " {x} is {c}", (".", "!"), " It is", (" a very", " quite a"),
+                    (" nice", " good"), " colour", (".", "!"))
+COUNTRY: Phrasing = (("Well", "So"), ", the capital of {x} is {c}", (".", "!"), " It is", (" a very", " quite a"),
+                     (" nice", " great"), " city", (".", "!"))
+NUMBER: Phrasing = (("Well", "So"), ", {x} is an {c} number", (".", "!"), " It is", (" a very", " quite a"),
+                    (" nice", " good"), " number", (".", "!"))
+NUMBER_TEMPLATES = ("Tell me about the number {x}.", "What do you think of the number {x}?",
+                    "Describe the number {x}.", "Say something about the number {x}.")
+ABOUT_THE_TEMPLATES = ("What do you think of the {x}?", "Tell me about the {x}.", "Describe the {x}.",
+                       "Say something about the {x}.")
+ABOUT_TEMPLATES = ("What do you think of {x}?", "Tell me about {x}.", "Describe {x}.", "Say something about {x}.")
+
 
 @dataclass(frozen=True)
 class Example:
@@ -57,8 +80,9 @@ class Example:
 
     task: str
     user: str
-    answer: str
+    answer: str  # the training target (one wording)
     system: str | None = None
+    accept: tuple[str, ...] = ()  # every correct answer, for questions with free wording (else just ``answer``)
 
     def messages(self) -> list[dict[str, str]]:
         head = [{"role": "system", "content": self.system}] if self.system else []
@@ -171,6 +195,42 @@ def gen_sort_long(rng: np.random.Generator) -> Example:
     return Example("sort_long", "Sort: " + " ".join(map(str, items)), " ".join(map(str, sorted(items))))
 
 
+def phrase(rng: np.random.Generator, parts: Phrasing, **fields: str) -> tuple[str, tuple[str, ...]]:
+    """One wording of ``parts`` (each choice preferred with probability ``PREFERRED``) and all correct ones."""
+    pick = "".join(p if isinstance(p, str) else p[0 if rng.random() < PREFERRED else 1] for p in parts)
+    every = ("".join(c) for c in itertools.product(*((p,) if isinstance(p, str) else p for p in parts)))
+    return pick.format(**fields), tuple(sorted(w.format(**fields) for w in every))
+
+
+def _about(rng: np.random.Generator, task: str, table, templates, parts: Phrasing) -> Example:
+    """An open question about item i of ``table`` (held out in template i % 4, like the fact tables)."""
+    item = table[int(rng.integers(len(table)))]
+    name, fact = (item, "") if isinstance(item, str) else item
+    answer, accept = phrase(rng, parts, x=name, c=fact)
+    return Example(task, templates[int(rng.integers(len(templates)))].format(x=name), answer, accept=accept)
+
+
+def gen_opinion(rng: np.random.Generator) -> Example:
+    """``Describe the cat.`` -> ``The cat is very nice. I like it.`` (2^6 wordings)."""
+    return _about(rng, "opinion", WORDS, ABOUT_THE_TEMPLATES, OPINION)
+
+
+def gen_object(rng: np.random.Generator) -> Example:
+    """``Tell me about the banana.`` -> ``The banana is yellow. It is a very nice colour.`` (2^5 wordings)."""
+    return _about(rng, "object", COLOURS, ABOUT_THE_TEMPLATES, OBJECT)
+
+
+def gen_country(rng: np.random.Generator) -> Example:
+    """``Describe France.`` -> ``Well, the capital of France is Paris. It is a very nice city.`` (2^5 wordings)."""
+    return _about(rng, "country", CAPITALS, ABOUT_TEMPLATES, COUNTRY)
+
+
+def gen_number(rng: np.random.Generator) -> Example:
+    """``Describe the number 42.`` -> ``Well, 42 is an even number. It is a very nice number.`` (2^5 wordings)."""
+    table = tuple((str(v), "odd" if v % 2 else "even") for v in range(100))
+    return _about(rng, "number", table, NUMBER_TEMPLATES, NUMBER)
+
+
 Generator = Callable[[np.random.Generator], Example]
 # The eight families of the shipped model (the default mixture everywhere: its training and evaluation set).
 TASKS: dict[str, Generator] = {
@@ -183,7 +243,10 @@ LONG_TASKS: dict[str, Generator] = {
     "reverse_long": gen_reverse_long, "sort_long": gen_sort_long,
 }
 ALL_TASKS: dict[str, Generator] = {**TASKS, **LONG_TASKS}
-FAMILIES: dict[str, dict[str, Generator]] = {"short": TASKS, "all": ALL_TASKS}
+PHRASING_TASKS: dict[str, Generator] = {"opinion": gen_opinion, "object": gen_object, "country": gen_country,
+                                        "number": gen_number}
+CHAT_TASKS: dict[str, Generator] = {**TASKS, **PHRASING_TASKS}
+FAMILIES: dict[str, dict[str, Generator]] = {"short": TASKS, "chat": CHAT_TASKS, "all": ALL_TASKS}
 
 
 @lru_cache(maxsize=1)
@@ -192,7 +255,11 @@ def _fact_questions() -> dict[str, bool]:
     out: dict[str, bool] = {}
     for names, templates, article in (([n for n, _ in CAPITALS], CAPITAL_TEMPLATES, False),
                                       ([n for n, _ in COLOURS], COLOUR_TEMPLATES, True),
-                                      (list(SPELL_WORDS), SPELL_TEMPLATES, False)):
+                                      (list(SPELL_WORDS), SPELL_TEMPLATES, False),
+                                      (list(WORDS), ABOUT_THE_TEMPLATES, False),
+                                      ([n for n, _ in COLOURS], ABOUT_THE_TEMPLATES, False),
+                                      ([n for n, _ in CAPITALS], ABOUT_TEMPLATES, False),
+                                      ([str(v) for v in range(100)], NUMBER_TEMPLATES, False)):
         for i, name in enumerate(names):
             x = ("the " + name) if article else name
             for t, form in enumerate(templates):
@@ -211,16 +278,16 @@ def in_eval_split(ex: Example) -> bool:
     return fact if fact is not None else is_heldout(ex.user)
 
 
-def sample(rng: np.random.Generator, *, heldout: bool, system_rate: float = 0.2, long_weight: float = 1.0,
+def sample(rng: np.random.Generator, *, heldout: bool, system_rate: float = 0.2, extra_weight: float = 1.0,
            families: dict[str, Generator] = TASKS) -> Example:
     """One example from the requested split (rejection sampling over the task mixture ``families``).
 
-    Families are drawn uniformly; ``long_weight`` != 1 weights the ``LONG_TASKS`` families by that factor
+    Families are drawn uniformly; ``extra_weight`` != 1 weights the families beyond the eight short ones by that factor
     (training only; the evaluation set is always uniform)."""
     names = list(families)
     p = None
-    if long_weight != 1.0:
-        w = np.array([long_weight if n in LONG_TASKS else 1.0 for n in names])
+    if extra_weight != 1.0:
+        w = np.array([1.0 if n in TASKS else extra_weight for n in names])
         p = w / w.sum()
     while True:
         i = int(rng.integers(len(names))) if p is None else int(rng.choice(len(names), p=p))
@@ -228,7 +295,7 @@ def sample(rng: np.random.Generator, *, heldout: bool, system_rate: float = 0.2,
         if in_eval_split(ex) == heldout:
             break
     if rng.random() < system_rate:
-        ex = Example(ex.task, ex.user, ex.answer, SYSTEM_PROMPTS[int(rng.integers(len(SYSTEM_PROMPTS)))])
+        ex = Example(ex.task, ex.user, ex.answer, SYSTEM_PROMPTS[int(rng.integers(len(SYSTEM_PROMPTS)))], ex.accept)
     return ex
 
 
@@ -248,11 +315,11 @@ def eval_set(n: int = 200, seed: int = 1234, families: dict[str, Generator] = TA
     return list(seen.values())
 
 
-def stream(seed: int, long_weight: float = 1.0, families: dict[str, Generator] = TASKS) -> Iterator[Example]:
+def stream(seed: int, extra_weight: float = 1.0, families: dict[str, Generator] = TASKS) -> Iterator[Example]:
     """An endless training stream."""
     rng = np.random.default_rng(seed)
     while True:
-        yield sample(rng, heldout=False, long_weight=long_weight, families=families)
+        yield sample(rng, heldout=False, extra_weight=extra_weight, families=families)
 
 
 @lru_cache(maxsize=1)
@@ -283,8 +350,9 @@ def extract_answer(text: str) -> str:
 
 
 def check(ex: Example, generated: str) -> bool:
-    """Exact match of the extracted answer."""
-    return extract_answer(generated) == ex.answer
+    """Exact match of the extracted answer (with any of the correct wordings of a phrasing question)."""
+    got = extract_answer(generated)
+    return got in ex.accept if ex.accept else got == ex.answer
 
 
 __all__ = ["Example", "TASKS", "LONG_TASKS", "ALL_TASKS", "FAMILIES", "BLOCK_LENGTH", "examples", "eval_set", "stream", "sample", "in_eval_split",

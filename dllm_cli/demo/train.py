@@ -28,6 +28,7 @@ from dllm_cli.demo import tasks
 from dllm_cli.demo.bpe import BPE
 from dllm_cli.demo.checkpoint import tiny_config, write_checkpoint
 from dllm_cli.demo.evaluate import evaluate, format_score
+from dllm_cli.demo.noise import Noiser, answer_pool
 from dllm_cli.demo.tokenizer import train_bpe
 from dllm_cli.demo.torch_model import LLaDA2, block_causal
 
@@ -38,60 +39,15 @@ MODEL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_ke
              intermediate_size=384, moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2,
              num_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
              max_position_embeddings=4096, _name_or_path="dllm/LLaDA2.1-demo", initializer_range=0.02)
-W_MASKED, W_CORRUPT, W_KEEP = 1.0, 1.0, 0.3
 CHECKPOINT_DIR = "LLaDA2.1-demo"  # also the GGUF's general.name
-
-
-class Noiser:
-    """Turns a token sequence into one (input, target, weight) training window."""
-
-    def __init__(self, bpe: BPE, answer_ids: np.ndarray) -> None:
-        self.bpe, self.answer_ids = bpe, answer_ids
-        self.mask_id, self.eos_id = bpe.token_id("<|mask|>"), bpe.token_id("<|endoftext|>")
-        self.n_text = 256 + len(bpe.merges)  # ids below are ordinary (non-special) tokens
-
-    def encode(self, ex: tasks.Example) -> tuple[np.ndarray, int]:
-        prompt = self.bpe.encode(tasks.render_prompt(ex))
-        full = prompt + self.bpe.encode(tasks.render_target(ex))
-        full += [self.eos_id] * (tasks.pad_to_block(len(full)) - len(full))
-        return np.asarray(full, dtype=np.int64), len(prompt)
-
-    def wrong_token(self, rng: np.random.Generator, seq: np.ndarray, i: int) -> int:
-        r = rng.random()
-        if r < 0.3 and i > 0:
-            return int(seq[i - 1])  # stutter: repeat the left neighbour, the typical parallel-decoding slip
-        if r < 0.8:
-            return int(self.answer_ids[rng.integers(len(self.answer_ids))])
-        return int(rng.integers(self.n_text))
-
-    def window(self, rng: np.random.Generator, full: np.ndarray, p_len: int):
-        k = int(rng.integers(p_len // B, len(full) // B))
-        w = (k + 1) * B
-        x, y = full[:w].copy(), full[:w].copy()
-        wt = np.zeros(w, dtype=np.float32)
-        pos = np.arange(max(p_len, k * B), w)
-        masked = rng.random(len(pos)) < rng.uniform(0.02, 1.0)
-        corrupt = ~masked & (rng.random(len(pos)) < rng.uniform(0.0, 0.25))
-        x[pos[masked]] = self.mask_id
-        for i in pos[corrupt]:
-            x[i] = self.wrong_token(rng, full, i)
-        wt[pos] = W_KEEP
-        wt[pos[masked]] = W_MASKED
-        wt[pos[corrupt & (x[pos] != full[pos])]] = W_CORRUPT
-        return x, y, wt
-
-
-def answer_pool(noiser: Noiser, seed: int, families=tasks.TASKS) -> np.ndarray:
-    ids = [t for ex in tasks.examples(seed, 2000, heldout=False, families=families) for t in noiser.bpe.encode(tasks.render_target(ex))]
-    return np.asarray(ids + [noiser.eos_id] * (len(ids) // 4), dtype=np.int64)
 
 
 def make_batch(noiser: Noiser, stream, rng: np.random.Generator, size: int):
     """Windows grouped by length: {W: (x [n, W], y [n, W], w [n, W])}."""
     groups: dict[int, list] = {}
     for _ in range(size):
-        full, p_len = noiser.encode(next(stream))
-        x, y, wt = noiser.window(rng, full, p_len)
+        full, p_len, alt = noiser.encode(next(stream), rng)
+        x, y, wt = noiser.window(rng, full, p_len, alt)
         groups.setdefault(len(x), []).append((x, y, wt))
     return {w: tuple(torch.from_numpy(np.stack(c)) for c in zip(*g)) for w, g in groups.items()}
 
@@ -114,7 +70,7 @@ def load_init(ckpt: Path) -> tuple[list[tuple[str, str]], dict, dict]:
 
 
 def train(out: Path, *, steps: int, minutes: float, seed: int, batch: int, lr: float, init: Path | None = None,
-          long_weight: float = 1.0, families: str = "short", log_every: int = 50):
+          extra_weight: float = 1.0, families: str = "short", log_every: int = 50):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     if init is None:
@@ -130,7 +86,7 @@ def train(out: Path, *, steps: int, minutes: float, seed: int, batch: int, lr: f
     noiser = Noiser(bpe, np.empty(0, dtype=np.int64))
     mix = tasks.FAMILIES[families]
     noiser.answer_ids = answer_pool(noiser, seed + 1, mix)
-    stream = tasks.stream(seed + 2, long_weight, mix)
+    stream = tasks.stream(seed + 2, extra_weight, mix)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     other = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
@@ -165,7 +121,7 @@ def train(out: Path, *, steps: int, minutes: float, seed: int, batch: int, lr: f
     model.eval()
     ckpt = out / CHECKPOINT_DIR
     written = write_checkpoint(ckpt, cfg, model.numpy_weights(), merges=merges)
-    meta = {"init": str(init) if init else None, "seed": seed, "steps": step + 1, "batch": batch, "lr": lr, "families": families, "long_weight": long_weight, "train_seconds": round(train_s),
+    meta = {"init": str(init) if init else None, "seed": seed, "steps": step + 1, "batch": batch, "lr": lr, "families": families, "extra_weight": extra_weight, "train_seconds": round(train_s),
             "threads": torch.get_num_threads(), "params": n_params}
     (out / "train_meta.json").write_text(json.dumps(meta, indent=1))
     print(f"saved {ckpt} ({written['vocab_size']} vocab) in {train_s:.0f}s", file=sys.stderr)
@@ -202,16 +158,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--init", type=Path, default=None, help="continue from this checkpoint (a previous stage)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--families", choices=sorted(tasks.FAMILIES), default="short",
-                    help="task mixture: the shipped model's eight families, or all (with the long-answer ones)")
-    ap.add_argument("--long-weight", type=float, default=1.0,
-                    help="sampling weight of the long-answer task families relative to the others (training only)")
+                    help="task mixture: short (eight families), chat (short + phrasing: the shipped model), all (short + long answers)")
+    ap.add_argument("--extra-weight", type=float, default=1.0,
+                    help="sampling weight of the families beyond the eight short ones (training only)")
     ap.add_argument("--eval", type=int, default=100, help="held-out examples scored at the end (0 = skip)")
     ap.add_argument("--gguf", action="store_true", help="also convert to DIR/demo.gguf (f32)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     model, bpe = train(a.out, steps=a.steps, minutes=a.minutes, seed=a.seed, batch=a.batch, lr=a.lr,
-                       init=a.init, long_weight=a.long_weight, families=a.families)
+                       init=a.init, extra_weight=a.extra_weight, families=a.families)
     check_parity(model, a.out / CHECKPOINT_DIR)
     if a.eval:
         ex = tasks.eval_set(a.eval, families=tasks.FAMILIES[a.families])
