@@ -232,7 +232,7 @@ def gen_number(rng: np.random.Generator) -> Example:
 
 
 Generator = Callable[[np.random.Generator], Example]
-# The eight families of the shipped model (the default mixture everywhere: its training and evaluation set).
+# The eight short-answer families (stages 1-2 of the shipped recipe, and the default mixture of the helpers below).
 TASKS: dict[str, Generator] = {
     "add": gen_add, "sub": gen_sub, "copy": gen_copy, "reverse": gen_reverse, "sort": gen_sort,
     "count": gen_count, "capital": gen_capital, "colour": gen_colour,
@@ -245,7 +245,7 @@ LONG_TASKS: dict[str, Generator] = {
 ALL_TASKS: dict[str, Generator] = {**TASKS, **LONG_TASKS}
 PHRASING_TASKS: dict[str, Generator] = {"opinion": gen_opinion, "object": gen_object, "country": gen_country,
                                         "number": gen_number}
-CHAT_TASKS: dict[str, Generator] = {**TASKS, **PHRASING_TASKS}
+CHAT_TASKS: dict[str, Generator] = {**TASKS, **PHRASING_TASKS}  # the shipped model's (stage 3) and eval mixture
 FAMILIES: dict[str, dict[str, Generator]] = {"short": TASKS, "chat": CHAT_TASKS, "all": ALL_TASKS}
 
 

@@ -1,13 +1,13 @@
 """Train the embedded demo model: a tiny LLaDA2.1 on synthetic chat tasks, offline and seeded.
 
-    python -m dllm_cli.demo.train --out DIR [--steps N] [--minutes M] [--seed S] [--threads T]
+    python -m dllm_cli.demo.train --out DIR [--init CKPT] [--steps N] [--seed S] [--threads T] [--families F]
 
 Writes ``DIR/LLaDA2.1-demo`` (an HF LLaDA2 checkpoint through ``write_checkpoint``) and, when the converter is
 available, ``DIR/demo.gguf`` (f32). Objective (LLaDA2 block diffusion, spec §3.4/§5): each example is a
 chat-templated prompt + answer + ``<|role_end|>`` padded with ``<|endoftext|>`` to whole 32-token blocks.
 One answer block k is drawn per example; the input is the clean sequence up to block k with block k
-noised (answer positions masked at a per-block ratio t ~ U(0.02, 1), some of the remaining answer tokens
-replaced by wrong tokens), under the block-causal mask — exactly the attention pattern of inference.
+noised (``noise.Noiser``: answer positions masked at a per-block ratio t ~ U(0.02, 1), some of the remaining
+answer tokens replaced by wrong tokens), under the block-causal mask — exactly the attention pattern of inference.
 Loss: cross-entropy on masked and corrupted positions (weight 1) and on untouched answer tokens of the
 block (weight 0.3, so the model learns to keep correct tokens). Needs the ``[train]`` extra (torch).
 """
