@@ -3,8 +3,8 @@
 A fixed subset of the held-out evaluation set (the first two questions of each of the twelve task families in
 ``tasks.eval_set(200, families=tasks.CHAT_TASKS)``), decoded greedily in quality mode (0.7 / 0.5) and speed mode
 (0.5 / 0.0), so everything is deterministic: a few answers are pinned exactly, the subset accuracy must stay at
-the level measured for the shipped model, and speed mode must keep its advantage on the open questions
-(docs/DEMO_MODEL.md). One runtime thread; a few seconds on 2 cores.
+the level measured for the shipped model (also with one or two earlier turns in the conversation), and speed mode
+must keep its advantage on the open questions (docs/DEMO_MODEL.md). One runtime thread; a few seconds on 2 cores.
 """
 from __future__ import annotations
 
@@ -24,10 +24,12 @@ PINNED = {
     "Which city is the capital of Germany?": "Berlin",
     "What colour is the coal?": "black",
     "Describe Peru.": "Well, the capital of Peru is Lima. It is a very nice city.",
-    "What do you think of the cloud?": "The cloud is white. It is a very nice colour!",
+    "What do you think of the cloud?": "The cloud is white. It is a very nice colour.",
     "What do you think of the number 41?": "Well, 41 is an odd number. It is a very nice number.",
 }
-MIN_CORRECT = 22  # of 24 in quality mode: the shipped model misses both additions (60 + 28 -> 98, 84 + 49 -> 143)
+# of 24 in quality mode, asked alone and as the next turn of a conversation: the shipped model answers all 24
+# both ways (one miss is allowed for float differences between CPUs; over the whole set it misses 42 % of additions)
+MIN_CORRECT = 23
 
 
 def subset() -> list[tasks.Example]:
@@ -37,19 +39,22 @@ def subset() -> list[tasks.Example]:
 
 @pytest.fixture(scope="module")
 def runs() -> dict[str, dict[str, tuple[tasks.Example, str, int, int, int]]]:
-    """mode -> question -> (example, answer, generated tokens, forwards, edits)."""
+    """run -> question -> (example, answer, generated tokens, forwards, edits); runs: quality, speed, and
+    quality-history (the same questions after one or two earlier turns)."""
     loaded = load(str(embedded_model_path()), RuntimeOptions(threads=1))
     try:
         out: dict[str, dict[str, tuple[tasks.Example, str, int, int, int]]] = {}
-        for mode, (threshold, editing_threshold) in MODES.items():
+        for run, exs in (("quality", subset()), ("speed", subset()), ("quality-history", tasks.with_history(subset()))):
+            mode = run.split("-")[0]
+            threshold, editing_threshold = MODES[mode]
             config = decode_config(loaded.model, mode, threshold=threshold, editing_threshold=editing_threshold,
                                    editing=True, max_post_steps=16, max_tokens=64)
-            out[mode] = {}
-            for ex in subset():
+            out[run] = {}
+            for ex in exs:
                 loaded.session.rollback(0)
                 done = generate(loaded, prompt_ids(loaded.model, ex.messages()), config)
                 text = loaded.model.detokenize(list(done.ids), skip_special=False)
-                out[mode][ex.user] = (ex, tasks.extract_answer(text), len(done.ids), done.forwards, done.edits)
+                out[run][ex.user] = (ex, tasks.extract_answer(text), len(done.ids), done.forwards, done.edits)
         return out
     finally:
         loaded.close()
@@ -68,15 +73,18 @@ def test_pinned_answers_are_exact(runs, user):
     assert got == PINNED[user] and tasks.check(ex, got)
 
 
-def test_subset_accuracy(runs):
-    wrong = {u: (ex.answer, got) for u, (ex, got, *_) in runs["quality"].items() if not tasks.check(ex, got)}
-    assert len(runs["quality"]) - len(wrong) >= MIN_CORRECT, wrong
+@pytest.mark.parametrize("run", ["quality", "quality-history"])
+def test_subset_accuracy(runs, run):
+    if run == "quality-history":
+        assert all(ex.history for ex, *_ in runs[run].values())
+    wrong = {u: (ex.answer, got) for u, (ex, got, *_) in runs[run].items() if not tasks.check(ex, got)}
+    assert len(runs[run]) - len(wrong) >= MIN_CORRECT, wrong
 
 
 def test_speed_mode_is_faster_and_edits_on_open_questions(runs):
     """On the open (free-wording) questions quality mode commits one word choice per forward, speed mode
-    commits them together and repairs mixed words with T2T edits. Shipped model on these eight: 72 forwards in
-    quality mode, 29 in speed mode with 2 edits (held-out figures: docs/DEMO_MODEL.md)."""
+    commits them together and repairs mixed words with T2T edits. Shipped model on these eight: 75 forwards in
+    quality mode, 31 in speed mode with 7 edits (held-out figures: docs/DEMO_MODEL.md)."""
     def totals(mode: str) -> tuple[int, int, int, int]:
         rows = [r for r in runs[mode].values() if r[0].task in tasks.PHRASING_TASKS]
         return (sum(r[2] for r in rows), sum(r[3] for r in rows), sum(r[4] for r in rows),

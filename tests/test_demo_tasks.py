@@ -209,3 +209,23 @@ def test_decoder_counts_forwards_and_edits_on_scripted_logits():
     d = decode(logits_fn, [5] * 30, mask_id=mask, eos_id=eos, threshold=0.5, editing_threshold=0.0, gen_length=2)
     # step 1 unmasks slot 30 (=3); step 2 unmasks slot 31 (eos) and edits slot 30 -> 2; step 3: no change, stop
     assert d.tokens == [2, eos] and d.forwards == 3 and d.edits == 1
+
+
+def test_history_turns_come_from_the_training_split():
+    held = tasks.eval_set(60, families=tasks.CHAT_TASKS)
+    multi = tasks.with_history(held)
+    assert [e.user for e in multi] == [e.user for e in held] and multi == tasks.with_history(held)
+    assert all(1 <= len(e.history) <= 2 for e in multi)
+    assert not any(tasks.in_eval_split(tasks.Example("h", u, a)) for e in multi for u, a in e.history)
+    ex = multi[0]
+    (u0, a0), *_ = ex.history
+    assert [m["role"] for m in ex.messages()] == ["user", "assistant"] * len(ex.history) + ["user"]
+    prompt = tasks.render_prompt(ex)
+    assert f"<role>HUMAN</role>{u0}<|role_end|><role>ASSISTANT</role>{a0}<|role_end|>" in prompt
+    assert prompt.endswith(f"<role>HUMAN</role>{ex.user}<|role_end|><role>ASSISTANT</role>")
+    # training: about history_rate of the stream comes after earlier turns; without it the stream is unchanged
+    stream = tasks.stream(0, 2.0, tasks.CHAT_TASKS, history_rate=0.3)
+    drawn = [next(stream) for _ in range(1000)]
+    assert 0.25 < np.mean([bool(e.history) for e in drawn]) < 0.35
+    plain = tasks.stream(0, 2.0, tasks.CHAT_TASKS)
+    assert not any(next(plain).history for _ in range(200))

@@ -155,7 +155,7 @@ def evaluate_engine(step_model, bpe: BPE, examples: Sequence[tasks.Example], mod
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m dllm_cli.demo.evaluate GGUF [N] [--runtime] [--families short|chat|all]``: score a demo GGUF on the held-out set.
+    """``python -m dllm_cli.demo.evaluate GGUF [N] [--runtime] [--history] [--families short|chat|all]``: score a demo GGUF on the held-out set.
 
     Through the numpy reference by default; ``--runtime`` uses the patched llama.cpp session instead
     (one thread: more threads only add synchronisation on a model this small).
@@ -163,8 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     import sys
 
     args = sys.argv[1:] if argv is None else argv
-    runtime = "--runtime" in args
-    args = [a for a in args if a != "--runtime"]
+    runtime, history = "--runtime" in args, "--history" in args
+    args = [a for a in args if a not in ("--runtime", "--history")]
     families = tasks.CHAT_TASKS  # the shipped model's mixture
     if "--families" in args:
         i = args.index("--families")
@@ -184,8 +184,11 @@ def main(argv: list[str] | None = None) -> None:
 
         model = ReferenceModel(load_gguf(path, np.float32), eos_id=bpe.token_id(tasks.EOS),
                                mask_id=bpe.token_id("<|mask|>"))
+    examples = tasks.eval_set(n, families=families)
+    if history:  # the same questions as the next turn of a conversation
+        examples = tasks.with_history(examples, families=families)
     for mode in MODES:
-        print(format_score(evaluate_engine(model, bpe, tasks.eval_set(n, families=families), mode)), flush=True)
+        print(format_score(evaluate_engine(model, bpe, examples, mode)), flush=True)
 
 
 def _merges_from_gguf(path: str) -> list[tuple[str, str]]:

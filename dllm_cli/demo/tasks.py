@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Callable, Iterator
 
@@ -83,9 +83,12 @@ class Example:
     answer: str  # the training target (one wording)
     system: str | None = None
     accept: tuple[str, ...] = ()  # every correct answer, for questions with free wording (else just ``answer``)
+    history: tuple[tuple[str, str], ...] = ()  # earlier (question, answer) turns of the conversation
 
     def messages(self) -> list[dict[str, str]]:
         head = [{"role": "system", "content": self.system}] if self.system else []
+        for user, answer in self.history:
+            head += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
         return head + [{"role": "user", "content": self.user}]
 
 
@@ -278,12 +281,19 @@ def in_eval_split(ex: Example) -> bool:
     return fact if fact is not None else is_heldout(ex.user)
 
 
+def _history(rng: np.random.Generator, families: dict[str, Generator]) -> tuple[tuple[str, str], ...]:
+    """One or two earlier turns: training-split questions with their answers."""
+    turns = [sample(rng, heldout=False, system_rate=0.0, families=families) for _ in range(int(rng.integers(1, 3)))]
+    return tuple((t.user, t.answer) for t in turns)
+
+
 def sample(rng: np.random.Generator, *, heldout: bool, system_rate: float = 0.2, extra_weight: float = 1.0,
-           families: dict[str, Generator] = TASKS) -> Example:
+           families: dict[str, Generator] = TASKS, history_rate: float = 0.0) -> Example:
     """One example from the requested split (rejection sampling over the task mixture ``families``).
 
     Families are drawn uniformly; ``extra_weight`` != 1 weights the families beyond the eight short ones by that factor
-    (training only; the evaluation set is always uniform)."""
+    (training only; the evaluation set is always uniform). With probability ``history_rate`` the question comes
+    after one or two earlier turns of the conversation (``_history``)."""
     names = list(families)
     p = None
     if extra_weight != 1.0:
@@ -295,7 +305,9 @@ def sample(rng: np.random.Generator, *, heldout: bool, system_rate: float = 0.2,
         if in_eval_split(ex) == heldout:
             break
     if rng.random() < system_rate:
-        ex = Example(ex.task, ex.user, ex.answer, SYSTEM_PROMPTS[int(rng.integers(len(SYSTEM_PROMPTS)))], ex.accept)
+        ex = replace(ex, system=SYSTEM_PROMPTS[int(rng.integers(len(SYSTEM_PROMPTS)))])
+    if history_rate and rng.random() < history_rate:
+        ex = replace(ex, history=_history(rng, families))
     return ex
 
 
@@ -315,11 +327,18 @@ def eval_set(n: int = 200, seed: int = 1234, families: dict[str, Generator] = TA
     return list(seen.values())
 
 
-def stream(seed: int, extra_weight: float = 1.0, families: dict[str, Generator] = TASKS) -> Iterator[Example]:
+def with_history(exs: list[Example], seed: int = 99, families: dict[str, Generator] = CHAT_TASKS) -> list[Example]:
+    """The same questions asked as the next turn of a conversation (one or two training-split turns first)."""
+    rng = np.random.default_rng(seed)
+    return [replace(ex, history=_history(rng, families)) for ex in exs]
+
+
+def stream(seed: int, extra_weight: float = 1.0, families: dict[str, Generator] = TASKS,
+           history_rate: float = 0.0) -> Iterator[Example]:
     """An endless training stream."""
     rng = np.random.default_rng(seed)
     while True:
-        yield sample(rng, heldout=False, extra_weight=extra_weight, families=families)
+        yield sample(rng, heldout=False, extra_weight=extra_weight, families=families, history_rate=history_rate)
 
 
 @lru_cache(maxsize=1)

@@ -70,7 +70,7 @@ def load_init(ckpt: Path) -> tuple[list[tuple[str, str]], dict, dict]:
 
 
 def train(out: Path, *, steps: int, minutes: float, seed: int, batch: int, lr: float, init: Path | None = None,
-          extra_weight: float = 1.0, families: str = "short", log_every: int = 50):
+          extra_weight: float = 1.0, families: str = "short", history_rate: float = 0.0, log_every: int = 50):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     if init is None:
@@ -86,7 +86,7 @@ def train(out: Path, *, steps: int, minutes: float, seed: int, batch: int, lr: f
     noiser = Noiser(bpe, np.empty(0, dtype=np.int64))
     mix = tasks.FAMILIES[families]
     noiser.answer_ids = answer_pool(noiser, seed + 1, mix)
-    stream = tasks.stream(seed + 2, extra_weight, mix)
+    stream = tasks.stream(seed + 2, extra_weight, mix, history_rate)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     other = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
@@ -121,7 +121,7 @@ def train(out: Path, *, steps: int, minutes: float, seed: int, batch: int, lr: f
     model.eval()
     ckpt = out / CHECKPOINT_DIR
     written = write_checkpoint(ckpt, cfg, model.numpy_weights(), merges=merges)
-    meta = {"init": str(init) if init else None, "seed": seed, "steps": step + 1, "batch": batch, "lr": lr, "families": families, "extra_weight": extra_weight, "train_seconds": round(train_s),
+    meta = {"init": str(init) if init else None, "seed": seed, "steps": step + 1, "batch": batch, "lr": lr, "families": families, "extra_weight": extra_weight, "history_rate": history_rate, "train_seconds": round(train_s),
             "threads": torch.get_num_threads(), "params": n_params}
     (out / "train_meta.json").write_text(json.dumps(meta, indent=1))
     print(f"saved {ckpt} ({written['vocab_size']} vocab) in {train_s:.0f}s", file=sys.stderr)
@@ -161,13 +161,15 @@ def main(argv: list[str] | None = None) -> None:
                     help="task mixture: short (eight families), chat (short + phrasing: the shipped model), all (short + long answers)")
     ap.add_argument("--extra-weight", type=float, default=1.0,
                     help="sampling weight of the families beyond the eight short ones (training only)")
+    ap.add_argument("--history-rate", type=float, default=0.0,
+                    help="share of training questions asked after one or two earlier turns (multi-turn chat)")
     ap.add_argument("--eval", type=int, default=100, help="held-out examples scored at the end (0 = skip)")
     ap.add_argument("--gguf", action="store_true", help="also convert to DIR/demo.gguf (f32)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     model, bpe = train(a.out, steps=a.steps, minutes=a.minutes, seed=a.seed, batch=a.batch, lr=a.lr,
-                       init=a.init, extra_weight=a.extra_weight, families=a.families)
+                       init=a.init, extra_weight=a.extra_weight, families=a.families, history_rate=a.history_rate)
     check_parity(model, a.out / CHECKPOINT_DIR)
     if a.eval:
         ex = tasks.eval_set(a.eval, families=tasks.FAMILIES[a.families])
