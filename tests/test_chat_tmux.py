@@ -146,6 +146,21 @@ def test_live_view_shows_masks_then_the_answer_and_edits_in_speed_mode(chat):
 
 @needs_runtime
 @needs_tmux
+def test_a_line_typed_during_an_answer_is_asked_next(chat):
+    """Typing ahead while the live view draws does not echo over it (an echoed Enter moves the cursor, and the
+    transient view then leaves a stale frame behind); the line is kept and asked as the next question."""
+    pane = chat("--mode", "speed", "--max-tokens", "64", "--plain")
+    pane.line("Tell me a long story about a fox.")
+    pane.wait(lambda t: MASK_CELL in t and "speed · block" in t, timeout=120, every=0.005, history=False)
+    pane.line("typed ahead")
+    final = pane.wait(lambda t: t.count(PROMPT) >= 3, timeout=300)
+    assert MASK_CELL not in final and "speed · block" not in final, final  # the live view left nothing behind
+    assert f"{PROMPT} typed ahead" in final and final.count("typed ahead") == 1, final
+    assert len([ln for ln in final.splitlines() if "tokens ·" in ln and "tok/fwd" in ln]) == 2, final
+
+
+@needs_runtime
+@needs_tmux
 def test_slash_commands_interrupt_save_and_exit(chat, tmp_path: Path, dllm_home: Path):
     pane = chat("--max-tokens", "512", "--plain")
     pane.line("/mode speed")

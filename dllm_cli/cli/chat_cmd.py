@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import Annotated, Callable, Iterable, Optional
+from typing import Annotated, Callable, Iterable, Iterator, Optional
 
 import typer
 from rich.live import Live
@@ -40,6 +41,30 @@ HELP = """[bold]commands[/]
 Ctrl-C while an answer is being written stops it."""
 
 
+@contextmanager
+def keys_unechoed() -> Iterator[None]:
+    """Keys typed while the live view is drawn are not echoed over it (they would scroll the terminal under the
+    view and leave stale frames behind); they stay in the input buffer and readline shows them at the next prompt."""
+    try:
+        import termios
+    except ImportError:  # Windows: no termios
+        yield
+        return
+    try:
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+    except (termios.error, OSError, ValueError):  # stdin is not a terminal (or closed)
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~termios.ECHO
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
 class Screen:
     """How a turn is shown: the live view on stderr's terminal, or plain finalized text on stdout."""
 
@@ -60,8 +85,8 @@ class Screen:
             if self.view.text and not self.view.text.endswith("\n"):
                 output.answer("")
             return self.view.done
-        with Live(self.view, console=output.err, auto_refresh=False, transient=True,
-                  redirect_stdout=False, redirect_stderr=False) as live:
+        with keys_unechoed(), Live(self.view, console=output.err, auto_refresh=False, transient=True,
+                                   redirect_stdout=False, redirect_stderr=False) as live:
             last = 0.0
             for ev in events:
                 self.view.update(ev)
