@@ -119,15 +119,25 @@ def gen_copy(rng: np.random.Generator) -> Example:
     return Example("copy", form.format(s=" ".join(words)), " ".join(words))
 
 
-def gen_reverse(rng: np.random.Generator) -> Example:
-    n = int(rng.integers(3, 7))
+def _reverse(rng: np.random.Generator, task: str, lo: int, hi: int) -> Example:
+    """``Reverse:`` with lo..hi-1 letters or digits."""
+    n = int(rng.integers(lo, hi))
     items = [LETTERS[i] for i in rng.integers(0, 26, size=n)] if rng.random() < 0.5 else [str(v) for v in _nums(rng, n)]
-    return Example("reverse", "Reverse: " + " ".join(items), " ".join(reversed(items)))
+    return Example(task, "Reverse: " + " ".join(items), " ".join(reversed(items)))
+
+
+def _sort(rng: np.random.Generator, task: str, lo: int, hi: int) -> Example:
+    """``Sort:`` with lo..hi-1 digits."""
+    items = _nums(rng, int(rng.integers(lo, hi)))
+    return Example(task, "Sort: " + " ".join(map(str, items)), " ".join(map(str, sorted(items))))
+
+
+def gen_reverse(rng: np.random.Generator) -> Example:
+    return _reverse(rng, "reverse", 3, 7)
 
 
 def gen_sort(rng: np.random.Generator) -> Example:
-    items = _nums(rng, int(rng.integers(3, 7)))
-    return Example("sort", "Sort: " + " ".join(map(str, items)), " ".join(map(str, sorted(items))))
+    return _sort(rng, "sort", 3, 7)
 
 
 def gen_count(rng: np.random.Generator) -> Example:
@@ -186,16 +196,11 @@ def gen_capitals(rng: np.random.Generator) -> Example:
 
 
 def gen_reverse_long(rng: np.random.Generator) -> Example:
-    """``Reverse:`` with 8-12 letters or digits."""
-    n = int(rng.integers(8, 13))
-    items = [LETTERS[i] for i in rng.integers(0, 26, size=n)] if rng.random() < 0.5 else [str(v) for v in _nums(rng, n)]
-    return Example("reverse_long", "Reverse: " + " ".join(items), " ".join(reversed(items)))
+    return _reverse(rng, "reverse_long", 8, 13)
 
 
 def gen_sort_long(rng: np.random.Generator) -> Example:
-    """``Sort:`` with 8-12 digits."""
-    items = _nums(rng, int(rng.integers(8, 13)))
-    return Example("sort_long", "Sort: " + " ".join(map(str, items)), " ".join(map(str, sorted(items))))
+    return _sort(rng, "sort_long", 8, 13)
 
 
 def phrase(rng: np.random.Generator, parts: Phrasing, **fields: str) -> tuple[str, tuple[str, ...]]:
