@@ -94,3 +94,17 @@ def test_speed_mode_is_faster_and_edits_on_open_questions(runs):
     assert q_ok == 8 and s_ok >= 7
     assert (s_tokens / s_forwards) >= 2.0 * (q_tokens / q_forwards), (s_tokens, s_forwards, q_tokens, q_forwards)
     assert s_edits >= 1
+
+
+@pytest.mark.parametrize("extra", [[], ["--history"]])
+def test_evaluation_script_prints_both_modes(capsys, extra):
+    """``python -m dllm_cli.demo.evaluate GGUF N --runtime [--history]``: the command behind the recorded table."""
+    from dllm_cli.demo.evaluate import main
+
+    main([str(embedded_model_path()), "12", "--runtime", *extra])
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in lines] == ["quality", "speed"]
+    for ln in lines:
+        fields = dict(f.split("=", 1) for f in ln.split("|")[0].split()[1:])
+        assert 0.75 <= float(fields["acc"]) <= 1 and float(fields["tpf"]) > 1, ln
+        assert "accuracy/tpf:" in ln
