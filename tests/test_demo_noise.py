@@ -12,12 +12,23 @@ from dllm_cli.demo.noise import W_KEEP, Noiser, answer_pool
 from dllm_cli.demo.tokenizer import train_bpe
 
 
+def _noiser(corpus: list[str], merges: int, families=tasks.TASKS) -> Noiser:
+    n = Noiser(BPE(train_bpe(corpus, merges)), np.empty(0, dtype=np.int64))
+    n.answer_ids = answer_pool(n, 1, families)
+    return n
+
+
 @pytest.fixture(scope="module")
 def noiser() -> Noiser:
-    bpe = BPE(train_bpe(tasks.tokenizer_corpus(0, 400), 120))
-    n = Noiser(bpe, np.empty(0, dtype=np.int64))
-    n.answer_ids = answer_pool(n, 1)
-    return n
+    return _noiser(tasks.tokenizer_corpus(0, 400), 120)
+
+
+@pytest.fixture(scope="module")
+def phrasing_noiser() -> Noiser:
+    """A tokenizer that has also seen the phrasing answers, so that their wordings mostly align token for token
+    (as with the shipped tokenizer, where they all do)."""
+    text = [tasks.render_target(e) for e in tasks.examples(0, 400, heldout=False, families=tasks.PHRASING_TASKS)]
+    return _noiser(tasks.tokenizer_corpus(0, 400) + text, 200, tasks.CHAT_TASKS)
 
 
 def test_short_family_windows_are_unchanged(noiser):
@@ -45,14 +56,15 @@ def test_window_noises_only_the_answer_of_one_block(noiser):
         assert ((x != y) <= (w == 1.0)).all()  # every noised position carries full weight
 
 
-def test_phrasing_corruption_uses_the_other_wording(noiser):
+def test_phrasing_corruption_uses_the_other_wording(phrasing_noiser):
     """For free-wording answers, many corrupted tokens come from another correct wording at the same position:
     the mixed words parallel decoding commits, which the model must learn to edit back."""
     rng = np.random.default_rng(2)
     from_alt = differ = paired = 0
-    for ex in tasks.examples(4, 400, heldout=False, families=tasks.PHRASING_TASKS):
+    noiser = phrasing_noiser
+    for ex in tasks.examples(4, 1500, heldout=False, families=tasks.PHRASING_TASKS):
         full, p_len, alt = noiser.encode(ex, rng)
-        if alt is None:  # this small test tokenizer splits some wordings into different token counts
+        if alt is None:  # wordings with different token counts are not paired
             continue
         paired += 1
         assert len(alt) == len(full) and (alt[:p_len] == full[:p_len]).all()
@@ -62,3 +74,14 @@ def test_phrasing_corruption_uses_the_other_wording(noiser):
         differ += int(hit.sum())
         from_alt += int((hit & (x == alt[:len(x)])).sum())
     assert paired > 200 and differ > 100 and 0.3 < from_alt / differ < 0.6, (from_alt, differ)
+
+
+def test_a_wording_of_another_token_length_is_not_paired(noiser):
+    """Padding must not hide a length difference: a shorter wording would pair tokens at shifted positions."""
+    ex = tasks.Example("opinion", "Describe the cat.", "The cat is very nice. I like it.",
+                       accept=("The cat is very nice. I like it.", "The cat is nice."))
+    outcomes = set()
+    for seed in range(20):
+        full, _, alt = noiser.encode(ex, np.random.default_rng(seed))
+        outcomes.add("none" if alt is None else "same" if (alt == full).all() else "other")
+    assert outcomes == {"none", "same"}

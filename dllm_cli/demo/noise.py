@@ -27,17 +27,17 @@ class Noiser:
         """Prompt + answer ids padded to whole blocks, the prompt length, and for a question with free wording
         the same sequence in another correct wording (None when there is none of the same token length)."""
         prompt = self.bpe.encode(tasks.render_prompt(ex))
-        n = tasks.pad_to_block(len(prompt) + len(self.bpe.encode(tasks.render_target(ex))))
+        full = prompt + self.bpe.encode(tasks.render_target(ex))
+        n = tasks.pad_to_block(len(full))
 
-        def ids(answer: str) -> list[int]:
-            seq = prompt + self.bpe.encode(answer + tasks.ROLE_END)
-            return seq + [self.eos_id] * (n - len(seq))
+        def padded(seq: list[int]) -> np.ndarray:
+            return np.asarray(seq + [self.eos_id] * (n - len(seq)), dtype=np.int64)
 
-        full, alt = ids(ex.answer), None
+        alt = None
         if ex.accept:
-            other = ids(ex.accept[int(rng.integers(len(ex.accept)))])
-            alt = np.asarray(other, dtype=np.int64) if len(other) == n else None
-        return np.asarray(full, dtype=np.int64), len(prompt), alt
+            other = prompt + self.bpe.encode(ex.accept[int(rng.integers(len(ex.accept)))] + tasks.ROLE_END)
+            alt = padded(other) if len(other) == len(full) else None
+        return padded(full), len(prompt), alt
 
     def wrong_token(self, rng: np.random.Generator, seq: np.ndarray, i: int, alt: np.ndarray | None = None) -> int:
         r = rng.random()
