@@ -67,6 +67,7 @@ COUNTRY: Phrasing = (("Well", "So"), ", the capital of {x} is {c}", (".", "!"), 
                      (" nice", " great"), " city", (".", "!"))
 NUMBER: Phrasing = (("Well", "So"), ", {x} is an {c} number", (".", "!"), " It is", (" a very", " quite a"),
                     (" nice", " good"), " number", (".", "!"))
+PARITIES = tuple((str(v), "odd" if v % 2 else "even") for v in range(100))  # the number family's facts
 NUMBER_TEMPLATES = ("Tell me about the number {x}.", "What do you think of the number {x}?",
                     "Describe the number {x}.", "Say something about the number {x}.")
 ABOUT_THE_TEMPLATES = ("What do you think of the {x}?", "Tell me about the {x}.", "Describe the {x}.",
@@ -235,8 +236,7 @@ def gen_country(rng: np.random.Generator) -> Example:
 
 def gen_number(rng: np.random.Generator) -> Example:
     """``Describe the number 42.`` -> ``Well, 42 is an even number. It is a very nice number.`` (2^5 wordings)."""
-    table = tuple((str(v), "odd" if v % 2 else "even") for v in range(100))
-    return _about(rng, "number", table, NUMBER_TEMPLATES, NUMBER)
+    return _about(rng, "number", PARITIES, NUMBER_TEMPLATES, NUMBER)
 
 
 Generator = Callable[[np.random.Generator], Example]
@@ -267,7 +267,7 @@ def _fact_questions() -> dict[str, bool]:
                                       (list(WORDS), ABOUT_THE_TEMPLATES, False),
                                       ([n for n, _ in COLOURS], ABOUT_THE_TEMPLATES, False),
                                       ([n for n, _ in CAPITALS], ABOUT_TEMPLATES, False),
-                                      ([str(v) for v in range(100)], NUMBER_TEMPLATES, False)):
+                                      ([n for n, _ in PARITIES], NUMBER_TEMPLATES, False)):
         for i, name in enumerate(names):
             x = ("the " + name) if article else name
             for t, form in enumerate(templates):
