@@ -108,3 +108,16 @@ def test_evaluation_script_prints_both_modes(capsys, extra):
         fields = dict(f.split("=", 1) for f in ln.split("|")[0].split()[1:])
         assert 0.75 <= float(fields["acc"]) <= 1 and float(fields["tpf"]) > 1, ln
         assert "accuracy/tpf:" in ln
+
+
+def test_evaluation_script_rejects_bad_input_with_one_line(tmp_path, capsys):
+    from dllm_cli.demo.evaluate import main
+
+    with pytest.raises(SystemExit) as missing:
+        main([str(tmp_path / "nope.gguf")])
+    assert missing.value.code == 2 and "is not a file" in capsys.readouterr().err
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf")
+    with pytest.raises(SystemExit) as corrupt:
+        main([str(bad), "3", "--runtime"])
+    assert str(corrupt.value.code).startswith("error: ") and "\n" not in str(corrupt.value.code)

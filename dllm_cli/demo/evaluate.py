@@ -160,32 +160,42 @@ def main(argv: list[str] | None = None) -> None:
     Through the numpy reference by default; ``--runtime`` uses the patched llama.cpp session instead
     (one thread: more threads only add synchronisation on a model this small).
     """
-    import sys
+    import argparse
+    from pathlib import Path
 
-    args = sys.argv[1:] if argv is None else argv
-    runtime, history = "--runtime" in args, "--history" in args
-    args = [a for a in args if a not in ("--runtime", "--history")]
-    families = tasks.CHAT_TASKS  # the shipped model's mixture
-    if "--families" in args:
-        i = args.index("--families")
-        families = tasks.FAMILIES[args[i + 1]]
-        del args[i:i + 2]
-    path, n = args[0], int(args[1]) if len(args) > 1 else 200
-    bpe = BPE(_merges_from_gguf(path))
+    from dllm_cli.errors import DllmError
+
+    ap = argparse.ArgumentParser(prog="python -m dllm_cli.demo.evaluate",
+                                 description="Score a demo-model GGUF on the held-out set, in quality and speed mode.")
+    ap.add_argument("gguf", type=Path)
+    ap.add_argument("n", type=int, nargs="?", default=200, help="held-out questions (default 200)")
+    ap.add_argument("--runtime", action="store_true", help="decode on the patched llama.cpp runtime")
+    ap.add_argument("--history", action="store_true", help="ask each question after one or two earlier turns")
+    ap.add_argument("--families", choices=sorted(tasks.FAMILIES), default="chat", help="task mixture (default: chat)")
+    a = ap.parse_args(argv)
+    if not a.gguf.is_file():
+        ap.error(f"{a.gguf} is not a file")
+    if a.n < 1:
+        ap.error(f"N must be at least 1, got {a.n}")
+    path, families = str(a.gguf), tasks.FAMILIES[a.families]
     model: StepModel
-    if runtime:
-        from dllm_cli.generate import load
-        from dllm_cli.runtime.options import RuntimeOptions
+    try:
+        bpe = BPE(_merges_from_gguf(path))
+        if a.runtime:
+            from dllm_cli.generate import load
+            from dllm_cli.runtime.options import RuntimeOptions
 
-        model = load(path, RuntimeOptions(threads=1)).session  # one thread: fastest for a 1.8 M model
-    else:
-        from dllm_cli.decoding import ReferenceModel
-        from dllm_cli.reference import load_gguf
+            model = load(path, RuntimeOptions(threads=1)).session  # one thread: fastest for a 1.8 M model
+        else:
+            from dllm_cli.decoding import ReferenceModel
+            from dllm_cli.reference import load_gguf
 
-        model = ReferenceModel(load_gguf(path, np.float32), eos_id=bpe.token_id(tasks.EOS),
-                               mask_id=bpe.token_id("<|mask|>"))
-    examples = tasks.eval_set(n, families=families)
-    if history:  # the same questions as the next turn of a conversation
+            model = ReferenceModel(load_gguf(path, np.float32), eos_id=bpe.token_id(tasks.EOS),
+                                   mask_id=bpe.token_id("<|mask|>"))
+    except (DllmError, OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: {path} is not a demo-model GGUF ({e}); pass the GGUF that train.py --gguf wrote")
+    examples = tasks.eval_set(a.n, families=families)
+    if a.history:  # the same questions as the next turn of a conversation
         examples = tasks.with_history(examples, families=families)
     for mode in MODES:
         print(format_score(evaluate_engine(model, bpe, examples, mode)), flush=True)
