@@ -85,3 +85,20 @@ def test_a_wording_of_another_token_length_is_not_paired(noiser):
         full, _, alt = noiser.encode(ex, np.random.default_rng(seed))
         outcomes.add("none" if alt is None else "same" if (alt == full).all() else "other")
     assert outcomes == {"none", "same"}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--init", "/nonexistent"], "is not a checkpoint"),
+    (["--extra-weight", "0"], "--extra-weight must be > 0"),
+    (["--history-rate", "1.5"], "--history-rate must be in [0, 1]"),
+    (["--steps", "0"], "must be at least 1"),
+])
+def test_train_rejects_bad_options_before_writing(tmp_path, capsys, args, message):
+    """The training script (needs the [train] extra: skipped without torch) refuses bad options up front."""
+    pytest.importorskip("torch")
+    from dllm_cli.demo.train import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "out"), *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -166,6 +166,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval", type=int, default=100, help="held-out examples scored at the end (0 = skip)")
     ap.add_argument("--gguf", action="store_true", help="also convert to DIR/demo.gguf (f32)")
     a = ap.parse_args(argv)
+    if a.init is not None and not (a.init / "config.json").is_file():
+        ap.error(f"--init {a.init} is not a checkpoint written by a previous stage (no config.json)")
+    if not a.extra_weight > 0:
+        ap.error(f"--extra-weight must be > 0, got {a.extra_weight}")
+    if not 0 <= a.history_rate <= 1:
+        ap.error(f"--history-rate must be in [0, 1], got {a.history_rate}")
+    if a.steps < 1 or a.batch < 1 or a.threads < 1:
+        ap.error("--steps, --batch and --threads must be at least 1")
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     model, bpe = train(a.out, steps=a.steps, minutes=a.minutes, seed=a.seed, batch=a.batch, lr=a.lr,
