@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 
 from converters import convert
 from dllm_cli.decoding import collect, generate
+from dllm_cli.decoding.events import DoneEvent
 from dllm_cli.decoding.stepper import ReferenceModel
 from dllm_cli.demo.checkpoint import tiny_config, write_checkpoint
 from dllm_cli.errors import UsageError
@@ -82,7 +84,7 @@ def _decode_all(path: Path, opts: RuntimeOptions) -> list[tuple[int, ...]]:
     got = []
     with Model(path, opts) as m, Session(m, opts) as s:
         for mode, over in (("quality", {}), ("speed", {}), ("quality", {"editing": False})):
-            cfg = decode_config(m, mode, max_tokens=64, stop_ids=(), **over)
+            cfg = decode_config(m, mode, max_tokens=40, stop_ids=(), **over)
             for seed in range(3):
                 prompt = [int(t) for t in np.random.default_rng(seed).integers(0, m.mask_id, size=20)]
                 s.reset()
@@ -125,11 +127,15 @@ def test_cli_paths_decode_like_the_reference(checkpoints, flags, mode):
                "--threads", "2", *flags)
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
+    want = _reference_decode(path, mode, tuple(doc["prompt_tokens"]))
+    assert doc["tokens"] == list(want.ids) and doc["forwards"] == want.forwards
+
+
+@lru_cache(maxsize=None)
+def _reference_decode(path: Path, mode: str, prompt: tuple[int, ...]) -> DoneEvent:
     with Model(path, options.EXACT) as m:
         cfg = decode_config(m, mode, max_tokens=64)
-        want = collect(generate(ReferenceModel(load_gguf(path, np.float64), eos_id=m.eos_id, n_ctx=4096),
-                                doc["prompt_tokens"], cfg))
-    assert doc["tokens"] == list(want.ids) and doc["forwards"] == want.forwards
+        return collect(generate(ReferenceModel(load_gguf(path, np.float64), eos_id=m.eos_id, n_ctx=4096), prompt, cfg))
 
 
 @pytest.mark.parametrize("flags", [["--exact", "--kv-type", "f16"], ["--exact", "--flash-attn", "on"],
