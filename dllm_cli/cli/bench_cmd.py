@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.markup import escape
@@ -68,12 +68,15 @@ class _Status:
             self.status.stop()
 
 
-def _runtime_path(kv_type: O.KVType | None, flash_attn: O.FlashAttn, exact: bool) -> dict[str, str]:
-    """BenchConfig's kv_type/flash_attn from the shared runtime flags (validated like run and chat)."""
-    from dllm_cli.runtime.options import from_flags
+def _runtime_path(kv_type: O.KVType | None, flash_attn: O.FlashAttn, exact: bool, rpc: str | None,
+                  tensor_split: str | None) -> dict[str, Any]:
+    """BenchConfig's runtime fields from the shared runtime flags (validated like run and chat)."""
+    from dllm_cli.runtime.options import from_flags, parse_split
 
-    opts = from_flags(kv_type=kv_type.value if kv_type else None, flash_attn=flash_attn.value, exact=exact)
-    return {"kv_type": opts.kv_type, "flash_attn": {None: "auto", True: "on", False: "off"}[opts.flash_attn]}
+    opts = from_flags(kv_type=kv_type.value if kv_type else None, flash_attn=flash_attn.value, exact=exact,
+                      rpc=rpc, tensor_split=parse_split(tensor_split))
+    return {"kv_type": opts.kv_type, "flash_attn": {None: "auto", True: "on", False: "off"}[opts.flash_attn],
+            "rpc": opts.rpc, "tensor_split": opts.tensor_split}
 
 
 def _load_doc(path: Path) -> dict:
@@ -125,6 +128,8 @@ def bench_cmd(
     kv_type: O.KvType = None,
     flash_attn: O.FlashAttnOpt = O.FlashAttn.auto,
     exact: O.Exact = False,
+    rpc: O.Rpc = None,
+    tensor_split: O.TensorSplit = None,
     ctx_size: O.CtxSize = 2048,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON document.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV rows.")] = False,
@@ -178,7 +183,7 @@ def bench_cmd(
         cfg = BenchConfig(modes=_list(modes), threads=_list(threads, int) or (None,), reps=reps, warmup=warmup,
                           max_tokens=max_tokens, prefill=_list(prefill, int), prefixes=_list(prefix, int),
                           tests=_list(tests), ar_tokens=ar_tokens, recompute_samples=recompute_samples,
-                          ctx_size=ctx_size, **_runtime_path(kv_type, flash_attn, exact), experts=not no_experts, paper_tpf=paper_tpf,
+                          ctx_size=ctx_size, **_runtime_path(kv_type, flash_attn, exact, rpc, tensor_split), experts=not no_experts, paper_tpf=paper_tpf,
                           **({"prompts": _read_prompts(prompts)} if prompts else {}))
         bad = set(cfg.tests) - {"pp", "step", "gen", "ar"}
         if bad:

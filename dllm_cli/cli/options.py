@@ -40,8 +40,15 @@ CtxSize = Annotated[int, typer.Option("--ctx-size", "-c", min=32, help="Context 
 KvType = Annotated[Optional[KVType], typer.Option("--kv-type", help="KV cache type (default f32: exact against the "
                                                   "reference; f16 halves the cache; q8_0 needs flash attention).",
                                                   show_default=False, rich_help_panel=RUNTIME)]
-FlashAttnOpt = Annotated[FlashAttn, typer.Option("--flash-attn", "-fa", help="Flash attention: auto (on where the "
-                                                 "backend supports it), on, off.", rich_help_panel=RUNTIME)]
+FlashAttnOpt = Annotated[FlashAttn, typer.Option("--flash-attn", "-fa", help="Flash attention: auto (off on CPU, where "
+                                                 "it is slower for 32-token steps; llama.cpp's choice on GPUs; on for "
+                                                 "a q8_0 KV cache), on, off.", rich_help_panel=RUNTIME)]
+Rpc = Annotated[Optional[str], typer.Option("--rpc", help="Offload layers to ggml RPC workers HOST:PORT[,HOST:PORT...] "
+                                           "(`dllm rpc-server` on each; the protocol has no authentication).",
+                                           show_default=False, rich_help_panel=RUNTIME)]
+TensorSplit = Annotated[Optional[str], typer.Option("--tensor-split", "-ts", help="Share of the offloaded layers per "
+                                                    "device, e.g. 3,1 (default: by free memory).", show_default=False,
+                                                    rich_help_panel=RUNTIME)]
 Exact = Annotated[bool, typer.Option("--exact", help="The exact path: f32 KV cache and flash attention off (matches "
                                      "the numpy reference to 1e-4 in logits).", rich_help_panel=RUNTIME)]
 Threshold = Annotated[Optional[float], typer.Option("--threshold", help="Unmask a position when its confidence is above this [0,1].",

@@ -97,6 +97,8 @@ def run(
     kv_type: O.KvType = None,
     flash_attn: O.FlashAttnOpt = O.FlashAttn.auto,
     exact: O.Exact = False,
+    rpc: O.Rpc = None,
+    tensor_split: O.TensorSplit = None,
 ) -> None:
     """Generate an answer for one prompt and print it on stdout.
 
@@ -108,7 +110,8 @@ def run(
     model_name, prompt_arg = split_args(model_or_prompt, prompt)
     text = gather_prompt(prompt_arg, file)
     opts = runtime_options.from_flags(kv_type=kv_type.value if kv_type else None, flash_attn=flash_attn.value,
-                                      exact=exact, threads=threads, n_gpu_layers=n_gpu_layers, ctx_size=ctx_size)
+                                      exact=exact, threads=threads, n_gpu_layers=n_gpu_layers, ctx_size=ctx_size,
+                                      rpc=rpc, tensor_split=runtime_options.parse_split(tensor_split))
     loaded = load(model_name, opts)
     try:
         config = decode_config(loaded.model, mode.value, threshold=threshold, editing_threshold=editing_threshold,
