@@ -20,6 +20,7 @@ from dllm_cli.cli.replay import trace_record
 from dllm_cli.decoding.events import BlockEvent, DoneEvent
 from dllm_cli.errors import DllmError, UsageError
 from dllm_cli.generate import decode_config, load, prompt_ids, stream_generate
+from dllm_cli.runtime import aborts
 from dllm_cli.runtime import options as runtime_options
 
 
@@ -134,6 +135,8 @@ def run(
 def _drive(loaded, ids, config, *, stream: bool, trace: Path | None) -> DoneEvent:
     part = trace.with_name(trace.name + ".part") if trace else None
     sink = open(part, "w", encoding="utf-8") if part else None
+    if part:
+        aborts.register(part)
     seen: set[int] = set()  # token ids whose text the trace already carries (for `dllm chat --replay`)
     done = None
     try:

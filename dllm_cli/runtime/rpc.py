@@ -109,17 +109,23 @@ def connect(rt: Any, endpoints: tuple[Endpoint, ...]) -> int:
     for ep in endpoints:
         check(ep)
     rpc = _lib(rt, "ggml-rpc")
-    base = _lib(rt, "ggml-base")
+    base = _lib(rt, "ggml")
     rpc.ggml_backend_rpc_add_server.restype, rpc.ggml_backend_rpc_add_server.argtypes = ctypes.c_void_p, [ctypes.c_char_p]
     base.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
     base.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
+    base.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
+    base.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    base.ggml_backend_device_register.restype, base.ggml_backend_device_register.argtypes = None, [ctypes.c_void_p]
     with _lock:
         for ep in endpoints:
             if ep not in _added:
                 reg = rpc.ggml_backend_rpc_add_server(str(ep).encode())
                 if not reg:
-                    raise RpcError(f"ggml could not add RPC worker {ep}", _FIX)
-                _added[ep] = int(base.ggml_backend_reg_dev_count(reg))
+                    raise RpcError(f"RPC worker {ep} offers no device", _FIX)
+                n = int(base.ggml_backend_reg_dev_count(reg))
+                for i in range(n):  # what llama.cpp's --rpc does: make the devices visible to model loading
+                    base.ggml_backend_device_register(base.ggml_backend_reg_dev_get(reg, i))
+                _added[ep] = n
         return sum(_added[ep] for ep in endpoints)
 
 
@@ -134,7 +140,7 @@ def is_loopback(host: str) -> bool:
 
 def worker_devices(rt: Any, backend: str) -> list[int]:
     """The ggml devices a worker lends: the CPU for ``cpu``, else the runtime's GPUs; RpcError if there are none."""
-    base = _lib(rt, "ggml-base")
+    base = _lib(rt, "ggml")  # the device registry (it resolves libggml-base's symbols too)
     base.ggml_backend_dev_count.restype = ctypes.c_size_t
     base.ggml_backend_dev_get.restype, base.ggml_backend_dev_get.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     base.ggml_backend_dev_type.restype, base.ggml_backend_dev_type.argtypes = ctypes.c_int, [ctypes.c_void_p]
