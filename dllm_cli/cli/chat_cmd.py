@@ -25,8 +25,9 @@ from dllm_cli.cli.app import app
 from dllm_cli.cli.live import LiveView, PieceCache, summary_line
 from dllm_cli.cli.replay import paced, read_trace
 from dllm_cli.decoding.events import BlockEvent, DoneEvent, Event, StepEvent
-from dllm_cli.errors import ContextFullError, DllmError, UsageError
+from dllm_cli.errors import ContextFullError, DllmError, OutputError, StdoutClosed, UsageError, clip
 from dllm_cli.registry import dllm_home
+from dllm_cli.signals import Terminated
 
 FRAME_S = 1 / 30  # at most this many redraws per second; steps in between only update the view's state
 HELP = """[bold]commands[/]
@@ -129,7 +130,7 @@ def chat(
     plain: Annotated[bool, typer.Option("--plain", help="Print answers as plain text, not Markdown.")] = False,
     replay: Annotated[Optional[Path], typer.Option("--replay", help="Replay a `dllm run --trace` file (no model needed).",
                                                    show_default=False)] = None,
-    speed: Annotated[float, typer.Option("--speed", min=0.0, help="Replay speed factor (0 = no pauses).")] = 1.0,
+    speed: Annotated[float, typer.Option("--speed", callback=O.domain("speed"), help="Replay speed factor (0 = no pauses).")] = 1.0,
     max_tokens: O.MaxTokens = 512,
     threshold: O.Threshold = None,
     editing_threshold: O.EditThreshold = None,
@@ -248,6 +249,8 @@ class Repl:
             if self.interactive:
                 output.err.print()
             return None
+        except Terminated:
+            raise
         except KeyboardInterrupt:
             output.err.print()
             typed = self.readline.get_line_buffer() if self.readline is not None else ""
@@ -260,6 +263,8 @@ class Repl:
                 lines.append(line)
         except EOFError:  # the end of input closes the message
             pass
+        except Terminated:
+            raise
         except KeyboardInterrupt:  # cancels the message
             output.err.print()
             return ""
@@ -297,9 +302,11 @@ class Repl:
             elif name == "/retry":
                 self.turn(self.chat.retry())
             else:
-                raise UsageError(f"unknown command {name}", "type /help for the list")
-        except UsageError as e:
-            output.err.print(f"[red]{escape(str(e))}[/]")
+                raise UsageError(f"unknown command {clip(name, quote=False)}", "type /help for the list")
+        except StdoutClosed:
+            raise
+        except DllmError as e:  # a bad value, a /save that cannot be written: say why, keep chatting
+            output.err.print(f"[red]{escape(output.one_line(str(e)))}[/]")
         return None
 
     def _knobs(self, all_: bool = False) -> str:
@@ -312,6 +319,9 @@ class Repl:
         """Show one answer; Ctrl-C stops it (kept, marked interrupted); errors leave the session usable."""
         try:
             self.screen.show(events, self.chat.config.mode)
+        except (Terminated, OutputError):  # SIGTERM/SIGHUP or a stdout that fails end the session, not the turn
+            self._close(events)
+            raise
         except KeyboardInterrupt:
             self._close(events)
             self.screen.finish(interrupted=True)
