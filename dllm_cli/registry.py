@@ -152,14 +152,14 @@ def embedded_model_path() -> Path:
     return Path(__file__).resolve().parent / "demo" / "demo.gguf"
 
 
-def _as_path(text: str) -> Path:
+def as_path(text: str) -> Path:
     try:
         return Path(text).expanduser()
     except RuntimeError:  # "~user" with no such user
         return Path(text)
 
 
-def _is_file(p: Path) -> bool:
+def is_file(p: Path) -> bool:
     """``p.is_file()`` that is False (not an exception) for names the OS refuses (too long, NUL bytes)."""
     try:
         return p.is_file()
@@ -170,7 +170,7 @@ def _is_file(p: Path) -> bool:
 def names_model(text: str) -> bool:
     """True when ``text`` is an existing file or a registry alias: how a lone CLI argument is told from a
     prompt (``What is 1/2?`` is a prompt, not a missing model path)."""
-    return text in load_registry() or _is_file(_as_path(text))
+    return text in load_registry() or is_file(as_path(text))
 
 
 def resolve_model(name: str | None) -> Path:
@@ -181,8 +181,8 @@ def resolve_model(name: str | None) -> Path:
     from dllm_cli.errors import clip
 
     name = name or os.environ.get("DLLM_MODEL") or "demo"
-    p = _as_path(name)
-    if _is_file(p):
+    p = as_path(name)
+    if is_file(p):
         return p
     specs = load_registry()
     if name in specs:
