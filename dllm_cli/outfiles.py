@@ -50,7 +50,17 @@ def write_error(path: str | Path, e: OSError, what: str = "output") -> OutputErr
     name = e.filename if e.filename and str(e.filename) not in (str(path), str(path) + ".part") else path
     if isinstance(name, bytes):
         name = name.decode(errors="replace")
+    if e.errno == errno.ENOENT and _is_dir(Path(str(name)).parent):  # /proc: the directory is there
+        return OutputError(f"cannot write {what} {_short(name)}: its directory does not accept new files",
+                           _FIX[errno.EACCES])
     return OutputError(f"cannot write {what} {_short(name)}: {describe(e)}", _FIX.get(e.errno or 0, "check the path"))
+
+
+def _is_dir(p: Path) -> bool:
+    try:
+        return p.is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 def _short(path: object) -> str:
