@@ -94,7 +94,7 @@ DOMAINS: dict[str, Domain] = {d.flag.lstrip("-").replace("-", "_"): d for d in (
     # runtime
     Domain("--threads", int, 1, 512),  # GGML_MAX_N_THREADS
     Domain("--n-gpu-layers", int, 0, INT32_MAX),
-    Domain("--ctx-size", int, 32, 1 << 24),  # llama.cpp's n_ctx is 32-bit; 16M tokens is beyond any LLaDA2
+    Domain("--ctx-size", int, 32, 1 << 20),  # llama.cpp's n_ctx is 32-bit; 16M tokens is beyond any LLaDA2
     # chat --replay
     Domain("--speed", float, 0.0),
     # bench
@@ -104,8 +104,8 @@ DOMAINS: dict[str, Domain] = {d.flag.lstrip("-").replace("-", "_"): d for d in (
     Domain("--recompute-samples", int, 1, 1_000_000),
     Domain("--estimate-layers", int, 1, 4096),
     Domain("--layers", int, 1, 4096),
-    Domain("--prefill", int, 1, 1 << 24),
-    Domain("--prefix", int, 0, 1 << 24),
+    Domain("--prefill", int, 1, 1 << 20),
+    Domain("--prefix", int, 0, 1 << 20),
 )}
 
 
