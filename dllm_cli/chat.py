@@ -103,7 +103,7 @@ class Conversation:
             data = json.dumps(self.to_json(), ensure_ascii=False, indent=1) + "\n"
         else:
             raise UsageError(f"cannot save as {clip(path.name)}", "use a .md or .json file name")
-        return outfiles.write_text(path, data, what="the transcript to")
+        return outfiles.write_text(path, data, what="the transcript")
 
 
 def parse_setting(name: str, text: str) -> tuple[str, Any]:

@@ -85,7 +85,7 @@ DOMAINS: dict[str, Domain] = {d.flag.lstrip("-").replace("-", "_"): d for d in (
     Domain("--top-p", float, 0.0, 1.0, lo_open=True),
     Domain("--temperature", float, 0.0),
     Domain("--top-k", int, 0, INT32_MAX),
-    Domain("--max-post-steps", int, 0, INT32_MAX),
+    Domain("--max-post-steps", int, 0, 4096),
     Domain("--max-tokens", int, 1, INT32_MAX),
     Domain("--block-length", int, 1, 65536),
     Domain("--steps", int, 1, INT32_MAX),

@@ -50,10 +50,27 @@ def write_error(path: str | Path, e: OSError, what: str = "output") -> OutputErr
     name = e.filename if e.filename and str(e.filename) not in (str(path), str(path) + ".part") else path
     if isinstance(name, bytes):
         name = name.decode(errors="replace")
-    if e.errno == errno.ENOENT and _is_dir(Path(str(name)).parent):  # /proc: the directory is there
-        return OutputError(f"cannot write {what} {_short(name)}: its directory does not accept new files",
-                           _FIX[errno.EACCES])
-    return OutputError(f"cannot write {what} {_short(name)}: {describe(e)}", _FIX.get(e.errno or 0, "check the path"))
+    return OutputError(f"cannot write {what} to {_short(name)}: {_reason(Path(str(name)), e)}",
+                       _fix(Path(str(name)), e))
+
+
+def _failed_path(path: Path, e: OSError) -> Path:
+    """The path the OS call failed on (``mkdir -p`` fails on an ancestor), else ``path``."""
+    name = e.filename.decode(errors="replace") if isinstance(e.filename, bytes) else e.filename
+    return Path(name) if isinstance(name, str) and name else path
+
+
+def _reason(path: Path, e: OSError) -> str:
+    path = _failed_path(path, e)
+    if e.errno == errno.ENOENT and _is_dir(path.parent):  # /proc: the directory is there but takes no files
+        return f"{_short(path.parent)} does not accept new files"
+    return describe(e)
+
+
+def _fix(path: Path, e: OSError) -> str:
+    if e.errno == errno.ENOENT and _is_dir(_failed_path(path, e).parent):
+        return _FIX[errno.EACCES]
+    return _FIX.get(e.errno or 0, "check the path")
 
 
 def _is_dir(p: Path) -> bool:
@@ -112,13 +129,14 @@ def check(path: str | Path, *, what: str = "output", need_bytes: int = 1, specia
     if mode is not None and not stat.S_ISREG(mode):
         if special:
             return path  # /dev/null, /dev/stdout, a FIFO: written in place
-        raise OutputError(f"cannot write {what} {_short(path)}: it is not a regular file", "give a file path")
+        raise OutputError(f"cannot write {what} to {_short(path)}: it is not a regular file", "give a file path")
     parent = path.parent
     if create_parent:
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise write_error(parent, e, what + " directory") from None
+            raise OutputError(f"cannot create the directory {_short(parent)} for {what}: {_reason(parent, e)}",
+                              _fix(parent, e)) from None
     try:
         pmode = parent.stat().st_mode
     except FileNotFoundError:
@@ -134,7 +152,7 @@ def check(path: str | Path, *, what: str = "output", need_bytes: int = 1, specia
     free = free_bytes(parent)
     if free is not None and free < need_bytes:
         need = f"{need_bytes / 1e6:.1f} MB" if need_bytes > 1 else "any space"
-        raise OutputError(f"cannot write {what} {_short(path)}: the disk has {free / 1e6:.1f} MB free, "
+        raise OutputError(f"cannot write {what} to {_short(path)}: the disk has {free / 1e6:.1f} MB free, "
                           f"it needs {need}", _FIX[errno.ENOSPC])
     return path
 

@@ -395,7 +395,7 @@ def test_disk_full_is_one_line_naming_the_file_and_removes_partial_file(make_che
         return real(ck, plan)
 
     monkeypatch.setattr(base, "tensor_chunks", chunks)
-    with pytest.raises(OutputError, match="cannot write the GGUF .*m.gguf: no space left on the device"):
+    with pytest.raises(OutputError, match="cannot write the GGUF to .*m.gguf: no space left on the device"):
         convert(make_checkpoint(), tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
 

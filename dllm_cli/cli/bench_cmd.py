@@ -188,7 +188,7 @@ def bench_cmd(
     if bad or not _list(modes):
         raise UsageError(f"unknown --modes {clip(', '.join(sorted(bad)) or modes)}", f"use {', '.join(MODES)}")
     if save is not None:
-        save = outfiles.check(save, what="the bench document to", special=True)
+        save = outfiles.check(save, what="the bench document", special=True)
     bench_prompts = _read_prompts(prompts) if prompts else None
     failed_save: OutputError | None = None
     status = _Status(quiet)
@@ -220,7 +220,7 @@ def bench_cmd(
         status.close()
     if save:
         try:
-            outfiles.write_text(save, json.dumps(doc, indent=1) + "\n", what="the bench document to")
+            outfiles.write_text(save, json.dumps(doc, indent=1) + "\n", what="the bench document")
         except OutputError as e:  # the measurement is not lost: it still goes to stdout below
             output.error(escape(output.one_line(str(e))))
             failed_save = e

@@ -145,7 +145,7 @@ def run(
     """
     model_name, prompt_arg = split_args(model_or_prompt, prompt)
     if trace is not None:
-        trace = outfiles.check(trace, what="trace", special=True)  # before any work, not after the answer
+        trace = outfiles.check(trace, what="the trace", special=True)  # before any work, not after the answer
     text = gather_prompt(prompt_arg, file, ctx_size)
     opts = RuntimeOptions(threads=threads, n_gpu_layers=n_gpu_layers, ctx_size=ctx_size, kv_type=kv_type.value)
     loaded = load(model_name, opts)
@@ -169,7 +169,7 @@ def run(
 
 def _drive(loaded, ids, config, *, stream: bool, trace: Path | None) -> DoneEvent:
     with contextlib.ExitStack() as stack:
-        sink = stack.enter_context(outfiles.open_text(trace, what="trace", checked=True)) if trace else None
+        sink = stack.enter_context(outfiles.open_text(trace, what="the trace", checked=True)) if trace else None
         seen: set[int] = set()  # token ids whose text the trace already carries (for `dllm chat --replay`)
         done = None
         for ev in stream_generate(loaded, ids, config):
