@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
@@ -149,12 +150,24 @@ def check(path: str | Path, *, what: str = "output", need_bytes: int = 1, specia
         raise _fail(path, what, errno.ENOTDIR)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise _fail(path, what, errno.EROFS if _read_only(parent) else errno.EACCES)
+    _probe(parent, path, what)
     free = free_bytes(parent)
     if free is not None and free < need_bytes:
         need = f"{need_bytes / 1e6:.1f} MB" if need_bytes > 1 else "any space"
         raise OutputError(f"cannot write {what} to {_short(path)}: the disk has {free / 1e6:.1f} MB free, "
                           f"it needs {need}", _FIX[errno.ENOSPC])
     return path
+
+
+def _probe(parent: Path, path: Path, what: str) -> None:
+    """Create and remove a file next to ``path``: the only test that sees what permission bits cannot (a
+    read-only mount as root, /proc, ACLs)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".probe", dir=parent)
+    except OSError as e:
+        raise OutputError(f"cannot write {what} to {_short(path)}: {_reason(path, e)}", _fix(path, e)) from None
+    os.close(fd)
+    remove_quietly(probe)
 
 
 def _read_only(directory: Path) -> bool:

@@ -57,8 +57,11 @@ def _decode(data: bytes, what: str) -> str:
 
 def read_stdin(bound: int = 1 << 40, ctx_size: int = 0) -> str:
     """Stdin as text, at most ``bound`` bytes (more is a ContextFullError); invalid UTF-8 is replaced."""
-    stream = sys.stdin.buffer if hasattr(sys.stdin, "buffer") else io.BytesIO(sys.stdin.read().encode())
-    return _decode(_read_bounded(stream, "stdin", bound, ctx_size), "stdin")
+    try:
+        stream = sys.stdin.buffer if hasattr(sys.stdin, "buffer") else io.BytesIO(sys.stdin.read().encode())
+        return _decode(_read_bounded(stream, "stdin", bound, ctx_size), "stdin")
+    except OSError as e:  # a terminal that went away, a closed descriptor
+        raise UsageError(f"cannot read stdin: {read_reason(e)}", "pass the prompt as an argument or --file") from None
 
 
 def _read_file(file: Path, bound: int, ctx_size: int) -> str:
