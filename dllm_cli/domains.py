@@ -43,7 +43,7 @@ class Domain:
             return f"{must}, got {clip(value)}"
         if self.kind is float and not math.isfinite(float(value)):
             return f"{must}, got {_got(value)}"
-        v = value if self.kind is int else float(value)
+        v: Any = float(value) if self.kind is float else value  # an Integral compares exactly, however big
         if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
             return f"{must}, got {_got(value)}"
         if self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi):

@@ -60,7 +60,7 @@ def _read_prompts(path: Path) -> tuple[tuple[str, str], ...]:
         try:
             o = json.loads(ln)
         except ValueError as e:
-            raise UsageError(f"--prompts {path}:{n} is not JSON ({e.msg})") from None
+            raise UsageError(f"--prompts {path}:{n} is not JSON ({getattr(e, 'msg', e)})") from None
         if not isinstance(o, dict) or not isinstance(o.get("prompt"), str) or not o["prompt"].strip():
             raise UsageError(f"--prompts {path}:{n} needs a non-empty \"prompt\" string",
                              'one {"name": ..., "prompt": ...} object per line')

@@ -90,7 +90,8 @@ def check_event(d: Any) -> str | None:
     """Why ``d`` (one parsed trace line) is not an event ``dllm run --trace`` writes, or None."""
     if not isinstance(d, dict):
         return f"a JSON {type(d).__name__}, not an object"
-    cls = _KINDS.get(d.get("event")) if isinstance(d.get("event"), str) else None
+    kind = d.get("event")
+    cls = _KINDS.get(kind) if isinstance(kind, str) else None
     if cls is None:
         return f'"event" must be one of {", ".join(_KINDS)}'
     for f in fields(cls):
