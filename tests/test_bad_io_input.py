@@ -492,3 +492,37 @@ def test_quantize_checks_free_space_before_starting(tmp_path, monkeypatch, make_
 
 def test_errors_are_dllm_errors_not_os_errors():
     assert issubclass(OutputError, DllmError)
+
+
+@pytest.mark.parametrize("source,needle", [("/dev/zero", "longer than"), ("/dev/urandom", "UTF-8")])
+def test_bottomless_replay_files_are_refused_without_reading_them_whole(source, needle, monkeypatch, capsys):
+    code, out, err = run_cli(monkeypatch, capsys, "chat", "--replay", source)
+    assert (code, out) == (2, "")
+    one_line(err, source, needle)
+
+
+MALFORMED_PROMPTS = {
+    "empty.txt": b"", "blank.txt": b"\n \n", "binary.txt": b"\xff\xfe\x00", "list.jsonl": b"[1]\n",
+    "no prompt.jsonl": b'{"name": "a"}\n', "prompt a number.jsonl": b'{"prompt": 5}\n',
+    "truncated.jsonl": b'{"prompt": "a"}\n{"prompt": "b', "empty prompt.jsonl": b'{"prompt": "  "}\n',
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED_PROMPTS))
+def test_malformed_prompt_files_are_one_line_naming_the_file(name, tmp_path, monkeypatch, capsys):
+    f = tmp_path / name
+    f.write_bytes(MALFORMED_PROMPTS[name])
+    code, out, err = run_cli(monkeypatch, capsys, "bench", tmp_path / "never-loaded.gguf", "--prompts", f)
+    assert (code, out) == (2, "")
+    one_line(err, name)
+
+
+def test_a_piped_chat_line_longer_than_the_context_is_skipped_not_read_whole(tiny):
+    runtime_or_skip()
+    huge = b"a" * 300_000  # more than a 4096-token context can hold (64 bytes per token)
+    r = dllm("chat", tiny, "--no-live", "-n", "8", "--ctx-size", "4096",
+             input=b"first\n" + huge + b"\n" + huge + b"\nlast\n")
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.decode().splitlines()
+    assert sum("cannot fit the context; it was skipped" in ln for ln in lines) == 2, lines
+    assert b"Traceback" not in r.stderr and b"internal error" not in r.stderr

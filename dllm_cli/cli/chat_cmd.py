@@ -179,6 +179,17 @@ def chat(
         loaded.close()
 
 
+class _TooLong(Exception):
+    """A piped line longer than the context could hold."""
+
+
+def max_message_chars(n_ctx: int) -> int:
+    """The longest message a context of ``n_ctx`` tokens could hold (the bound ``dllm run`` uses for input)."""
+    from dllm_cli.cli.run_cmd import input_bound
+
+    return input_bound(n_ctx)
+
+
 class Repl:
     """Read a line, run a slash command or a turn, repeat; returns on /exit, Ctrl-D or Ctrl-C at the prompt."""
 
@@ -239,7 +250,21 @@ class Repl:
             return input(prompt)  # readline draws the prompt and does the line editing
         if self.interactive:
             output.err.print(prompt, end="")
-        return input()
+            return input()
+        return self._piped_line()
+
+    def _piped_line(self) -> str:
+        """One line of piped stdin, never more than the context could hold: a longer one is skipped (read in
+        bounded pieces up to its newline) with a message, instead of being read whole into memory."""
+        limit = max_message_chars(getattr(self.chat.loaded.session, "n_ctx", 4096))
+        line = sys.stdin.readline(limit + 1)
+        if not line:
+            raise EOFError
+        if len(line) <= limit or line.endswith("\n"):
+            return line.rstrip("\n")
+        while (rest := sys.stdin.readline(1 << 20)) and not rest.endswith("\n"):
+            pass
+        raise _TooLong(f"a message longer than {limit} characters cannot fit the context; it was skipped")
 
     def read(self) -> str | None:
         """One user message (``\"\"\"`` opens a multi-line one); None means leave."""
@@ -249,6 +274,9 @@ class Repl:
             if self.interactive:
                 output.err.print()
             return None
+        except _TooLong as e:
+            output.err.print(f"[red]{escape(str(e))}[/]")
+            return ""
         except Terminated:
             raise
         except KeyboardInterrupt:
@@ -263,6 +291,9 @@ class Repl:
                 lines.append(line)
         except EOFError:  # the end of input closes the message
             pass
+        except _TooLong as e:
+            output.err.print(f"[red]{escape(str(e))}[/]")
+            return ""
         except Terminated:
             raise
         except KeyboardInterrupt:  # cancels the message

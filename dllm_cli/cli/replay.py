@@ -39,6 +39,7 @@ def trace_record(ev: Event, piece: Callable[[int], str] | None, seen: set[int]) 
 
 
 MAX_ID = 2**31 - 1
+MAX_LINE = 64 * 2**20  # bytes in one trace line (a step of a 1M-token window is ~10 MB)
 MAX_ITEMS = 1 << 20  # ids in one canvas; a longer list is not a trace dllm wrote
 _INT_CAPS = {"block_length": 65536, "n_blocks": 1 << 24}
 
@@ -121,7 +122,9 @@ def read_trace(path: Path) -> Trace:
     pieces: dict[int, str] = {}
     try:
         with open(path, "rb") as f:
-            for n, raw in enumerate(f, 1):
+            for n, raw in enumerate(iter(lambda: f.readline(MAX_LINE + 1), b""), 1):
+                if len(raw) > MAX_LINE:  # /dev/zero, a binary file: no line of a trace is this long
+                    raise UsageError(f"{where}:{n} is longer than {MAX_LINE // 2**20} MB, not a dllm trace", hint)
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError:
