@@ -312,7 +312,7 @@ class AtomicOutput:
     part: Path = field(init=False)
 
     def __post_init__(self) -> None:
-        self.out = Path(self.out).expanduser()
+        self.out = outfiles.expand(self.out)
         self.part = outfiles.part_of(self.out)
 
     def check(self, need_bytes: int = 1) -> None:

@@ -95,7 +95,7 @@ class Conversation:
 
         A path that cannot be written is an ``OutputError`` naming it; nothing is left behind.
         """
-        path = Path(path).expanduser()
+        path = outfiles.expand(path)
         suffix = path.suffix.lower()
         if suffix in (".md", ".markdown"):
             data = self.to_markdown()

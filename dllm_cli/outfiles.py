@@ -36,6 +36,14 @@ _FIX = {
 }
 
 
+def expand(path: str | Path) -> Path:
+    """``~`` expanded; ``~nosuchuser`` stays as typed (and then names a missing directory) instead of raising."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        return Path(path)
+
+
 def describe(e: OSError) -> str:
     """A short reason for ``e`` (never a traceback, never the path twice)."""
     return _WHY.get(e.errno or 0) or (e.strerror or type(e).__name__).lower()
@@ -118,7 +126,7 @@ def check(path: str | Path, *, what: str = "output", need_bytes: int = 1, specia
     ``create_parent`` makes a missing directory (dllm's own store under ``$DLLM_HOME``); for a path the
     user typed a missing directory is an error.
     """
-    path = Path(path).expanduser()
+    path = expand(path)
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
@@ -199,7 +207,7 @@ def atomic(path: str | Path, *, what: str = "output", need_bytes: int = 1, creat
     Any failure (an exception, Ctrl-C, SIGTERM) removes ``part``; an ``OSError`` becomes an OutputError
     naming ``out``. ``checked`` skips the up-front check (the caller ran ``check`` before its work).
     """
-    path = Path(path).expanduser()
+    path = expand(path)
     if not checked:
         check(path, what=what, need_bytes=need_bytes, create_parent=create_parent)
     part = part_of(path)
@@ -220,7 +228,7 @@ def atomic(path: str | Path, *, what: str = "output", need_bytes: int = 1, creat
 @contextmanager
 def open_text(path: str | Path, *, what: str = "output", checked: bool = False) -> Iterator[IO[str]]:
     """A text stream for ``path``: atomic for a regular file, in place for ``/dev/stdout`` or a FIFO."""
-    path = Path(path).expanduser()
+    path = expand(path)
     if not checked:
         check(path, what=what, special=True)
     if is_special(path):
@@ -251,7 +259,7 @@ def _closing(f: IO[str]) -> Iterator[IO[str]]:
 
 def write_text(path: str | Path, text: str, *, what: str = "output") -> Path:
     """Write ``text`` to ``path`` atomically (checked first); returns the path."""
-    path = Path(path).expanduser()
+    path = expand(path)
     with open_text(path, what=what) as f:
         f.write(text)
     return path

@@ -53,7 +53,7 @@ def quantize(src: str | Path, dst: str | Path, preset: str, *, threads: int | No
     it, renamed at the end, removed on any failure or interrupt)."""
     if preset not in PRESETS:
         raise UsageError(f"unknown quantization {preset!r}", f"use one of {', '.join(PRESETS)}")
-    src, dst = Path(src), Path(dst).expanduser()
+    src, dst = Path(src), outfiles.expand(dst)
     inspect_gguf(src)
     dst = outfiles.check(dst, what="the quantized GGUF", need_bytes=src.stat().st_size // 8, create_parent=True)
     if dst.exists() and not force:
