@@ -196,7 +196,8 @@ def remove_quietly(path: str | Path | None) -> None:
 
 
 def part_of(path: Path) -> Path:
-    return path.with_name(path.name + ".part")
+    """``OUT.part`` next to ``OUT`` (``/`` or ``.`` give a name ``check`` then refuses as a directory)."""
+    return path.parent / (path.name + ".part")
 
 
 @contextmanager

@@ -133,7 +133,9 @@ def get_spec(alias: str) -> ModelSpec:
     """The entry for ``alias`` or a RegistryError listing the known ones."""
     specs = load_registry()
     if alias not in specs:
-        raise RegistryError(f"unknown model alias {alias!r}", f"known: {', '.join(specs)}; see `dllm models`")
+        from dllm_cli.errors import clip
+
+        raise RegistryError(f"unknown model alias {clip(alias)}", f"known: {', '.join(specs)}; see `dllm models`")
     return specs[alias]
 
 

@@ -526,3 +526,11 @@ def test_a_piped_chat_line_longer_than_the_context_is_skipped_not_read_whole(tin
     lines = r.stderr.decode().splitlines()
     assert sum("cannot fit the context; it was skipped" in ln for ln in lines) == 2, lines
     assert b"Traceback" not in r.stderr and b"internal error" not in r.stderr
+
+
+@pytest.mark.parametrize("out", ["/", "", ".", "..", "/tmp/"])
+@pytest.mark.parametrize("quant", [[], ["--quant", "q8_0"]])
+def test_convert_output_that_names_a_directory(out, quant, make_checkpoint, monkeypatch, capsys):
+    code, stdout, err = run_cli(monkeypatch, capsys, "convert", make_checkpoint(), "-o", out, *quant)
+    assert (code, stdout) == (1, "")
+    one_line(err, "is a directory")
