@@ -534,3 +534,44 @@ def test_convert_output_that_names_a_directory(out, quant, make_checkpoint, monk
     code, stdout, err = run_cli(monkeypatch, capsys, "convert", make_checkpoint(), "-o", out, *quant)
     assert (code, stdout) == (1, "")
     one_line(err, "is a directory")
+
+
+STDOUT_COMMANDS = [["models"], ["models", "--json"], ["models", "show", "demo"], ["--version"], ["--help"],
+                   ["run", "--help"], ["chat", "--replay", "TRACE", "--speed", "0"],
+                   ["bench", "--compare", "DOC", "--compare", "DOC"]]
+
+
+def _fill(args: list[str], tmp_path: Path) -> list[str]:
+    trace, doc = tmp_path / "t.jsonl", tmp_path / "d.json"
+    trace.write_bytes(_edit(0))
+    doc.write_text(json.dumps(_good_doc()))
+    return [str(trace) if a == "TRACE" else str(doc) if a == "DOC" else a for a in args]
+
+
+@pytest.mark.parametrize("args", STDOUT_COMMANDS)
+def test_stdout_on_a_full_device_is_one_line(args, tmp_path):
+    with open("/dev/full", "wb") as full:
+        r = subprocess.run([DLLM, *_fill(args, tmp_path)], stdin=subprocess.DEVNULL, stdout=full,
+                           stderr=subprocess.PIPE, timeout=120)
+    assert r.returncode == 1
+    one_line(r.stderr, "stdout", "no space left")
+
+
+@pytest.mark.parametrize("args", [a for a in STDOUT_COMMANDS if "--help" not in a])
+def test_a_closed_stdout_is_one_line(args, tmp_path):
+    r = subprocess.run([DLLM, *_fill(args, tmp_path)], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       preexec_fn=lambda: os.close(1), timeout=120)
+    assert r.returncode == 1
+    one_line(r.stderr, "stdout", "closed")
+
+
+@pytest.mark.parametrize("args,code", [(["run", "hi", "--seed", "-1"], 2), (["chat", "--replay", "/nonexistent"], 2),
+                                       (["models", "show", "nope"], 1), (["STDOUT"], 0)])
+@pytest.mark.parametrize("stderr", ["full", "closed"])
+def test_a_broken_stderr_does_not_change_the_outcome(args, code, stderr, tmp_path):
+    args = ["models", "--json"] if args == ["STDOUT"] else args
+    kw: dict = {"preexec_fn": lambda: os.close(2)} if stderr == "closed" else {"stderr": open("/dev/full", "wb")}
+    r = subprocess.run([DLLM, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, timeout=120, **kw)
+    assert r.returncode == code
+    if code == 0:
+        assert json.loads(r.stdout)

@@ -65,7 +65,8 @@ def _interrupted() -> NoReturn:
 def _exit(code: int) -> NoReturn:
     """Flush stdout before exiting; a reader that went away is not an error message (exit like a filter)."""
     try:
-        sys.stdout.flush()
+        if sys.stdout is not None:
+            sys.stdout.flush()
     except OSError:
         output.silence_stdout()
         code = code or 141
@@ -81,6 +82,7 @@ def main() -> None:
     """Console-script entry point."""
     debug = os.environ.get("DLLM_DEBUG") == "1"
     signals.install()
+    output.quiet_stderr()
     try:
         # In non-standalone mode Typer returns the exit code of typer.Exit (and 130 for Ctrl-C) instead of
         # raising it; commands themselves return None.
@@ -109,6 +111,11 @@ def main() -> None:
         code = getattr(e, "exit_code", None)
         if code is not None and hasattr(e, "format_message"):
             _report(e.format_message(), code)
+        broken = output.stdout_broken(e) if isinstance(e, OSError) else None
+        if broken is not None:  # a write to stdout outside output.py (click's --help) failed
+            if isinstance(broken, StdoutClosed):
+                sys.exit(broken.exit_code)
+            _report(str(broken), broken.exit_code)
         if debug:
             raise
         _report(f"internal error: {type(e).__name__}: {e} (rerun with DLLM_DEBUG=1 and report it)", 1)

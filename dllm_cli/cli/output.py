@@ -38,7 +38,59 @@ def silence_stdout() -> None:
         pass
 
 
+class QuietStream:
+    """stderr that never fails the command: diagnostics written to a closed, full or hung-up stderr are lost,
+    the work goes on (and the exit code still tells what happened)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def quiet_stderr() -> None:
+    """Install ``QuietStream`` on ``sys.stderr`` (once); a closed stderr (``2>&-``) becomes /dev/null."""
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")
+    elif not isinstance(sys.stderr, QuietStream):
+        sys.stderr = QuietStream(sys.stderr)  # type: ignore[assignment]
+
+
+def _closed() -> OutputError:
+    return OutputError("cannot write to stdout: it is closed", "do not close stdout (>&-); redirect it to a file")
+
+
+_STREAM_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
+
+
+def stdout_broken(e: OSError) -> OutputError | None:
+    """After an OSError from a write outside this module (click's --help): the stdout error it stands for, or
+    None. Only stream errors without a file name qualify (file writes name their file)."""
+    if sys.stdout is None:
+        return _closed()
+    try:
+        sys.stdout.flush()
+    except OSError as again:
+        return _stdout_failed(again)
+    return _stdout_failed(e) if e.errno in _STREAM_ERRNOS and not e.filename else None
+
+
 def _write(text: str) -> None:
+    if sys.stdout is None:
+        raise _closed()
     try:
         sys.stdout.write(text)
         sys.stdout.flush()
@@ -53,6 +105,8 @@ def answer(text: str, end: str = "\n") -> None:
 
 def rendered(renderable: Any) -> None:
     """Print a Rich renderable (a Markdown answer) on stdout."""
+    if sys.stdout is None:
+        raise _closed()
     try:
         out.print(renderable)
     except OSError as e:
