@@ -111,7 +111,7 @@ def _failure(src: Path, dst: Path, preset: str) -> DllmError:
                             "quantize from an f32/f16/bf16 GGUF")
     free = outfiles.free_bytes(dst.parent)
     if free is not None and free < LOW_DISK:
-        return OutputError(f"cannot write the quantized GGUF {dst}: no space left on the device "
+        return OutputError(f"cannot write the quantized GGUF to {dst}: no space left on the device "
                            f"({free / 1e6:.1f} MB free)", "free disk space or choose another -o")
     return ConvertError(f"llama_model_quantize failed for {src} -> {preset}",
                         "rerun with DLLM_VERBOSE=1 to see llama.cpp's reason")
