@@ -3,7 +3,7 @@
 Usage: .venv/bin/python benchmarks/rpc_overhead.py MODEL.gguf [--workers 1,2,3] [--reps 5] [--threads 2]
 Starts N `dllm rpc-server` workers on loopback, offloads every layer to them (split evenly), and times a 32-token
 KV step (all rows out) at a 256-token prefix and one AR token (causal attention, same weights) against the same
-model in-process. Bytes per step/token are the workers' socket traffic from /proc/PID/io (rchar + wchar).
+model in-process. Bytes per step/token are the workers' TCP traffic, sent plus received (`ss -ti`).
 The RPC overhead per generated token is (time with RPC - time alone) divided by the tokens that call yields: one for
 AR, the paper's tokens per forward for diffusion (LLaDA2.1-mini: speed 5.34, quality 3.12).
 """
@@ -35,17 +35,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def io_bytes(pids: list[int]) -> int:
+def io_bytes(ports: list[int]) -> int:
+    """Bytes the workers' sockets sent plus received so far (kernel TCP counters, `ss -ti`)."""
     total = 0
-    for pid in pids:
-        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-            k, _, v = line.partition(":")
-            if k in ("rchar", "wchar"):
+    for port in ports:
+        out = subprocess.run(["ss", "-tinH", "state", "established", f"( sport = :{port} )"], capture_output=True,
+                             text=True).stdout
+        for word in out.split():
+            k, _, v = word.partition(":")
+            if k in ("bytes_sent", "bytes_received") and v.isdigit():
                 total += int(v)
     return total
 
 
-def measure(path: Path, opts: RuntimeOptions, reps: int, pids: list[int]) -> dict[str, float]:
+def measure(path: Path, opts: RuntimeOptions, reps: int, ports: list[int]) -> dict[str, float]:
     with Model(path, opts) as m, Session(m, opts) as s:
         rng = np.random.default_rng(0)
         B = m.block_length
@@ -53,16 +56,16 @@ def measure(path: Path, opts: RuntimeOptions, reps: int, pids: list[int]) -> dic
         block = [int(t) for t in rng.integers(0, m.mask_id, size=B // 2)] + [m.mask_id] * (B // 2)
         s.commit(prefix, 0)
         s.step(block, PREFIX, range(B))  # warm-up
-        b0, t0 = io_bytes(pids), time.perf_counter()
+        b0, t0 = io_bytes(ports), time.perf_counter()
         for _ in range(reps):
             s.step(block, PREFIX, range(B))
-        step_s, step_b = (time.perf_counter() - t0) / reps, (io_bytes(pids) - b0) / reps
+        step_s, step_b = (time.perf_counter() - t0) / reps, (io_bytes(ports) - b0) / reps
         s.set_causal(True)
         s.extend([prefix[0]], PREFIX, [0])  # warm-up of the one-token shape
-        b0, t0 = io_bytes(pids), time.perf_counter()
+        b0, t0 = io_bytes(ports), time.perf_counter()
         for i in range(reps):
             s.extend([prefix[i + 1]], PREFIX + 1 + i, [0])
-        ar_s, ar_b = (time.perf_counter() - t0) / reps, (io_bytes(pids) - b0) / reps
+        ar_s, ar_b = (time.perf_counter() - t0) / reps, (io_bytes(ports) - b0) / reps
     return {"step_ms": 1e3 * step_s, "step_bytes": step_b, "ar_ms": 1e3 * ar_s, "ar_bytes": ar_b}
 
 
@@ -99,7 +102,7 @@ def main() -> None:
                     f"from benchmarks.rpc_overhead import measure; from dllm_cli.runtime.options import RuntimeOptions; "
                     f"print(json.dumps(measure(Path({str(args.model)!r}), RuntimeOptions(**{base!r}, "
                     f"rpc={','.join(map(str, eps))!r}, n_gpu_layers=999, tensor_split=(1.0,)*{n}), {args.reps}, "
-                    f"{[p.pid for p in procs]!r})))")
+                    f"{[ep.port for ep in eps]!r})))")
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
             r = json.loads(out.strip().splitlines()[-1])
         finally:

@@ -233,7 +233,9 @@ class Bench:
     def step_vs_recompute(self, prefix: int) -> list[dict[str, Any]]:
         s, B = self.session, self.B
         ids = filler_ids(self.model, prefix)
-        block = ids[:B // 2] + [s.mask_id] * (B - B // 2)
+        # half filler, half masks; the same ids as ids[:B // 2] when the prefix is that long, and still a
+        # whole block when it is shorter (--prefix 0 measures a step with no KV prefix at all)
+        block = filler_ids(self.model, B // 2) + [s.mask_id] * (B - B // 2)
         s.reset()
         s.commit(ids, 0)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import sys
 import threading
 from contextlib import contextmanager
@@ -55,7 +56,10 @@ def _on_abort(raw: bytes | None) -> None:
     with _lock:
         for p in list(_partials):
             try:
-                p.unlink(missing_ok=True)
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
             except OSError:
                 pass
     try:

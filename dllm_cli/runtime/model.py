@@ -16,6 +16,7 @@ import jinja2.sandbox
 from dllm_cli import gguf_keys as K
 from dllm_cli.errors import ModelError
 from dllm_cli.registry import MODES, Preset, version_presets
+from dllm_cli.runtime.deepstack import deep_stack
 from dllm_cli.runtime.library import load as load_runtime
 from dllm_cli.runtime.options import RuntimeOptions
 
@@ -142,6 +143,7 @@ class Model:
         return int(self.rt.lib.llama_model_n_params(self.ptr))
 
     # --- tokenizer ------------------------------------------------------------------------
+    @deep_stack  # llama.cpp's pre-tokenizer regex recurses per character: long words need a big stack
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
         """Token ids of ``text``; with ``special`` the role markers are parsed as special tokens."""
         data = text.encode("utf-8")
