@@ -225,7 +225,9 @@ def bench_cmd(
                           max_tokens=max_tokens, prefill=prefills, prefixes=prefixes,
                           tests=_list(tests), ar_tokens=ar_tokens, recompute_samples=recompute_samples,
                           ctx_size=ctx_size, experts=not no_experts, paper_tpf=paper_tpf,
-                          **runtime_fields, **({"prompts": bench_prompts} if bench_prompts else {}))
+                          kv_type=runtime_fields["kv_type"], flash_attn=runtime_fields["flash_attn"],
+                          rpc=runtime_fields["rpc"], tensor_split=runtime_fields["tensor_split"],
+                          **({"prompts": bench_prompts} if bench_prompts else {}))
         doc = run_benchmark(paths, cfg, progress=status, estimate_to=estimate_layers)
         if quality_vs:
             from dllm_cli.bench.quality import compare_quality
