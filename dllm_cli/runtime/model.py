@@ -12,14 +12,15 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import jinja2
-import jinja2.sandbox
-
 from dllm_cli import gguf_keys as K
 from dllm_cli.errors import ModelError
 from dllm_cli.registry import Preset, version_presets
 from dllm_cli.runtime.library import load as load_runtime
 from dllm_cli.runtime.options import RuntimeOptions
+
+from dllm_cli.runtime.template import ChatTemplate
+
+_CONTROL_ATTRS = 1 << 0 | 1 << 3  # LLAMA_TOKEN_ATTR_UNKNOWN | LLAMA_TOKEN_ATTR_CONTROL (include/llama.h)
 
 if TYPE_CHECKING:
     from dllm_cli.runtime.hparams import ModelMeta
@@ -180,18 +181,30 @@ class Model:
 
     # --- chat template --------------------------------------------------------------------
     @cached_property
-    def chat_template(self) -> jinja2.Template | None:
-        src = self.meta(K.CHAT_TEMPLATE)
-        if not src:
-            return None
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False)
-        return env.from_string(src)
+    def chat_template(self) -> ChatTemplate | None:
+        """The GGUF's template, compiled in a bounded sandbox (a syntax error is a ModelError naming it)."""
+        src = self.info.chat_template
+        return ChatTemplate(src, self.path) if src else None
 
     def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Render messages with the GGUF's chat template (``--raw`` skips this)."""
         if self.chat_template is None:
             raise ModelError(f"{self.path} has no chat template", "use --raw to send the prompt as is")
-        return self.chat_template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+        return self.chat_template.render(messages, add_generation_prompt)
+
+    @cached_property
+    def special_texts(self) -> tuple[str, ...]:
+        """Texts llama.cpp turns into control tokens when special parsing is on (CONTROL or UNKNOWN attribute)."""
+        lib, attrs = self.rt.lib, _CONTROL_ATTRS
+        return tuple(sorted({self.piece(i) for i in range(self.n_vocab)
+                             if int(lib.llama_vocab_get_attr(self.vocab, i)) & attrs} - {""}))
+
+    def chat_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation: the template's markers are control tokens, message text never is."""
+        if self.chat_template is None:
+            raise ModelError(f"{self.path} has no chat template", "use --raw to send the prompt as is")
+        return self.chat_template.token_ids(messages, lambda text, special: self.tokenize(text, special=special),
+                                            self.special_texts, add_generation_prompt)
 
     # --- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
