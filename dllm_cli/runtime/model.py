@@ -195,9 +195,8 @@ class Model:
     @cached_property
     def special_texts(self) -> tuple[str, ...]:
         """Texts llama.cpp turns into control tokens when special parsing is on (CONTROL or UNKNOWN attribute)."""
-        lib, attrs = self.rt.lib, _CONTROL_ATTRS
-        return tuple(sorted({self.piece(i) for i in range(self.n_vocab)
-                             if int(lib.llama_vocab_get_attr(self.vocab, i)) & attrs} - {""}))
+        get_attr, vocab = self.rt.cdll.llama_vocab_get_attr, self.vocab  # the bare C function: ~1 us a token
+        return tuple(sorted({self.piece(i) for i in range(self.n_vocab) if get_attr(vocab, i) & _CONTROL_ATTRS} - {""}))
 
     def chat_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation: the template's markers are control tokens, message text never is."""
