@@ -4,9 +4,9 @@ text never becomes control tokens.
 **Bounded.** Jinja's ``ImmutableSandboxedEnvironment`` already refuses file/OS access, unsafe attributes and
 mutation; on top of it every value a template builds is capped (``range``, ``*``, ``+``, ``%``, ``**``, ``~``,
 filters and method calls are checked *before* they allocate), the output is capped while it streams, and a
-trace function on the template's own frames enforces a wall-clock budget (a loop that allocates nothing still
-ends) and a memory-growth budget. Every failure, from a syntax error to a runaway loop, is one ``ModelError``
-line naming the file and the jinja message.
+watchdog thread enforces a wall-clock and a memory-growth budget by raising in the rendering thread (a loop
+that allocates nothing still ends). Every failure, from a syntax error to a runaway loop, is one
+``ModelError`` line naming the file and the jinja message.
 
 **No injection.** Message contents go through the template with every control-token text in them
 (``<|mask|>``, ``<|role_end|>``, ``<role>``...) swapped for a placeholder made of a per-render random number
@@ -18,12 +18,14 @@ text tokenizes exactly as before, and whatever the template does to the content 
 from __future__ import annotations
 
 import functools
+import itertools
 import re
+import ctypes
 import secrets
-import sys
+import threading
 import time
 from pathlib import Path
-from types import FrameType
+from types import GeneratorType
 from typing import Any, Callable, Iterable
 
 import jinja2
@@ -135,6 +137,7 @@ class BoundedSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
         return wrapped
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (jinja's names)
+        args = _materialize(args)
         _check_args(getattr(__obj, "__name__", ""), getattr(__obj, "__self__", None), args, kwargs)
         result = super().call(__context, __obj, *args, **kwargs)
         if _size(result) > MAX_CHARS:
@@ -187,15 +190,37 @@ def _check_args(name: str, obj: Any, args: tuple, kwargs: dict) -> None:
             pieces += len(text) // max(min(ints, default=79), 1)
         if len(text) + pieces * pad > MAX_CHARS:
             raise TemplateLimit(f"{name}() would exceed {MAX_CHARS} characters")
+    if name in ("tojson", "pprint") and any(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        indent = max(v for v in values if isinstance(v, int) and not isinstance(v, bool))
+        if sum(_weight(v) for v in values if not isinstance(v, int)) * (indent + 1) > MAX_CHARS:
+            raise TemplateLimit(f"{name}() would exceed {MAX_CHARS} characters")
     if name == "join":
         seq = next((v for v in values if isinstance(v, (list, tuple))), ())
         if sum(_size(x) for x in seq) + len(seq) * max(map(len, strs), default=0) > MAX_CHARS:
             raise TemplateLimit(f"join() would exceed {MAX_CHARS} characters")
 
 
+_EAGER = ("join", "tojson", "pprint", "sum", "sort", "unique")
+
+
+def _materialize(args: tuple) -> tuple:
+    """Generators (``map``, ``select``...) as lists, so the size checks see what a join or a repr would build."""
+    out = []
+    for a in args:
+        if isinstance(a, GeneratorType):
+            items = list(itertools.islice(a, MAX_RANGE * 10 + 1))
+            if len(items) > MAX_RANGE * 10:
+                raise TemplateLimit(f"a sequence of more than {MAX_RANGE * 10} items")
+            a = iter(items) if not items else items
+        out.append(a)
+    return tuple(out)
+
+
 def _guard_filter(name: str, f: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(f)  # keeps jinja_pass_arg (pass_context / pass_environment)
     def guarded(*args: Any, **kwargs: Any) -> Any:
+        if name in _EAGER:
+            args = _materialize(args)
         _check_args(f.__name__, None, args, kwargs)
         result = f(*args, **kwargs)
         if _size(result) > MAX_CHARS:
@@ -212,28 +237,42 @@ def _rss() -> int:
         return 0  # not Linux: the size checks above still hold
 
 
-class _Budget:
-    """A trace function on the template's frames: wall-clock and memory-growth limits for one render."""
+class _Overtime(TemplateLimit):
+    def __init__(self, *args: Any) -> None:
+        super().__init__(f"rendering took longer than {MAX_SECONDS:g} s")
+
+
+class _Overweight(TemplateLimit):
+    def __init__(self, *args: Any) -> None:
+        super().__init__(f"rendering used more than {MAX_GROWTH >> 20} MiB")
+
+
+class _Watchdog:
+    """Wall-clock and memory-growth limits for one render, at no cost to the render itself: a thread polls the
+    clock and the resident size, and on a breach raises an exception *in the rendering thread*
+    (``PyThreadState_SetAsyncExc``, delivered at its next bytecode), which ends even a loop that calls nothing.
+    It fires at most once; ``close`` joins it and drops an exception that was set but not yet delivered."""
 
     def __init__(self) -> None:
-        self.deadline = time.monotonic() + MAX_SECONDS
-        self.rss0 = _rss()
-        self.events = 0
+        self.target = threading.get_ident()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="dllm-template-watchdog", daemon=True)
+        self.thread.start()
 
-    def check(self) -> None:
-        if time.monotonic() > self.deadline:
-            raise TemplateLimit(f"rendering took longer than {MAX_SECONDS:g} s")
-        self.events += 1
-        if self.rss0 and self.events % 16 == 0 and _rss() - self.rss0 > MAX_GROWTH:
-            raise TemplateLimit(f"rendering used more than {MAX_GROWTH >> 20} MiB")
+    def _watch(self) -> None:
+        deadline = time.monotonic() + MAX_SECONDS
+        rss0 = _rss()
+        while not self.done.wait(0.005):
+            breach = _Overtime if time.monotonic() > deadline else (
+                _Overweight if rss0 and _rss() - rss0 > MAX_GROWTH else None)
+            if breach is not None:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.target), ctypes.py_object(breach))
+                return
 
-    def trace(self, frame: FrameType, event: str, arg: Any) -> Any:
-        self.check()  # every call, jinja's own helpers included (a generator resuming is a call too)
-        return self.local if frame.f_code.co_filename == "<template>" else None
-
-    def local(self, frame: FrameType, event: str, arg: Any) -> Any:
-        self.check()
-        return self.local
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join()
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.target), None)
 
 
 class ChatTemplate:
@@ -251,30 +290,40 @@ class ChatTemplate:
         what = getattr(e, "message", None) or str(e) or type(e).__name__
         line = getattr(e, "lineno", None)
         where = f" (line {line})" if line else ""
-        text = " ".join(f"{type(e).__name__}: {what}".split())
+        kind = "TemplateLimit" if isinstance(e, TemplateLimit) else type(e).__name__
+        text = " ".join(f"{kind}: {what}".split())
         return ModelError(f"the chat template of {self.path} failed{where}: {text}"[:600], _FIX)
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The prompt text, or a ModelError naming the template (never anything else, never unbounded)."""
-        budget = _Budget()
-        previous = sys.gettrace()
-        out: list[str] = []
-        n = 0
-        sys.settrace(budget.trace)
+        error: Exception | None = None
+        dog = _Watchdog()
         try:
-            for chunk in self.template.generate(messages=messages, add_generation_prompt=add_generation_prompt):
-                n += len(chunk)
-                if n > MAX_CHARS:
-                    raise TemplateLimit(f"the output exceeds {MAX_CHARS} characters")
-                out.append(chunk)
-        except Exception as e:  # any error of untrusted code: UndefinedError, SecurityError, TypeError, ...
-            raise self._error(e) from None
+            try:
+                text = self._generate(messages, add_generation_prompt)
+            except Exception as e:  # any error of untrusted code: UndefinedError, SecurityError, TypeError, ...
+                error = e
+            finally:
+                dog.done.set()
+        except TemplateLimit as e:  # the watchdog fired just as the render ended
+            error = e
         finally:
-            sys.settrace(previous)
-        text = "".join(out)
+            dog.close()
+        if error is not None:
+            raise self._error(error) from None
         if not text.strip():
             raise ModelError(f"the chat template of {self.path} rendered only whitespace", _FIX)
         return text
+
+    def _generate(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        out: list[str] = []
+        n = 0
+        for chunk in self.template.generate(messages=messages, add_generation_prompt=add_generation_prompt):
+            n += len(chunk)
+            if n > MAX_CHARS:
+                raise TemplateLimit(f"the output exceeds {MAX_CHARS} characters")
+            out.append(chunk)
+        return "".join(out)
 
     def token_ids(self, messages: list[dict[str, str]], tokenize: Callable[[str, bool], list[int]],
                   specials: Iterable[str], add_generation_prompt: bool = True) -> list[int]:
