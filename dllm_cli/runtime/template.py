@@ -17,10 +17,10 @@ text tokenizes exactly as before, and whatever the template does to the content 
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import itertools
 import re
-import ctypes
 import secrets
 import threading
 import time
@@ -211,7 +211,7 @@ def _materialize(args: tuple) -> tuple:
             items = list(itertools.islice(a, MAX_RANGE * 10 + 1))
             if len(items) > MAX_RANGE * 10:
                 raise TemplateLimit(f"a sequence of more than {MAX_RANGE * 10} items")
-            a = iter(items) if not items else items
+            a = items
         out.append(a)
     return tuple(out)
 
