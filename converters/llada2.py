@@ -253,9 +253,10 @@ class LLaDA2:
                K.KEY_LENGTH: hp.head_dim, K.VALUE_LENGTH: hp.head_dim, K.ROPE_DIM: hp.rope_dim,
                K.VOCAB_SIZE: hp.vocab, K.LEADING_DENSE: hp.dense_layers, K.EXPERT_COUNT: hp.experts,
                K.EXPERT_USED: hp.experts_used, K.EXPERT_SHARED_COUNT: hp.shared, K.EXPERT_FFN: hp.moe_ffn,
-               K.EXPERT_SHARED_FFN: hp.moe_ffn * hp.shared, K.EXPERT_GATING: K.GATING_SIGMOID,
+               K.EXPERT_SHARED_FFN: hp.moe_ffn, K.EXPERT_GATING: K.GATING_SIGMOID,
                K.EXPERT_GROUPS: hp.written_groups[0], K.EXPERT_GROUPS_USED: hp.written_groups[1], K.NEXTN_LAYERS: 0,
                K.BLOCK_LENGTH: BLOCK_LENGTH}
+        # EXPERT_SHARED_FFN is per shared expert: llama.cpp's loader multiplies it by EXPERT_SHARED_COUNT
         for key, val in u32.items():
             writer.add_uint32(key, val)
         for key, fval in {K.RMS_EPS: hp.eps, K.ROPE_FREQ_BASE: hp.rope_theta, K.EXPERT_SCALE: hp.scale}.items():

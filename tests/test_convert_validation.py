@@ -268,3 +268,15 @@ def test_cli_convert_errors_are_one_line(ckpt, tmp_path, case):
     assert r.returncode == 1 and r.stdout == "", (r.returncode, r.stderr)
     assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr and "internal error" not in r.stderr
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("overrides", [dict(num_shared_experts=2), dict(n_group=4, topk_group=4, num_experts_per_tok=3),
+                                       dict(n_group=1, topk_group=1, num_experts=2, num_experts_per_tok=2),
+                                       dict(first_k_dense_replace=0), dict(num_key_value_heads=1)])
+def test_valid_edge_configs_convert_to_files_the_runtime_accepts(tmp_path, overrides):
+    """What the converter accepts passes every check the loader applies (``runtime/hparams.py``)."""
+    from dllm_cli.demo.checkpoint import tiny_config, write_checkpoint
+    from dllm_cli.runtime.model import inspect_gguf
+
+    write_checkpoint(tmp_path / "c", tiny_config(**overrides), seed=1)
+    inspect_gguf(convert(tmp_path / "c", tmp_path / "m.gguf", outtype="f32").path)
