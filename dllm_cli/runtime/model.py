@@ -1,8 +1,8 @@
 """A GGUF model loaded into the patched llama.cpp: metadata, tokenizer and chat template.
 
 ``Model`` validates the file in Python first (exists, GGUF, arch ``llada2``, not truncated, and every key and
-relation llama.cpp would assert on: ``hparams``), so a
-bad file ends in a ``ModelError`` instead of whatever the C loader would do with it.
+relation llama.cpp would assert on: ``hparams``), so a bad file ends in a ``ModelError`` instead of whatever
+the C loader would do with it. The chat template renders in a bounded sandbox (``template``).
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from dllm_cli.errors import ModelError
 from dllm_cli.registry import Preset, version_presets
 from dllm_cli.runtime.library import load as load_runtime
 from dllm_cli.runtime.options import RuntimeOptions
-
 from dllm_cli.runtime.template import ChatTemplate
 
 _CONTROL_ATTRS = 1 << 0 | 1 << 3  # LLAMA_TOKEN_ATTR_UNKNOWN | LLAMA_TOKEN_ATTR_CONTROL (include/llama.h)
