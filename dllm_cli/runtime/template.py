@@ -41,7 +41,7 @@ MAX_CHARS = 1 << 23  # any one value the template builds, and the whole output (
 MAX_SECONDS = 2.0  # wall clock for one render (real templates take milliseconds)
 MAX_GROWTH = 256 << 20  # resident memory a render may add (bytes, Linux)
 _OPEN, _CLOSE = "\ue000", "\ue001"  # private-use characters around a placeholder
-_FIX = "the template is tokenizer.chat_template inside the GGUF; re-convert the model, or use --raw"
+_FIX = "the template is tokenizer.chat_template inside the GGUF: re-convert the model (`dllm run --raw` skips it)"
 
 
 class TemplateLimit(jinja2.sandbox.SecurityError):
