@@ -82,11 +82,12 @@ class HParams:
                                    "use the config.json shipped with the checkpoint")
             v = cfg[key]
             ok = isinstance(v, bool) if kind is bool else (
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                and (kind is float or float(v).is_integer()))
+                isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**63 or
+                isinstance(v, float) and math.isfinite(v) and (kind is float or v.is_integer()))
             if not ok:
-                raise ConvertError(f"config.json key {key!r} must be {'a finite number' if kind is float else kind.__name__}"
-                                   f", got {v!r}", "use the config.json shipped with the checkpoint")
+                want = "a finite number" if kind is float else kind.__name__
+                raise ConvertError(f"config.json key {key!r} must be {want}, got {v!r}",
+                                   "use the config.json shipped with the checkpoint")
             return kind(v)
 
         ints = {k: int(get(k, int)) for k in _INT_KEYS}

@@ -73,7 +73,7 @@ CONFIG = [
     ("rms_norm_eps", 0), ("rms_norm_eps", -1e-6), ("rms_norm_eps", "1e-6"), ("rms_norm_eps", float("nan")),
     ("rope_theta", 0), ("rope_theta", float("inf")), ("routed_scaling_factor", "2.5"),
     ("routed_scaling_factor", float("nan")), ("norm_topk_prob", "yes"), ("norm_topk_prob", 1),
-    ("vocab_size", 0), ("vocab_size", -1), ("max_position_embeddings", 0), ("moe_intermediate_size", 0),
+    ("vocab_size", 0), ("vocab_size", -1), ("vocab_size", 10**400), ("hidden_size", 2**64), ("rope_theta", 10**400), ("max_position_embeddings", 0), ("moe_intermediate_size", 0),
     ("num_shared_experts", 0), ("intermediate_size", 0),
 ]
 

@@ -185,7 +185,8 @@ def _hparams(k: _Keys, n_vocab: int) -> dict[str, int]:
         if not 0 < used < groups:
             raise bad(K.EXPERT_GROUPS_USED, f"({used}) must be in 1..{K.EXPERT_GROUPS} - 1 ({groups - 1})")
         if n_used > used * per_group:
-            raise bad(K.EXPERT_USED, f"({n_used}) exceeds the experts of the {used} selected groups ({used * per_group})")
+            raise bad(K.EXPERT_USED,
+                      f"({n_used}) exceeds the experts of the {used} selected groups ({used * per_group})")
     k.f32(K.RMS_EPS, positive=True)
     k.f32(K.ROPE_FREQ_BASE, 10000.0, positive=True)
     k.f32(K.EXPERT_SCALE, 1.0)

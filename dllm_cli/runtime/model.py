@@ -64,7 +64,8 @@ def inspect_gguf(path: Path) -> GGUFInfo:
     try:
         meta = hparams.validate(reader, path)
     except (ValueError, IndexError, KeyError, TypeError, UnicodeDecodeError) as e:  # gguf-py on a damaged table
-        raise ModelError(f"{path} has corrupt metadata ({type(e).__name__}: {e})", "re-download or re-convert it") from None
+        raise ModelError(f"{path} has corrupt metadata ({type(e).__name__}: {e})",
+                         "re-download or re-convert it") from None
     return GGUFInfo(arch=arch, n_tensors=len(reader.tensors), data_end=end, meta=meta)
 
 
@@ -209,7 +210,9 @@ class Model:
     def special_texts(self) -> tuple[str, ...]:
         """Texts llama.cpp turns into control tokens when special parsing is on (CONTROL or UNKNOWN attribute)."""
         get_attr, vocab = self.rt.cdll.llama_vocab_get_attr, self.vocab  # the bare C function: ~1 us a token
-        return tuple(sorted({self.piece(i) for i in range(self.n_vocab) if get_attr(vocab, i) & _CONTROL_ATTRS} - {""}))
+        get_text = self.rt.lib.llama_vocab_get_text
+        texts = {get_text(vocab, i) for i in range(self.n_vocab) if get_attr(vocab, i) & _CONTROL_ATTRS}
+        return tuple(sorted({t.decode("utf-8", errors="replace") for t in texts if t} - {""}))
 
     def chat_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation: the template's markers are control tokens, message text never is."""
