@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from converters import convert
+from dllm_cli.bench.quality import reference_errors
 from dllm_cli.decoding import engine
 from dllm_cli.decoding.config import make_config
 from dllm_cli.demo.checkpoint import tiny_config, write_checkpoint
-from dllm_cli.reference import load_gguf
 from dllm_cli.runtime.model import Model
 from dllm_cli.runtime.options import RuntimeOptions
 from dllm_cli.runtime.session import Session
@@ -43,19 +42,8 @@ def checkpoints(d: Path) -> dict[str, Path]:
 
 def errors(path: Path, kv: str, fa: bool, threads: int) -> tuple[float, float]:
     """Max abs logit error (first block, after a 32-token prefix) of one configuration."""
-    ref = load_gguf(path, np.float64)
-    opts = RuntimeOptions(kv_type=kv, flash_attn=fa, ctx_size=256, threads=threads)
-    rng = np.random.default_rng(0)
-    out = []
-    with Model(path, opts) as m, Session(m, opts) as s:
-        for start in (0, B):
-            ids = [int(t) for t in rng.integers(0, m.mask_id, size=start + B // 2)] + [m.mask_id] * (B // 2)
-            s.reset()
-            if start:
-                s.commit(ids[:start], 0)
-            got = s.step(ids[start:], start, range(B), want_logits=True).logits
-            out.append(float(np.abs(got - ref.forward(np.asarray(ids))[start:]).max()))
-    return out[0], out[1]
+    a, b = reference_errors(path, RuntimeOptions(kv_type=kv, flash_attn=fa, ctx_size=256, threads=threads), (0, B))
+    return a, b
 
 
 def decodes(path: Path, kv: str, fa: bool, threads: int) -> list[list[int]]:

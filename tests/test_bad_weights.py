@@ -12,22 +12,14 @@ import pytest
 from gguf import GGUFReader
 
 from gguf_edit import rewrite
+from runtime_marks import needs_runtime
 
 DLLM = str(Path(sys.executable).with_name("dllm"))
 
 
-def _runtime_missing() -> str | None:
-    from dllm_cli.errors import RuntimeMissingError
-    from dllm_cli.runtime.library import check
-
-    try:
-        check()
-    except RuntimeMissingError as e:
-        return str(e)
-    return None
 
 
-pytestmark = pytest.mark.skipif(_runtime_missing() is not None, reason="no patched runtime")
+pytestmark = needs_runtime
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from dllm_cli import gguf_keys as K
 from dllm_cli.errors import ModelError
 from dllm_cli.runtime.template import MAX_SECONDS, ChatTemplate
 from gguf_edit import rewrite
+from runtime_marks import needs_runtime
 
 DLLM = str(Path(sys.executable).with_name("dllm"))
 MSGS = [{"role": "user", "content": "hi"}]
@@ -119,15 +120,6 @@ def test_a_stopped_render_leaves_no_pending_exception():
 
 
 # --- through the CLI (the template lives in the GGUF; Model needs the runtime before it renders) ---------------
-def _runtime_missing() -> str | None:
-    from dllm_cli.errors import RuntimeMissingError
-    from dllm_cli.runtime.library import check
-
-    try:
-        check()
-    except RuntimeMissingError as e:
-        return str(e)
-    return None
 
 
 CLI = {
@@ -141,7 +133,7 @@ CLI = {
 }
 
 
-@pytest.mark.skipif(_runtime_missing() is not None, reason="no patched runtime")
+@needs_runtime
 @pytest.mark.parametrize("source", list(CLI))
 def test_cli_reports_a_bad_template_in_one_line(tmp_path, source):
     from dllm_cli.registry import embedded_model_path

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from dllm_cli.runtime.template import ChatTemplate
+from runtime_marks import needs_runtime
 
 DLLM = str(Path(sys.executable).with_name("dllm"))
 
@@ -88,18 +89,8 @@ def test_a_guessed_placeholder_in_user_text_is_plain_text():
 
 
 # --- the real tokenizer of the demo model --------------------------------------------------------------------
-def _runtime_missing() -> str | None:
-    from dllm_cli.errors import RuntimeMissingError
-    from dllm_cli.runtime.library import check
-
-    try:
-        check()
-    except RuntimeMissingError as e:
-        return str(e)
-    return None
 
 
-needs_runtime = pytest.mark.skipif(_runtime_missing() is not None, reason="no patched runtime")
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from converters import convert
+from dllm_cli.bench.quality import reference_errors
 from dllm_cli.decoding import collect, generate
 from dllm_cli.decoding.events import DoneEvent
 from dllm_cli.decoding.stepper import ReferenceModel
@@ -50,18 +51,7 @@ def checkpoints(tmp_path_factory):
 
 def _errors(path: Path, opts: RuntimeOptions) -> list[float]:
     """Max abs logit error of a half-masked block: first block, and after a 32-token prefix."""
-    ref = load_gguf(path, np.float64)
-    rng = np.random.default_rng(0)
-    out = []
-    with Model(path, opts) as m, Session(m, opts) as s:
-        for start in (0, B):
-            ids = [int(t) for t in rng.integers(0, m.mask_id, size=start + B // 2)] + [m.mask_id] * (B // 2)
-            s.reset()
-            if start:
-                s.commit(ids[:start], 0)
-            got = s.step(ids[start:], start, range(B), want_logits=True).logits
-            out.append(float(np.abs(got - ref.forward(np.asarray(ids))[start:]).max()))
-    return out
+    return reference_errors(path, opts, prefixes=(0, B))
 
 
 @pytest.mark.parametrize("name", ["tiny", "nogqa"])

@@ -58,3 +58,27 @@ def compare_quality(reference: str | Path, candidates: Sequence[str | Path], pro
                      "logit_mean_abs_err": round(mean, 5),
                      "argmax_agreement": round(float(np.concatenate(agree).mean()), 4)})
     return rows
+
+
+def reference_errors(path: str | Path, opts: RuntimeOptions, prefixes: Sequence[int] = (0, 32),
+                     seed: int = 0) -> list[float]:
+    """Max abs logit error of the runtime under ``opts`` against the float64 numpy reference, one per prefix.
+
+    For each prefix length (a multiple of the block length) random ids are committed, then a block that is half
+    random ids and half masks is stepped with logits for every row. Raises whatever loading raises.
+    """
+    from dllm_cli.reference import load_gguf
+
+    ref = load_gguf(path, np.float64)
+    rng = np.random.default_rng(seed)
+    out = []
+    with Model(path, opts) as m, Session(m, opts) as s:
+        B = s.block_length
+        for start in prefixes:
+            ids = [int(t) for t in rng.integers(0, m.mask_id, size=start + B // 2)] + [m.mask_id] * (B // 2)
+            s.reset()
+            if start:
+                s.commit(ids[:start], 0)
+            got = s.step(ids[start:], start, range(B), want_logits=True).logits  # [B, V]
+            out.append(float(np.abs(got - ref.forward(np.asarray(ids))[start:]).max()))
+    return out
