@@ -327,3 +327,18 @@ def test_21_file_behaves_as_before(tmp_path):
         assert block_routing_capacity(m) == 0
         got = s.step(ids, 0, range(2 * B), want_logits=True).logits
     assert err(got, ref.forward(np.asarray(ids))) < TOL
+
+
+def test_dllm_run_produces_text_from_a_22_file(llada22):
+    """The existing decoder (M2T only: the 2.2 presets have editing off) runs a 2.2 file end to end."""
+    import subprocess
+    import sys
+
+    _, _, path = llada22
+    dllm = str(Path(sys.executable).with_name("dllm"))
+    r = subprocess.run([dllm, "run", str(path), "Sort 3 1 2", "--json", "--max-tokens", "40", "--mode", "quality"],
+                       input=b"", capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["params"]["editing"] is False and doc["params"]["threshold"] == 0.95
+    assert 0 < len(doc["tokens"]) <= 40 and isinstance(doc["text"], str) and doc["forwards"] > 0

@@ -20,6 +20,7 @@ BENCH = "Benchmark"
 class Shape(str, Enum):
     mini = "llada2-mini"
     flash = "llada2-flash"
+    mini22 = "llada2.2-mini"
 
 
 def _list(text: str | None, kind: type = str) -> tuple:
