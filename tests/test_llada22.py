@@ -3,7 +3,8 @@ runtime (exact to 1e-4 under f32 weights, f32 KV, flash attention off), and 2.0/
 
 The tiny 2.2 checkpoint has 16 experts in 4 groups (top-2 groups), top-2 per token and a pool of C = 4 experts per
 32-token routing block, so per-token routing in any block would pick far more than C distinct experts: the pool
-binds. Its expert bias is large enough that pooling the unbiased score picks other pools.
+binds. Tests check that skipping block routing, pooling the unbiased score or sharing one pool across blocks
+all change the logits by far more than the tolerance (so they would fail a runtime that did any of these).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def llada22_config(**over) -> dict:
     return cfg
 
 
-def write_llada22(d: Path, seed: int = 3, bias_scale: float = 8.0, **over) -> dict:
+def write_llada22(d: Path, seed: int = 3, bias_scale: float = 1.0, **over) -> dict:
     """A tiny 2.2 checkpoint: DELETE/SPLIT added to tokenizer.json at two padding ids, config pointing at them."""
     cfg = write_checkpoint(d, llada22_config(**over), seed=seed)  # learn the vocab size
     w = random_weights(cfg, seed, head_scale=2.0)
@@ -289,15 +290,29 @@ def test_output_rows_subset_still_pools_over_the_whole_block(runtime22):
     assert err(got, want) < TOL
 
 
-def test_experts_touched_per_block_are_capped(runtime22):
-    _, ref, _ = runtime22
-    ids = prompt(np.random.default_rng(5), 2 * B, runtime22[0])
+def test_runtime_selects_the_reference_experts_and_the_pool_binds(runtime22):
+    """The experts llama.cpp actually picked (read with the bench's cb_eval probe) are the reference's, at most C
+    distinct per routing block, while per-token routing would touch more than C in every block and MoE layer."""
+    from dllm_cli.bench.experts import ExpertProbe
+    from dllm_cli.runtime.session import Session
+
+    model, ref, exact = runtime22
+    ids = prompt(np.random.default_rng(5), 2 * B, model)
+    probe = ExpertProbe(model.rt)
+    with Session(model, exact, eval_callback=probe.callback) as s:
+        s.step(ids, 0, range(2 * B), want_logits=True)
     ref.forward(np.asarray(ids))
-    for r in ref.last_routes:
-        if r is not None:
-            for b in range(2):
-                assert len(np.unique(r.ids[b * B:(b + 1) * B])) <= CAPACITY
-    variant(ref, expert_capacity=0).forward(np.asarray(ids))  # (per-token for contrast)
+    moe_layers = [i for i, r in enumerate(ref.last_routes) if r is not None]
+    assert sorted(probe.layers) == moe_layers
+    per_token = variant(ref, expert_capacity=0)
+    per_token.forward(np.asarray(ids))
+    for il in moe_layers:
+        got, want = np.sort(probe.layers[il], axis=1), np.sort(ref.last_routes[il].ids, axis=1)
+        assert (got == want).all(), f"layer {il}"
+        for b in range(2):
+            rows = slice(b * B, (b + 1) * B)
+            assert len(np.unique(got[rows])) <= CAPACITY
+            assert len(np.unique(per_token.last_routes[il].ids[rows])) > CAPACITY
 
 
 def test_a_build_without_block_routing_is_refused_in_one_line(runtime22, monkeypatch):
