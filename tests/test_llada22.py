@@ -357,3 +357,14 @@ def test_dllm_run_produces_text_from_a_22_file(llada22):
     doc = json.loads(r.stdout)
     assert doc["params"]["editing"] is False and doc["params"]["threshold"] == 0.95
     assert 0 < len(doc["tokens"]) <= 40 and isinstance(doc["text"], str) and doc["forwards"] > 0
+
+
+def test_decode_blocks_must_tile_routing_blocks(runtime22):
+    from dllm_cli.generate import decode_config
+
+    model, _, _ = runtime22
+    assert model.routing_block == B and model.version == "2.2"
+    with pytest.raises(UsageError, match="block-length 16"):
+        decode_config(model, "quality", block_length=16)
+    assert decode_config(model, "quality", block_length=64).block_length == 64
+    assert not decode_config(model, "speed").editing  # M2T only

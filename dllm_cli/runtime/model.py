@@ -117,6 +117,11 @@ class Model:
         return self.meta(K.MODEL_VERSION) or "2.1"
 
     @cached_property
+    def routing_block(self) -> int:
+        """LLaDA2.2 block routing: tokens per routing block (0 = per-token routing)."""
+        return int(self.meta(K.EXPERT_BLOCK_SIZE) or 0) if self.meta(K.EXPERT_BLOCK_CAPACITY) else 0
+
+    @cached_property
     def presets(self) -> dict[str, Preset]:
         """Decode presets per mode stored in the GGUF, falling back to models.toml by model version."""
         fallback = version_presets(self.version) if self.version in ("2.0", "2.1", "2.2") else version_presets("2.1")
