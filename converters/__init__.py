@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from gguf import GGUFValueType, GGUFWriter
+from gguf import GGUFValueType, GGUFWriter, TokenType
 
 from converters import llada2 as _llada2  # noqa: F401  (registers LLaDA2MoeModelLM)
 from converters.base import (AtomicOutput, OutType, Progress, ProgressFn, Source, architecture_class,
@@ -24,8 +24,9 @@ from dllm_cli import __version__, gguf_keys as K, registry
 from dllm_cli.errors import ConvertError, UsageError
 
 DEFAULT_VERSION = "2.1"
-MODEL_VERSIONS = ("2.0", "2.1")
+MODEL_VERSIONS = ("2.0", "2.1", "2.2")
 _VERSION_IN_NAME = re.compile(r"2\.([01])(?!\d)")
+_V22_IN_NAME = re.compile(r"2\.2(?!\d)")
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,19 @@ def default_output(name: str, outtype: OutType) -> Path:
 def resolve_version(flag: str | None, source: Source, config: dict) -> tuple[str, bool]:
     """flag > registry alias > "2.0"/"2.1" in repo id, dir name or ``_name_or_path`` > default.
 
-    Returns (version, guessed); ``guessed`` is True when the default was used.
+    Returns (version, guessed); ``guessed`` is True when the default was used. LLaDA2.2 is told by its
+    config keys (block routing, edit-control ids; docs/LLADA22.md), never by a name alone.
     """
+    v22 = _llada2.is_llada22(config)
+    if v22 or flag == "2.2" or source.version == "2.2":
+        if not v22:
+            raise UsageError(f"--model-version 2.2: {source.origin} is not a LLaDA2.2 checkpoint: config.json has none of "
+                             f"{', '.join(_llada2.LLADA22_KEYS)}",
+                             "LLaDA2.2 configs carry expert_capacity/block_size and delete/split token ids")
+        if flag and flag != "2.2":
+            raise UsageError(f"{source.origin} is a LLaDA2.2 checkpoint (config.json has block routing keys); "
+                             f"--model-version {flag} does not fit it", "drop --model-version or pass 2.2")
+        return "2.2", False
     if flag:
         if flag not in MODEL_VERSIONS:
             raise UsageError(f"unknown model version {flag!r}", f"use one of {', '.join(MODEL_VERSIONS)}")
@@ -64,6 +76,10 @@ def resolve_version(flag: str | None, source: Source, config: dict) -> tuple[str
         m = _VERSION_IN_NAME.search(n)
         if m:
             return f"2.{m.group(1)}", False
+        if _V22_IN_NAME.search(n):
+            raise ConvertError(f"{source.origin} is named LLaDA2.2 but config.json lacks 'expert_capacity' (expected "
+                               f"the block-routing pool size, 48 in LLaDA2.2)",
+                               "use the config.json shipped with the checkpoint (see docs/LLADA22.md)")
     return DEFAULT_VERSION, True
 
 
@@ -108,6 +124,8 @@ def convert(source: str | Path, output: str | Path | None = None, *, outtype: st
         warn(f"cannot tell the LLaDA2 version of {src.origin}; assuming {version} "
              f"(pass --model-version 2.0 for LLaDA2.0 checkpoints)")
     presets = registry.version_presets(version)
+    unused = {i for i, t in enumerate(vocab.types) if t == int(TokenType.UNUSED)}
+    edit_ids = _llada2.edit_token_ids(config, vocab.tokens, unused) if version == "2.2" else None
 
     def write_kv(w: GGUFWriter) -> None:
         w.add_name(src.name)
@@ -125,6 +143,11 @@ def convert(source: str | Path, output: str | Path | None = None, *, outtype: st
         w.add_key_value(K.REVISION, src.revision, GGUFValueType.STRING)
         w.add_string(K.DLLM_VERSION, __version__)
         write_vocab(w, vocab)
+        if edit_ids is not None:  # LLaDA2.2 only, after every key a 2.0/2.1 file has (their bytes stay the same)
+            w.add_uint32(K.DELETE_ID, edit_ids[0])
+            w.add_uint32(K.SPLIT_ID, edit_ids[1])
+            stops = [vocab.eos_id] + ([vocab.eot_id] if vocab.eot_id is not None else [])
+            w.add_array(K.STOP_IDS, stops)
 
     atomic.check(need_bytes=sum(p.nbytes for p in plans))  # before the first byte: room for the tensors
     with atomic as part:

@@ -73,6 +73,8 @@ class HParams:
     rope_theta: float
     rope_dim: int
     norm_topk: bool
+    capacity: int = 0  # LLaDA2.2 block routing: experts admitted per routing block (0 = per-token routing)
+    routing_block: int = 0  # tokens per routing block
 
     @classmethod
     def from_config(cls, cfg: dict) -> "HParams":
@@ -103,7 +105,8 @@ class HParams:
                  groups=ints["n_group"], groups_used=ints["topk_group"],
                  dense_layers=ints["first_k_dense_replace"], context=ints["max_position_embeddings"],
                  scale=flts["routed_scaling_factor"], eps=flts["rms_norm_eps"], rope_theta=flts["rope_theta"],
-                 rope_dim=int(head_dim * flts["partial_rotary_factor"]), norm_topk=bool(get("norm_topk_prob", bool)))
+                 rope_dim=int(head_dim * flts["partial_rotary_factor"]), norm_topk=bool(get("norm_topk_prob", bool)),
+                 **block_routing(cfg, ints["num_experts"], ints["num_experts_per_tok"]))
         hp._validate()
         return hp
 
@@ -155,6 +158,53 @@ def _check_ranges(ints: dict[str, int], flts: dict[str, float]) -> None:
         if not ok:
             raise ConvertError(f"config.json key {key!r} is {flts[key]}, must be {want}",
                                "use the config.json shipped with the checkpoint")
+
+
+# config.json keys that only LLaDA2.2 checkpoints have (docs/LLADA22.md)
+LLADA22_KEYS = ("expert_capacity", "delete_token_id", "split_token_id")
+
+
+def is_llada22(cfg: dict) -> bool:
+    """A LLaDA2.2 config: any of the block-routing / edit-control keys is present."""
+    return any(k in cfg for k in LLADA22_KEYS)
+
+
+def _need_int(cfg: dict, key: str, expected: str) -> int:
+    v = cfg.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) and not (isinstance(v, float) and v.is_integer()):
+        got = "it is missing" if key not in cfg else f"got {v!r}"
+        raise ConvertError(f"LLaDA2.2 config.json key {key!r}: expected {expected}, {got}",
+                           "use the config.json shipped with the checkpoint (see docs/LLADA22.md)")
+    return int(v)
+
+
+def block_routing(cfg: dict, n_expert: int, n_used: int) -> dict[str, int]:
+    """``capacity`` and ``routing_block`` of a LLaDA2.2 config (both 0 otherwise); unconfirmed shapes refuse."""
+    if not is_llada22(cfg):
+        return {}
+    cap = _need_int(cfg, "expert_capacity", f"the number of experts admitted per routing block "
+                                            f"(48 in LLaDA2.2), between num_experts_per_tok={n_used} and num_experts={n_expert}")
+    if not n_used <= cap <= n_expert:
+        raise ConvertError(f"LLaDA2.2 config.json key 'expert_capacity'={cap}: expected a value between "
+                           f"num_experts_per_tok={n_used} and num_experts={n_expert}")
+    blk = _need_int(cfg, "block_size", f"the routing block length in tokens, a divisor of {BLOCK_LENGTH} (32 in LLaDA2.2)")
+    if blk < 1 or BLOCK_LENGTH % blk:
+        raise ConvertError(f"LLaDA2.2 config.json key 'block_size'={blk}: expected a divisor of dllm's decode block "
+                           f"length {BLOCK_LENGTH} (32 in LLaDA2.2)")
+    return {"capacity": cap, "routing_block": blk}
+
+
+def edit_token_ids(cfg: dict, tokens: list[str], unused: set[int]) -> tuple[int, int]:
+    """DELETE and SPLIT ids of a LLaDA2.2 config, each required to name a real token of tokenizer.json."""
+    out = []
+    for key, role in (("delete_token_id", "DELETE"), ("split_token_id", "SPLIT/INSERT")):
+        i = _need_int(cfg, key, f"the id of the {role} edit-control token (156930/156931 in LLaDA2.2-flash)")
+        if not 0 <= i < len(tokens) or i in unused:
+            raise ConvertError(f"LLaDA2.2 config.json key {key!r}={i}: expected the id of a token defined in "
+                               f"tokenizer.json (the {role} edit-control token), but tokenizer.json has none there",
+                               "the tokenizer and config.json belong to different models")
+        out.append(i)
+    return out[0], out[1]
 
 
 def _check_supported(cfg: dict) -> None:
@@ -265,6 +315,10 @@ class LLaDA2:
         writer.add_bool(K.EXPERT_NORM, hp.norm_topk)
         writer.add_bool(K.CAUSAL, False)
         writer.add_bool(K.SHIFT_LOGITS, False)
+        if hp.capacity:  # LLaDA2.2 only: 2.0/2.1 files keep exactly the keys above
+            writer.add_uint32(K.EXPERT_BLOCK_CAPACITY, hp.capacity)
+            writer.add_uint32(K.EXPERT_BLOCK_SIZE, hp.routing_block)
+            writer.add_string(K.EXPERT_BLOCK_SCORE, K.BLOCK_SCORE_BIASED)
 
 
 def _natural(name: str) -> tuple:

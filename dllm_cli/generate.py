@@ -44,6 +44,11 @@ def load(name: str | None = None, options: RuntimeOptions | None = None) -> Load
 def decode_config(model: Model, mode: str, **overrides: Any) -> DecodeConfig:
     """Config from the GGUF's presets for ``mode`` plus explicit overrides; stops on EOS and end-of-turn."""
     overrides.setdefault("stop_ids", model.stop_ids)
+    routing = model.routing_block  # LLaDA2.2: pools span whole routing blocks, so decode blocks must tile them
+    block = overrides.get("block_length")
+    if routing and block and block % routing:
+        raise UsageError(f"--block-length {block}: this LLaDA2.2 model routes experts per {routing}-token block",
+                         f"use a multiple of {routing}")
     return make_config(mode, model.version, model.presets, **overrides)
 
 

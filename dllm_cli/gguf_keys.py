@@ -34,6 +34,12 @@ EXPERT_NORM = f"{ARCH}.expert_weights_norm"
 EXPERT_GROUPS = f"{ARCH}.expert_group_count"
 EXPERT_GROUPS_USED = f"{ARCH}.expert_group_used_count"
 NEXTN_LAYERS = f"{ARCH}.nextn_predict_layers"
+# LLaDA2.2 block routing (ours; docs/LLADA22.md): per routing block of EXPERT_BLOCK_SIZE tokens, the pool of the
+# EXPERT_BLOCK_CAPACITY experts with the highest max-over-tokens score; then per-token top-k inside the pool.
+EXPERT_BLOCK_CAPACITY = f"{ARCH}.expert_block_capacity"
+EXPERT_BLOCK_SIZE = f"{ARCH}.expert_block_size"
+EXPERT_BLOCK_SCORE = f"{ARCH}.expert_block_score"  # which score is pooled; only BLOCK_SCORE_BIASED exists
+BLOCK_SCORE_BIASED = "sigmoid+bias"
 
 GATING_SIGMOID = 2  # llama.cpp LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
 
@@ -41,6 +47,10 @@ GATING_SIGMOID = 2  # llama.cpp LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
 BLOCK_LENGTH = f"{ARCH}.diffusion.block_length"
 SHIFT_LOGITS = f"{ARCH}.diffusion.shift_logits"
 MODEL_VERSION = "dllm.model_version"  # "2.0" | "2.1" | "2.2"
+# LLaDA2.2 edit-control tokens (ids from config.json, checked against tokenizer.json) and its stop set
+DELETE_ID = f"{ARCH}.diffusion.delete_token_id"
+SPLIT_ID = f"{ARCH}.diffusion.split_token_id"
+STOP_IDS = f"{ARCH}.diffusion.stop_token_ids"
 PRESET_PREFIX = "dllm.preset"  # dllm.preset.{speed,quality}.{threshold,editing_threshold,max_post_steps,editing}
 PRESET_FIELDS = ("threshold", "editing_threshold", "max_post_steps", "editing")
 SOURCE = "dllm.source"

@@ -15,7 +15,7 @@ MODES = ("speed", "quality")
 _PRESET_KEYS = {"threshold": float, "editing_threshold": float, "max_post_steps": int, "editing": bool}
 _MODEL_KEYS = {"repo": str, "version": str, "params_total": str, "params_active": str, "description": str,
                "recommended_quant": str, "sizes_gb": dict}
-_OPTIONAL_KEYS = {"file": str}
+_OPTIONAL_KEYS = {"file": str, "notes": str}
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class ModelSpec:
     sizes_gb: dict[str, float] = field(hash=False)
     presets: dict[str, Preset] = field(hash=False)
     file: str = ""
+    notes: str = ""  # caveats shown by `dllm models show` (e.g. unofficial presets)
 
     @property
     def embedded(self) -> bool:
@@ -122,7 +123,7 @@ def load_registry(path: str | Path | None = None) -> dict[str, ModelSpec]:
 
 
 def version_presets(version: str) -> dict[str, Preset]:
-    """The speed/quality presets of a model version ("2.0", "2.1")."""
+    """The speed/quality presets of a model version ("2.0", "2.1", "2.2")."""
     presets = _load(str(registry_path()))[1]
     if version not in presets:
         raise RegistryError(f"no presets for model version {version!r}", f"known: {', '.join(presets)}")

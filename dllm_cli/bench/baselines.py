@@ -24,7 +24,8 @@ PAPER_TPF = {
     "llada2.0-flash/quality": 3.08, "llada2.0-flash/speed": 3.08,
     "llada2.1-flash/speed": 5.93, "llada2.1-flash/quality": 3.64,
 }
-PAPER_TPF_DEFAULT = {"llada2-mini": "llada2.1-mini", "llada2-flash": "llada2.1-flash"}  # --synthetic shape -> key
+# --synthetic shape -> key; no LLaDA2.2-mini TPF is published: its shape borrows the 2.1-mini figure
+PAPER_TPF_DEFAULT = {"llada2-mini": "llada2.1-mini", "llada2-flash": "llada2.1-flash", "llada2.2-mini": "llada2.1-mini"}
 
 
 def recompute_step(session: Session, window: Sequence[int], block: int, rows: int | None = None) -> float:

@@ -35,6 +35,10 @@ SHAPES: dict[str, dict[str, Any]] = {
     "llada2-flash": {**_COMMON, "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
                      "intermediate_size": 9216, "moe_intermediate_size": 1024},
 }
+# LLaDA2.2-mini: the mini shapes (no 2.2-mini config.json was available) with block routing, C = 48 of 256 experts
+# per 32-token routing block, and the 128K context (docs/LLADA22.md)
+SHAPES["llada2.2-mini"] = {**SHAPES["llada2-mini"], "expert_capacity": 48, "block_size": 32,
+                           "max_position_embeddings": 131072}
 CHUNK = 1 << 24  # elements generated at a time (64 MiB of float32)
 
 
@@ -139,8 +143,9 @@ def write_random_gguf(path: Path, cfg: dict[str, Any], *, seed: int = 0, name: s
     writer.add_file_type(file_type_of(OutType.F16))
     writer.add_quantization_version(2)
     arch.write_kv(writer)
-    writer.add_string(K.MODEL_VERSION, "2.1")
-    for mode, preset in version_presets("2.1").items():
+    version = "2.2" if arch.hp.capacity else "2.1"
+    writer.add_string(K.MODEL_VERSION, version)
+    for mode, preset in version_presets(version).items():
         writer.add_float32(K.preset_key(mode, "threshold"), preset.threshold)
         writer.add_float32(K.preset_key(mode, "editing_threshold"), preset.editing_threshold)
         writer.add_uint32(K.preset_key(mode, "max_post_steps"), preset.max_post_steps)

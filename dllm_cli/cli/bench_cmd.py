@@ -25,6 +25,7 @@ MAX_INPUT_BYTES = 64 * 2**20  # a prompts file or a saved run; anything bigger i
 class Shape(str, Enum):
     mini = "llada2-mini"
     flash = "llada2-flash"
+    mini22 = "llada2.2-mini"
 
 
 def _list(text: str | None) -> tuple[str, ...]:

@@ -36,6 +36,7 @@ class QuantChoice(str, Enum):
 class VersionChoice(str, Enum):
     v20 = "2.0"
     v21 = "2.1"
+    v22 = "2.2"
 
 
 class _Bar:

@@ -45,10 +45,13 @@ def models_list(ctx: typer.Context,
 
 
 def _spec_dict(s: registry.ModelSpec) -> dict:
-    return {"alias": s.alias, "repo": s.repo, "version": s.version, "params_total": s.params_total,
-            "params_active": s.params_active, "description": s.description,
-            "recommended_quant": s.recommended_quant, "sizes_gb": s.sizes_gb,
-            "presets": {m: vars(p) for m, p in s.presets.items()}}
+    d = {"alias": s.alias, "repo": s.repo, "version": s.version, "params_total": s.params_total,
+         "params_active": s.params_active, "description": s.description,
+         "recommended_quant": s.recommended_quant, "sizes_gb": s.sizes_gb,
+         "presets": {m: vars(p) for m, p in s.presets.items()}}
+    if s.notes:
+        d["notes"] = s.notes
+    return d
 
 
 @models_app.command("show")

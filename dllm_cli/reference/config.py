@@ -36,6 +36,14 @@ class RefConfig:
     n_vocab: int
     block_length: int = DEFAULT_BLOCK_LENGTH
     mask_id: int | None = None
+    # LLaDA2.2 block routing (docs/LLADA22.md); expert_capacity 0 = per-token routing (2.0/2.1)
+    expert_capacity: int = 0
+    routing_block: int = 0
+    # test knobs, never read from a file: which score is pooled ("biased" = sigmoid + expert bias, as the
+    # sources say; "unbiased" = sigmoid only) and over what ("block" = each routing block; "forward" = every
+    # token of the call, i.e. a pool leaking across blocks)
+    pool_score: str = "biased"
+    pool_scope: str = "block"
 
     def __post_init__(self) -> None:
         problems = []
@@ -50,6 +58,12 @@ class RefConfig:
                             f"(use {self.n_group_used}), top-{self.n_expert_used}")
         if self.block_length < 1:
             problems.append(f"block_length {self.block_length} must be positive")
+        if self.expert_capacity and (not self.n_expert_used <= self.expert_capacity <= self.n_expert
+                                     or self.routing_block < 1):
+            problems.append(f"bad block routing: capacity {self.expert_capacity} of {self.n_expert} experts "
+                            f"(top-{self.n_expert_used}), routing block {self.routing_block}")
+        if self.pool_score not in ("biased", "unbiased") or self.pool_scope not in ("block", "forward"):
+            problems.append(f"bad pool knobs {self.pool_score!r}/{self.pool_scope!r}")
         if problems:
             raise ModelError("invalid LLaDA2 configuration: " + "; ".join(problems),
                              "check the model's config.json or GGUF metadata")
@@ -80,6 +94,8 @@ def config_from_hf(cfg: dict[str, Any], *, block_length: int = DEFAULT_BLOCK_LEN
         expert_norm=bool(need("norm_topk_prob")), n_vocab=int(need("vocab_size")),
         block_length=int(cfg.get("block_length", block_length)),
         mask_id=cfg.get("mask_token_id", mask_id),
+        expert_capacity=int(cfg.get("expert_capacity") or 0),
+        routing_block=int(cfg.get("block_size") or 0) if cfg.get("expert_capacity") else 0,
     )
 
 
@@ -108,6 +124,10 @@ def config_from_gguf(get: Callable[[str], Any], n_vocab: int) -> RefConfig:
             raise ModelError(f"GGUF lacks key {key!r}", "re-convert the model with `dllm convert`")
         return value
 
+    score = get(K.EXPERT_BLOCK_SCORE)
+    if get(K.EXPERT_BLOCK_CAPACITY) and score != K.BLOCK_SCORE_BIASED:
+        raise ModelError(f"GGUF block routing pools {score!r}; only {K.BLOCK_SCORE_BIASED!r} is implemented",
+                         "re-convert the model with `dllm convert`")
     gating = get(K.EXPERT_GATING)
     if gating is not None and int(gating) != K.GATING_SIGMOID:
         raise ModelError(f"GGUF expert gating function {gating} is not sigmoid ({K.GATING_SIGMOID})",
@@ -124,4 +144,6 @@ def config_from_gguf(get: Callable[[str], Any], n_vocab: int) -> RefConfig:
         expert_norm=bool(need(K.EXPERT_NORM)), n_vocab=int(get(K.VOCAB_SIZE) or n_vocab),
         block_length=int(get(K.BLOCK_LENGTH) or DEFAULT_BLOCK_LENGTH),
         mask_id=None if mask_id is None else int(mask_id),
+        expert_capacity=int(get(K.EXPERT_BLOCK_CAPACITY) or 0),
+        routing_block=int(get(K.EXPERT_BLOCK_SIZE) or 0),
     )

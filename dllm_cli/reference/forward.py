@@ -78,17 +78,38 @@ class Route(NamedTuple):
     weights: np.ndarray  # [T, k]
 
 
+def block_pool(score: np.ndarray, block_ids: np.ndarray, capacity: int) -> np.ndarray:
+    """LLaDA2.2 block routing: per routing block, the ``capacity`` experts with the highest max-over-tokens score.
+
+    Returns the allowed-expert mask [T, E] (each token gets its block's pool). Ties break toward the lower index.
+    """
+    allowed = np.zeros(score.shape, dtype=bool)  # [T, E]
+    for b in np.unique(block_ids):
+        rows = block_ids == b  # [T]
+        g = score[rows].max(axis=0)  # [E] "token racing": each expert's best score in the block
+        pool = np.argsort(-g, kind="stable")[:capacity]  # [C]
+        allowed[np.ix_(rows, pool)] = True
+    return allowed
+
+
 def route(x: np.ndarray, w_gate: np.ndarray, expert_bias: np.ndarray | None, *, n_expert_used: int,
-          n_group: int = 1, n_group_used: int = 1, expert_norm: bool = True, expert_scale: float = 1.0) -> Route:
-    """Group-limited sigmoid top-k routing (spec §3.6).
+          n_group: int = 1, n_group_used: int = 1, expert_norm: bool = True, expert_scale: float = 1.0,
+          block_ids: np.ndarray | None = None, capacity: int = 0, pool_score: str = "biased") -> Route:
+    """Group-limited sigmoid top-k routing (spec §3.6), or LLaDA2.2 block routing when ``capacity`` > 0.
 
     The bias only steers selection; weights are the original sigmoid scores of the chosen experts.
-    Ties break toward the lower index (stable sorts).
+    Block routing (docs/LLADA22.md): tokens with equal ``block_ids`` share a pool of ``capacity`` experts
+    chosen by the max over their tokens of the biased score; each token then takes its top-k of the biased
+    score inside the pool, without the group restriction. Ties break toward the lower index (stable sorts).
     """
     t, e = x.shape[0], w_gate.shape[0]
     s = sigmoid(x @ w_gate.T)  # [T, E]
     sel = s if expert_bias is None else s + expert_bias[None, :]  # [T, E]
-    if n_group > 1:
+    if capacity:
+        ids_in = np.zeros(t, dtype=np.int64) if block_ids is None else np.asarray(block_ids)  # [T]
+        allowed = block_pool(sel if pool_score == "biased" else s, ids_in, capacity)  # [T, E]
+        sel = np.where(allowed, sel, -np.inf)  # [T, E]
+    elif n_group > 1:
         per = e // n_group
         grouped = np.sort(sel.reshape(t, n_group, per), axis=-1)  # [T, G, E/G] ascending
         score = grouped[..., -min(2, per):].sum(axis=-1)  # [T, G] sum of the two best
@@ -103,11 +124,22 @@ def route(x: np.ndarray, w_gate: np.ndarray, expert_bias: np.ndarray | None, *, 
     return Route(ids.astype(np.int64), w * np.asarray(expert_scale, dtype=w.dtype))
 
 
-def moe(x: np.ndarray, wts: Weights, p: str, cfg: RefConfig) -> tuple[np.ndarray, Route]:
+def routing_blocks(pos: np.ndarray, cfg: RefConfig) -> np.ndarray | None:
+    """The routing block of each position (``pos // block_size``), or None without block routing."""
+    if not cfg.expert_capacity:
+        return None
+    if cfg.pool_scope == "forward":
+        return np.zeros(len(pos), dtype=np.int64)  # [S] one pool for the whole call (a leak, for tests)
+    return np.asarray(pos, dtype=np.int64) // cfg.routing_block  # [S]
+
+
+def moe(x: np.ndarray, wts: Weights, p: str, cfg: RefConfig,
+        block_ids: np.ndarray | None = None) -> tuple[np.ndarray, Route]:
     """Routed experts (looping over experts, not tokens) plus the shared expert on the same input."""
     r = route(x, wts[p + "ffn_gate_inp.weight"], wts.get(p + "exp_probs_b.bias"),
               n_expert_used=cfg.n_expert_used, n_group=cfg.n_group, n_group_used=cfg.n_group_used,
-              expert_norm=cfg.expert_norm, expert_scale=cfg.expert_scale)
+              expert_norm=cfg.expert_norm, expert_scale=cfg.expert_scale, block_ids=block_ids,
+              capacity=cfg.expert_capacity, pool_score=cfg.pool_score)
     gate, up, down = (wts[p + f"ffn_{n}_exps.weight"] for n in ("gate", "up", "down"))  # [E, I, H] x2, [E, H, I]
     y = np.zeros_like(x)  # [T, H]
     for ex in np.unique(r.ids):
@@ -163,7 +195,7 @@ def layer(h: np.ndarray, wts: Weights, i: int, cfg: RefConfig, pos: np.ndarray, 
     if i < cfg.n_dense:
         ffn = swiglu(m, wts[p + "ffn_gate.weight"], wts[p + "ffn_up.weight"], wts[p + "ffn_down.weight"])  # [S, H]
         return LayerOut(h + ffn, k, v, None)
-    ffn, r = moe(m, wts, p, cfg)  # [S, H]
+    ffn, r = moe(m, wts, p, cfg, routing_blocks(pos, cfg))  # [S, H]
     return LayerOut(h + ffn, k, v, r)
 
 

@@ -69,6 +69,16 @@ def inspect_gguf(path: Path) -> GGUFInfo:
     return GGUFInfo(arch=arch, n_tensors=len(reader.tensors), data_end=end, meta=meta)
 
 
+def block_routing_capacity(model: "Model") -> int | None:
+    """The block-routing pool size the loaded model runs with (0 = per-token), None if the runtime has no
+    block routing at all (a build without patch 0006)."""
+    fn = getattr(model.rt.cdll, "llama_dllm_block_routing", None)
+    if fn is None:
+        return None
+    fn.restype, fn.argtypes = ctypes.c_int32, [ctypes.c_void_p]
+    return int(fn(model.ptr))
+
+
 class Model:
     """A loaded ``llama_model`` with its vocabulary. Close it (or use ``with``) to free memory."""
 
@@ -106,6 +116,15 @@ class Model:
             raise ModelError(f"{self.path} has no {K.MASK_ID}", "re-convert it with `dllm convert`")
         self.block_length = self.info.block_length
         self.n_ctx_train = int(lib.llama_model_n_ctx_train(self.ptr))
+        self._check_block_routing()
+
+    def _check_block_routing(self) -> None:
+        """A LLaDA2.2 file must run with its block routing (patch 0006), never silently per token."""
+        want = int(self.meta(K.EXPERT_BLOCK_CAPACITY) or 0)
+        if want and block_routing_capacity(self) != want:
+            self.close()
+            raise ModelError(f"{self.path} is a LLaDA2.2 file (block routing, {want} experts per block) and this "
+                             f"runtime build does not run its block routing", "run `dllm runtime build`")
 
     # --- metadata -------------------------------------------------------------------------
     def meta(self, key: str) -> str | None:
@@ -124,11 +143,16 @@ class Model:
         return self.info.version
 
     @cached_property
+    def routing_block(self) -> int:
+        """LLaDA2.2 block routing: tokens per routing block (0 = per-token routing)."""
+        return int(self.meta(K.EXPERT_BLOCK_SIZE) or 0) if self.meta(K.EXPERT_BLOCK_CAPACITY) else 0
+
+    @cached_property
     def presets(self) -> dict[str, Preset]:
         """Decode presets per mode stored in the GGUF (validated on open), else models.toml's by model version."""
         if self.info.presets is not None:
             return dict(self.info.presets)
-        return version_presets(self.version if self.version in ("2.0", "2.1") else "2.1")
+        return version_presets(self.version if self.version in ("2.0", "2.1", "2.2") else "2.1")
 
     @cached_property
     def description(self) -> str:
