@@ -19,7 +19,7 @@ from dllm_cli.errors import DllmError
 
 app = typer.Typer(
     name="dllm", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-    help="Run LLaDA2.x diffusion language models locally: convert, chat, run, bench.",
+    help="Run LLaDA2.x diffusion language models locally: convert, chat, run, bench, serve.",
     rich_markup_mode="rich",
 )
 
@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "dllm_cli.cli.chat_cmd",
     "dllm_cli.cli.run_cmd",
     "dllm_cli.cli.bench_cmd",
+    "dllm_cli.cli.serve_cmd",
 )
 
 

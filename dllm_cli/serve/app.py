@@ -1,0 +1,257 @@
+"""The FastAPI application: OpenAI-compatible routes, SSE streaming, OpenAI-style errors, the live page.
+
+Every route only validates, queues a ``Job`` on the ``Worker`` and turns the job's events into responses; the
+model lives on the worker thread. Whatever goes wrong, the client gets ``{"error": {...}}`` with a 4xx/5xx
+status, never a traceback (the log on stderr has it).
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from dllm_cli import __version__
+from dllm_cli.decoding.events import BlockEvent
+from dllm_cli.serve.completion import Tally, TextStream, conclude
+from dllm_cli.serve.errors import ApiError, from_library
+from dllm_cli.serve.requests import Shape, chat_spec, completion_spec
+from dllm_cli.serve.schemas import ChatRequest, CompletionRequest
+from dllm_cli.serve.worker import END, Item, Job, Worker
+
+log = logging.getLogger("dllm.serve")
+POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Server policy: the API key (None = open), the request body limit."""
+
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes is answered 413 before any route reads it."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                break
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._refuse(scope, receive, send)
+            if not msg.get("more_body"):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        err = ApiError(413, f"the request body is larger than {self.limit} bytes", code="request_too_large")
+        await JSONResponse(err.body(), status_code=413)(scope, receive, send)
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return ApiError(400, "the request body is not valid JSON", code="invalid_json")
+    param = ".".join(loc) or None
+    if param is None:
+        return ApiError(400, "the request body must be a JSON object (Content-Type: application/json)",
+                        code="invalid_json")
+    if first.get("type") == "missing":
+        return ApiError(400, f"missing required field {param!r}", param=param, code="missing_required_parameter")
+    msg = first.get("msg", "invalid request")
+    return ApiError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def api_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    async def validation(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        err = _validation_error(exc)
+        return JSONResponse(err.body(), status_code=err.status)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        what = {404: "not found: the API is under /v1 (see GET /v1/models)",
+                405: "method not allowed on this path"}.get(exc.status_code, str(exc.detail))
+        err = ApiError(exc.status_code, f"{request.method} {request.url.path}: {what}",
+                       code={404: "not_found", 405: "method_not_allowed"}.get(exc.status_code))
+        return JSONResponse(err.body(), status_code=exc.status_code)
+
+    async def unexpected(_: Request, exc: Exception) -> Response:
+        log.error("unhandled error", exc_info=exc)
+        err = from_library(exc)
+        return JSONResponse(err.body(), status_code=err.status)
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(RequestValidationError, validation)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)
+
+
+def _sse(obj: Any, event: str | None = None) -> dict[str, Any]:
+    data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
+    return {"data": data, "event": event} if event else {"data": data}
+
+
+class Exchange:
+    """One request's life after validation: queued, then events folded into a response or an SSE stream."""
+
+    def __init__(self, worker: Worker, job: Job, shape: Shape, stop: list[str], hold_tool_calls: bool) -> None:
+        self.worker, self.job, self.shape = worker, job, shape
+        self.stream = TextStream(stop, hold_tool_calls=hold_tool_calls)
+        self.tally = Tally()
+
+    async def next(self, request: Request) -> Item:
+        """The job's next item; cancels the job and raises CancelledError when the client has gone."""
+        while True:
+            try:
+                return await asyncio.wait_for(self.job.items.get(), POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    self.job.cancel()
+                    raise asyncio.CancelledError("client disconnected") from None
+
+    def fold(self, item: Item) -> str:
+        """Fold one ``(event, view)`` item; return the text it makes final (stop strings handled)."""
+        assert isinstance(item, tuple)
+        ev, _view = item
+        self.tally.update(ev)
+        if not isinstance(ev, BlockEvent):
+            return ""
+        delta = self.stream.feed(ev.text)
+        if self.stream.stopped:
+            self.job.cancel()  # the rest would be thrown away: free the model at the next step
+        return delta
+
+    async def respond(self, request: Request) -> dict[str, Any]:
+        """Run to the end and build the non-streaming body."""
+        try:
+            while (item := await self.next(request)) is not END:
+                if isinstance(item, BaseException):
+                    raise from_library(item)
+                self.fold(item)
+        finally:
+            self.job.cancel()
+        outcome, _ = conclude(self.stream, self.tally)
+        return self.shape.response(outcome, self.tally.usage())
+
+    async def events(self, first: Item, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+        """SSE items: block-final text deltas (and step views when asked), finish, usage, ``[DONE]``."""
+        item, shape = first, self.shape
+        try:
+            if shape.chat:
+                yield _sse(shape.chunk(role=True))
+            while item is not END:
+                if isinstance(item, BaseException):
+                    yield _sse(from_library(item).body())
+                    return
+                delta = self.fold(item)
+                ev, view = item
+                if view is not None and not self.stream.stopped:
+                    yield _sse(view, "dllm.step")
+                elif self.job.spec.events and isinstance(ev, BlockEvent):
+                    yield _sse({"block": ev.block}, "dllm.block")
+                if delta:
+                    yield _sse(shape.chunk(text=delta))
+                item = await self.job.items.get()
+            outcome, rest = conclude(self.stream, self.tally)
+            if rest:
+                yield _sse(shape.chunk(text=rest))
+            if outcome.tool_calls:
+                yield _sse(shape.chunk(tool_calls=outcome.tool_calls))
+            yield _sse(shape.chunk(finish=outcome.finish_reason))
+            if include_usage:
+                yield _sse(shape.usage_chunk(self.tally.usage()))
+            yield _sse("[DONE]")
+        finally:
+            self.job.cancel()  # a client gone mid-stream lands here: the worker stops at the next step
+
+
+def create_app(worker: Worker, settings: ServeSettings | None = None) -> FastAPI:
+    """The ASGI app over a started ``Worker``."""
+    settings = settings or ServeSettings()
+    app = FastAPI(title="dllm", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    _install_error_handlers(app)
+
+    async def authorize(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), settings.api_key.encode()):
+            raise ApiError(401, "invalid API key: send it as 'Authorization: Bearer KEY'", code="invalid_api_key")
+
+    async def run(request: Request, body: Any, spec: Any, chat: bool, hold: bool) -> Any:
+        job = Job(spec, asyncio.get_running_loop())
+        worker.submit(job)
+        ex = Exchange(worker, job, Shape(chat, worker.model_id), body.stop_list(), hold)
+        if not body.stream:
+            return JSONResponse(await ex.respond(request))
+        first = await ex.next(request)  # the job has started: a bad prompt is still a plain 4xx here
+        if isinstance(first, BaseException):
+            job.cancel()
+            raise from_library(first)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventSourceResponse(ex.events(first, include_usage), ping=15)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(body: ChatRequest, request: Request) -> Any:
+        spec = chat_spec(body)
+        hold = bool(body.tools) and body.tool_choice != "none"
+        return await run(request, body, spec, True, hold)
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        return await run(request, body, completion_spec(body), False, False)
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": worker.model_id, "object": "model", "created": 0,
+                                            "owned_by": "dllm"}]}
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": worker.model_id, "queue": worker.status()}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(resources.files("dllm_cli.serve").joinpath("static/index.html").read_text("utf-8"))
+
+    return app
