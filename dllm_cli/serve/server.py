@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import ipaddress
 import logging
+import signal
+import threading
 from typing import Any, Callable
 
 from dllm_cli.serve.app import ServeSettings, create_app
@@ -54,10 +56,18 @@ def serve(open_backend: Callable[[], Backend], settings: ServeSettings, host: st
     """Load the model (errors raise here), then serve until Ctrl-C or SIGTERM."""
     worker = Worker(open_backend, queue_size=queue_size)
     worker.start()
+    # uvicorn re-raises SIGTERM once it has shut down, which would kill the process before the worker closes
+    # the model; a no-op handler underneath makes that re-raise return, so SIGTERM ends with exit 0 after cleanup.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: None) if main else None
     try:
         if on_ready is not None:
             on_ready(worker)
         make_server(worker, settings, host, port, log_level=log_level).run()
     finally:
-        logging.getLogger("dllm.serve").info("stopping: cancelling queued requests, closing the model")
+        log = logging.getLogger("dllm.serve")
+        log.info("stopping: cancelling queued requests, closing the model")
         worker.stop()
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+        log.info("stopped")
