@@ -18,12 +18,12 @@ class DllmOptions(_Body):
     """``"dllm": {...}``: decode preset and knobs of this request, and whether to stream step events."""
 
     mode: Optional[Literal["speed", "quality"]] = None
-    threshold: Optional[float] = Field(None, ge=0.0, le=1.0)
-    editing_threshold: Optional[float] = Field(None, ge=0.0, le=1.0)
-    max_post_steps: Optional[int] = Field(None, ge=0)
+    threshold: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    editing_threshold: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    max_post_steps: Optional[int] = Field(default=None, ge=0)
     editing: Optional[bool] = None
-    block_length: Optional[int] = Field(None, ge=1)
-    top_k: Optional[int] = Field(None, ge=0)
+    block_length: Optional[int] = Field(default=None, ge=1)
+    top_k: Optional[int] = Field(default=None, ge=0)
     events: bool = False  # stream each decoding step as an ``event: dllm.step`` SSE event
 
 
@@ -74,16 +74,16 @@ class NamedToolChoice(_Body):
 
 class _Sampling(_Body):
     model: Optional[str] = None
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
-    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
     seed: Optional[int] = None
     stop: Union[str, list[str], None] = None
-    n: int = Field(1, ge=1)
+    n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
-    dllm: DllmOptions = Field(default_factory=DllmOptions)
+    dllm: DllmOptions = DllmOptions()  # pydantic copies defaults per instance
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -92,7 +92,7 @@ class _Sampling(_Body):
 
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     tools: Optional[list[Tool]] = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
 
