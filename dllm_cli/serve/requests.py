@@ -37,7 +37,7 @@ def _text(m: Message, i: int) -> str:
     for part in m.content:
         if part.type != "text" or part.text is None:
             raise bad_request(f"content part of type {part.type!r} is not supported: only text",
-                              f"messages[{i}].content")
+                              f"messages.{i}.content")
         parts.append(part.text)
     return "".join(parts)
 
