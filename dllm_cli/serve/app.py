@@ -254,4 +254,8 @@ def create_app(worker: Worker, settings: ServeSettings | None = None) -> FastAPI
     async def page() -> HTMLResponse:
         return HTMLResponse(resources.files("dllm_cli.serve").joinpath("static/index.html").read_text("utf-8"))
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return Response(status_code=204)
+
     return app
