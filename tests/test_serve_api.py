@@ -291,3 +291,13 @@ def test_step_events_are_streamed_on_request(scripted):
     assert kinds.index("event: dllm.block") < kinds.index("", 1) and events[-1] == ("", "[DONE]")
     with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "dllm": {}}) as r:
         assert not any(line.startswith("event:") for line in r.iter_lines())  # off by default
+
+
+def test_the_page_is_served_from_the_package(scripted):
+    server, _ = scripted
+    r = httpx.get(server.url + "/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    page = r.text
+    assert "dllm.step" in page and "░" in page and "same grammar as the terminal" in page
+    assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page  # no CDN
+    assert httpx.get(server.url + "/favicon.ico").status_code == 204
