@@ -301,3 +301,17 @@ def test_the_page_is_served_from_the_package(scripted):
     assert "dllm.step" in page and "░" in page and "same grammar as the terminal" in page
     assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page  # no CDN
     assert httpx.get(server.url + "/favicon.ico").status_code == 204
+
+
+def test_a_waiting_non_streaming_client_that_gives_up_is_cancelled():
+    backend = ScriptedBackend(lambda spec: ["x "] * 50, delay=0.05)  # ~5 s if not cancelled
+    server = RunningServer(lambda: backend)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/completions", json={"prompt": "p"}, timeout=0.5)
+        _wait(lambda: server.worker.status()["running"] == 0, timeout=3)
+        assert backend.steps < 40
+        backend.answer = lambda spec: "next"
+        assert httpx.post(server.url + "/v1/completions", json={"prompt": "p"}).json()["choices"][0]["text"] == "next"
+    finally:
+        server.stop()

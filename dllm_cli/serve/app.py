@@ -136,16 +136,24 @@ class Exchange:
         self.worker, self.job, self.shape = worker, job, shape
         self.stream = TextStream(stop, hold_tool_calls=hold_tool_calls)
         self.tally = Tally()
+        self._check_at = 0.0  # loop time of the next client-disconnect check
 
     async def next(self, request: Request) -> Item:
-        """The job's next item; cancels the job and raises CancelledError when the client has gone."""
+        """The job's next item; cancels the job and raises CancelledError when the client has gone.
+
+        The client is checked every ``POLL_S`` whether or not items arrive (a long answer streams step events).
+        """
+        loop = asyncio.get_running_loop()
         while True:
+            if loop.time() >= self._check_at:
+                self._check_at = loop.time() + POLL_S
+                if await request.is_disconnected():
+                    self.job.cancel()
+                    raise asyncio.CancelledError("client disconnected")
             try:
                 return await asyncio.wait_for(self.job.items.get(), POLL_S)
             except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    self.job.cancel()
-                    raise asyncio.CancelledError("client disconnected") from None
+                continue
 
     def fold(self, item: Item) -> str:
         """Fold one ``(event, view)`` item; return the text it makes final (stop strings handled)."""
@@ -203,13 +211,26 @@ class Exchange:
             self.job.cancel()  # a client gone mid-stream lands here: the worker stops at the next step
 
 
-def create_app(worker: Worker, settings: ServeSettings | None = None) -> FastAPI:
-    """The ASGI app over a started ``Worker``."""
-    settings = settings or ServeSettings()
-    app = FastAPI(title="dllm", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    _install_error_handlers(app)
+async def _answer(worker: Worker, request: Request, body: Any, spec: Any, *, chat: bool, hold: bool) -> Response:
+    """Queue the request; the whole JSON answer, or an SSE stream once the job has started."""
+    job = Job(spec, asyncio.get_running_loop())
+    worker.submit(job)
+    ex = Exchange(worker, job, Shape(chat, worker.model_id), body.stop_list(), hold)
+    if not body.stream:
+        return JSONResponse(await ex.respond(request))
+    try:
+        first = await ex.next(request)  # the job has started: a bad prompt is still a plain 4xx here
+    except BaseException:
+        job.cancel()
+        raise
+    if isinstance(first, BaseException):
+        job.cancel()
+        raise from_library(first)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return EventSourceResponse(ex.events(first, include_usage), ping=15)
 
+
+def _openai_routes(app: FastAPI, worker: Worker, settings: ServeSettings) -> None:
     async def authorize(request: Request) -> None:
         if settings.api_key is None:
             return
@@ -218,33 +239,28 @@ def create_app(worker: Worker, settings: ServeSettings | None = None) -> FastAPI
         if not hmac.compare_digest(token.encode(), settings.api_key.encode()):
             raise ApiError(401, "invalid API key: send it as 'Authorization: Bearer KEY'", code="invalid_api_key")
 
-    async def run(request: Request, body: Any, spec: Any, chat: bool, hold: bool) -> Any:
-        job = Job(spec, asyncio.get_running_loop())
-        worker.submit(job)
-        ex = Exchange(worker, job, Shape(chat, worker.model_id), body.stop_list(), hold)
-        if not body.stream:
-            return JSONResponse(await ex.respond(request))
-        first = await ex.next(request)  # the job has started: a bad prompt is still a plain 4xx here
-        if isinstance(first, BaseException):
-            job.cancel()
-            raise from_library(first)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventSourceResponse(ex.events(first, include_usage), ping=15)
-
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat_completions(body: ChatRequest, request: Request) -> Any:
-        spec = chat_spec(body)
-        hold = bool(body.tools) and body.tool_choice != "none"
-        return await run(request, body, spec, True, hold)
+    async def chat_completions(body: ChatRequest, request: Request) -> Response:
+        hold = bool(body.tools) and body.tool_choice != "none"  # a <tool_call> tail waits to be parsed
+        return await _answer(worker, request, body, chat_spec(body), chat=True, hold=hold)
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
-    async def completions(body: CompletionRequest, request: Request) -> Any:
-        return await run(request, body, completion_spec(body), False, False)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await _answer(worker, request, body, completion_spec(body), chat=False, hold=False)
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": worker.model_id, "object": "model", "created": 0,
                                             "owned_by": "dllm"}]}
+
+
+def create_app(worker: Worker, settings: ServeSettings | None = None) -> FastAPI:
+    """The ASGI app over a started ``Worker``: the OpenAI routes, ``/health`` and the page at ``/``."""
+    settings = settings or ServeSettings()
+    app = FastAPI(title="dllm", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    _install_error_handlers(app)
+    _openai_routes(app, worker, settings)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
