@@ -315,3 +315,32 @@ def test_a_waiting_non_streaming_client_that_gives_up_is_cancelled():
         assert httpx.post(server.url + "/v1/completions", json={"prompt": "p"}).json()["choices"][0]["text"] == "next"
     finally:
         server.stop()
+
+
+def test_shutdown_ends_requests_in_flight_cleanly():
+    """Streams end with an error event and [DONE], waiting requests get 503; nothing is cut mid-write."""
+    backend = ScriptedBackend(lambda spec: ["x "] * 200, delay=0.05)  # ~20 s if not cancelled
+    server = RunningServer(lambda: backend)
+    got: dict[str, object] = {}
+
+    def stream():
+        with httpx.stream("POST", server.url + "/v1/completions", json={"prompt": "p", "stream": True}) as r:
+            got["stream"] = [line for line in r.iter_lines() if line]
+
+    def waiting():
+        got["waiting"] = httpx.post(server.url + "/v1/completions", json={"prompt": "q"}, timeout=30)
+
+    threads = [threading.Thread(target=stream), threading.Thread(target=waiting)]
+    threads[0].start()
+    _wait(lambda: server.worker.status()["running"] == 1)
+    threads[1].start()
+    _wait(lambda: server.worker.status()["waiting"] == 1)
+    t0 = time.monotonic()
+    server.stop()
+    for t in threads:
+        t.join(10)
+    assert time.monotonic() - t0 < 4 and backend.closed and backend.steps < 100
+    lines = got["stream"]
+    assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["error"]["code"] == "shutting_down"
+    r = got["waiting"]
+    assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"

@@ -12,7 +12,7 @@ import json
 import logging
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -132,20 +132,24 @@ def _sse(obj: Any, event: str | None = None) -> dict[str, Any]:
 class Exchange:
     """One request's life after validation: queued, then events folded into a response or an SSE stream."""
 
-    def __init__(self, worker: Worker, job: Job, shape: Shape, stop: list[str], hold_tool_calls: bool) -> None:
-        self.worker, self.job, self.shape = worker, job, shape
+    def __init__(self, worker: Worker, job: Job, shape: Shape, stop: list[str], hold_tool_calls: bool,
+                 stopping: Callable[[], bool]) -> None:
+        self.worker, self.job, self.shape, self.stopping = worker, job, shape, stopping
         self.stream = TextStream(stop, hold_tool_calls=hold_tool_calls)
         self.tally = Tally()
         self._check_at = 0.0  # loop time of the next client-disconnect check
 
-    async def next(self, request: Request) -> Item:
-        """The job's next item; cancels the job and raises CancelledError when the client has gone.
-
-        The client is checked every ``POLL_S`` whether or not items arrive (a long answer streams step events).
+    async def next(self, request: Request | None) -> Item:
+        """The job's next item. Cancels the job and raises ``CancelledError`` when the client has gone (checked
+        every ``POLL_S`` whether or not items arrive), or ``ApiError`` 503 when the server is shutting down.
         """
         loop = asyncio.get_running_loop()
         while True:
-            if loop.time() >= self._check_at:
+            if self.stopping():
+                self.job.cancel()
+                raise ApiError(503, "the server is shutting down; this request was cancelled", type="server_error",
+                               code="shutting_down")
+            if request is not None and loop.time() >= self._check_at:
                 self._check_at = loop.time() + POLL_S
                 if await request.is_disconnected():
                     self.job.cancel()
@@ -188,6 +192,7 @@ class Exchange:
             while item is not END:
                 if isinstance(item, BaseException):
                     yield _sse(from_library(item).body())
+                    yield _sse("[DONE]")
                     return
                 delta = self.fold(item)
                 ev, view = item
@@ -197,7 +202,10 @@ class Exchange:
                     yield _sse({"block": ev.block}, "dllm.block")
                 if delta:
                     yield _sse(shape.chunk(text=delta))
-                item = await self.job.items.get()
+                try:
+                    item = await self.next(None)  # sse-starlette watches the client itself
+                except ApiError as e:  # shutting down: end the stream cleanly instead of cutting it
+                    item = e
             outcome, rest = conclude(self.stream, self.tally)
             if rest:
                 yield _sse(shape.chunk(text=rest))
@@ -213,9 +221,12 @@ class Exchange:
 
 async def _answer(worker: Worker, request: Request, body: Any, spec: Any, *, chat: bool, hold: bool) -> Response:
     """Queue the request; the whole JSON answer, or an SSE stream once the job has started."""
+    stopping = request.app.state.stopping
+    if stopping():
+        raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
     job = Job(spec, asyncio.get_running_loop())
     worker.submit(job)
-    ex = Exchange(worker, job, Shape(chat, worker.model_id), body.stop_list(), hold)
+    ex = Exchange(worker, job, Shape(chat, worker.model_id), body.stop_list(), hold, stopping)
     if not body.stream:
         return JSONResponse(await ex.respond(request))
     try:
@@ -254,10 +265,16 @@ def _openai_routes(app: FastAPI, worker: Worker, settings: ServeSettings) -> Non
                                             "owned_by": "dllm"}]}
 
 
-def create_app(worker: Worker, settings: ServeSettings | None = None) -> FastAPI:
-    """The ASGI app over a started ``Worker``: the OpenAI routes, ``/health`` and the page at ``/``."""
+def create_app(worker: Worker, settings: ServeSettings | None = None, *,
+               stopping: Callable[[], bool] = lambda: False) -> FastAPI:
+    """The ASGI app over a started ``Worker``: the OpenAI routes, ``/health`` and the page at ``/``.
+
+    ``stopping()`` turns true when the server is shutting down: requests in flight are then cancelled at their
+    next step and answered 503 (a stream ends with an error event and ``[DONE]``), so none is cut mid-write.
+    """
     settings = settings or ServeSettings()
     app = FastAPI(title="dllm", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.stopping = stopping
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     _install_error_handlers(app)
     _openai_routes(app, worker, settings)

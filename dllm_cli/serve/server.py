@@ -45,10 +45,12 @@ def make_server(worker: Worker, settings: ServeSettings, host: str, port: int, *
     """A ``uvicorn.Server`` for the app over ``worker`` (already started)."""
     import uvicorn
 
-    app = create_app(worker, settings)
+    server: uvicorn.Server | None = None
+    app = create_app(worker, settings, stopping=lambda: server is not None and server.should_exit)
     config = uvicorn.Config(app, host=host, port=port, log_config=log_config(log_level), log_level=log_level,
                             timeout_graceful_shutdown=GRACEFUL_S, access_log=True)
-    return uvicorn.Server(config)
+    server = uvicorn.Server(config)
+    return server
 
 
 def serve(open_backend: Callable[[], Backend], settings: ServeSettings, host: str, port: int, *,
