@@ -7,7 +7,7 @@ reference answer. Prints one JSON document: requests/s, latency p50/p95/max, los
 when any request was lost, failed or answered with another prompt's answer. A benchmark, not a timed test.
 
 Usage: python benchmarks/serve_load.py [--model GGUF] [--clients 4] [--requests 200] [--max-tokens 64]
-                                       [--mode quality] [--threads N] [--url http://127.0.0.1:PORT]
+                                       [--mode quality] [--threads N] [--distinct 12] [--url URL]
 """
 from __future__ import annotations
 
@@ -128,7 +128,9 @@ def main() -> None:
     ap.add_argument("--mode", default="quality")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--url", help="an already running server (its own options apply)")
+    ap.add_argument("--distinct", type=int, default=len(PROMPTS), help="how many of the prompts to use")
     args = ap.parse_args()
+    del PROMPTS[args.distinct:]
     load_before = os.getloadavg()[0]
     proc, url = (None, args.url) if args.url else start_server(args)
     try:
