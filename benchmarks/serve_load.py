@@ -112,7 +112,7 @@ def load(url: str, expected: dict[str, str], n_requests: int, n_clients: int) ->
     lat = sorted(r[2] for r in results.values())
     ok = [i for i, r in results.items() if r[0] == 200]
     mixed = [i for i in ok if results[i][1] != expected[PROMPTS[i % len(PROMPTS)]]]
-    q = statistics.quantiles(lat, n=20) if len(lat) >= 2 else lat * 19
+    q = statistics.quantiles(lat, n=20, method="inclusive") if len(lat) >= 2 else lat * 19
     return {"requests": n_requests, "clients": n_clients, "answered": len(ok), "lost": n_requests - len(results),
             "errors": len(results) - len(ok), "mismatched": len(mixed), "wall_s": round(wall, 3),
             "requests_per_s": round(len(ok) / wall, 2), "latency_s": {"p50": round(statistics.median(lat), 4),
