@@ -3,7 +3,7 @@
 Starts ``dllm serve MODEL`` on a free loopback port (or uses ``--url``), asks each prompt once alone to get its
 reference answer (greedy decoding is deterministic), then sends ``--requests`` chat requests from ``--clients``
 threads at once (every other one streaming). Every request must come back 200 with exactly its prompt's
-reference answer. Prints one JSON document: requests/s, latency p50/p95/max, lost, mismatched, errors. Exits 1
+reference answer and prompt token count. Prints one JSON document: requests/s, latency p50/p95/max, lost, mismatched, errors. Exits 1
 when any request was lost, failed or answered with another prompt's answer. A benchmark, not a timed test.
 
 Usage: python benchmarks/serve_load.py [--model GGUF] [--clients 4] [--requests 200] [--max-tokens 64]
@@ -29,10 +29,11 @@ import httpx
 
 DLLM = str(Path(sys.executable).with_name("dllm"))
 # Demo-model prompts with pairwise different answers, so a mixed-up reply is caught (docs/DEMO_MODEL.md).
-PROMPTS = ["Sort: 5 2 9", "Sort: 8 1 4 3", "Reverse: a b c", "Reverse: x y z w", "What is the capital of France?",
-           "What is the capital of Italy?", "What colour is the banana?", "What colour is the sky?",
-           "Repeat: cat dog sun", "How many times does cat appear: cat cat?", "Describe the number 42.",
-           "Tell me about the banana."]
+# The first four also differ in prompt length, which the check includes (a random model answers them alike).
+PROMPTS = ["Sort: 5 2 9", "Sort: 8 1 4 3 7", "What is the capital of France?", "Tell me about the banana.",
+           "Reverse: a b c", "Reverse: x y z w", "What is the capital of Italy?", "What colour is the banana?",
+           "What colour is the sky?", "Repeat: cat dog sun", "How many times does cat appear: cat cat?",
+           "Describe the number 42."]
 
 
 def free_port() -> int:
@@ -63,28 +64,35 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
         time.sleep(0.2)
 
 
-def chat(client: httpx.Client, url: str, prompt: str, stream: bool) -> tuple[int, str]:
-    """(status, answer text) of one chat request; a stream is joined from its deltas."""
-    body = {"messages": [{"role": "user", "content": prompt}], "stream": stream}
+def chat(client: httpx.Client, url: str, prompt: str, stream: bool) -> tuple[int, object]:
+    """(status, (answer text, prompt tokens)) of one chat request; a stream is joined from its deltas."""
+    body = {"messages": [{"role": "user", "content": prompt}], "stream": stream,
+            "stream_options": {"include_usage": True}}
     if not stream:
         r = client.post(url + "/v1/chat/completions", json=body)
-        return r.status_code, r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else r.text
-    parts = []
+        if r.status_code != 200:
+            return r.status_code, r.text
+        doc = r.json()
+        return 200, (doc["choices"][0]["message"]["content"], doc["usage"]["prompt_tokens"])
+    parts, n_prompt = [], -1
     with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             return r.status_code, r.read().decode()
         for line in r.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
-                delta = json.loads(line[6:])["choices"]
-                parts.append(delta[0]["delta"].get("content") or "" if delta else "")
-    return 200, "".join(parts)
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    n_prompt = chunk["usage"]["prompt_tokens"]
+                for choice in chunk["choices"]:
+                    parts.append(choice["delta"].get("content") or "")
+    return 200, ("".join(parts), n_prompt)
 
 
-def load(url: str, expected: dict[str, str], n_requests: int, n_clients: int) -> dict:
+def load(url: str, expected: dict[str, object], n_requests: int, n_clients: int) -> dict:
     jobs: queue.Queue[int] = queue.Queue()
     for i in range(n_requests):
         jobs.put(i)
-    results: dict[int, tuple[int, str, float]] = {}
+    results: dict[int, tuple[int, object, float]] = {}
     lock = threading.Lock()
 
     def client_loop() -> None:
@@ -148,7 +156,8 @@ def main() -> None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
     result.update(model=model, mode=args.mode, max_tokens=args.max_tokens, distinct_prompts=len(PROMPTS),
-                  distinct_answers=len(set(expected.values())), threads=args.threads or os.cpu_count(),
+                  distinct_answers=len({v[0] for v in expected.values()}),
+                  distinct_references=len(set(expected.values())), threads=args.threads or os.cpu_count(),
                   machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
                   server_rc=proc.returncode if proc is not None else None,
                   load_average={"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)})
