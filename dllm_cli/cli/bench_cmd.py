@@ -68,6 +68,14 @@ class _Status:
             self.status.stop()
 
 
+def _runtime_path(kv_type: O.KVType | None, flash_attn: O.FlashAttn, exact: bool) -> dict[str, str]:
+    """BenchConfig's kv_type/flash_attn from the shared runtime flags (validated like run and chat)."""
+    from dllm_cli.runtime.options import from_flags
+
+    opts = from_flags(kv_type=kv_type.value if kv_type else None, flash_attn=flash_attn.value, exact=exact)
+    return {"kv_type": opts.kv_type, "flash_attn": {None: "auto", True: "on", False: "off"}[opts.flash_attn]}
+
+
 def _load_doc(path: Path) -> dict:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -114,7 +122,9 @@ def bench_cmd(
     quality_vs: Annotated[Optional[str], typer.Option("--quality-vs", help="Also compare each model's logits "
                           "with this reference GGUF (f16/f32 of the same weights): error and argmax agreement.",
                           rich_help_panel=BENCH)] = None,
-    kv_type: O.KvType = O.KVType.f16,
+    kv_type: O.KvType = None,
+    flash_attn: O.FlashAttnOpt = O.FlashAttn.auto,
+    exact: O.Exact = False,
     ctx_size: O.CtxSize = 2048,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON document.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV rows.")] = False,
@@ -168,7 +178,7 @@ def bench_cmd(
         cfg = BenchConfig(modes=_list(modes), threads=_list(threads, int) or (None,), reps=reps, warmup=warmup,
                           max_tokens=max_tokens, prefill=_list(prefill, int), prefixes=_list(prefix, int),
                           tests=_list(tests), ar_tokens=ar_tokens, recompute_samples=recompute_samples,
-                          kv_type=kv_type.value, ctx_size=ctx_size, experts=not no_experts, paper_tpf=paper_tpf,
+                          ctx_size=ctx_size, **_runtime_path(kv_type, flash_attn, exact), experts=not no_experts, paper_tpf=paper_tpf,
                           **({"prompts": _read_prompts(prompts)} if prompts else {}))
         bad = set(cfg.tests) - {"pp", "step", "gen", "ar"}
         if bad:

@@ -21,6 +21,12 @@ class KVType(str, Enum):
     q8_0 = "q8_0"
 
 
+class FlashAttn(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
 ModelArg = Annotated[Optional[str], typer.Argument(
     help="GGUF path or registry alias (default: $DLLM_MODEL, else the embedded demo model).", show_default=False)]
 ModeOpt = Annotated[Mode, typer.Option("--mode", "-m", help="Decode preset: speed (more tokens per forward, edits) "
@@ -31,8 +37,13 @@ GpuLayers = Annotated[Optional[int], typer.Option("--n-gpu-layers", "-ngl", min=
                                                   help="Layers to offload to the GPU (default: all when the runtime has a GPU).",
                                                   rich_help_panel=RUNTIME)]
 CtxSize = Annotated[int, typer.Option("--ctx-size", "-c", min=32, help="Context size in tokens.", rich_help_panel=RUNTIME)]
-KvType = Annotated[KVType, typer.Option("--kv-type", help="KV cache type (f32 is exact against the reference).",
-                                        rich_help_panel=RUNTIME)]
+KvType = Annotated[Optional[KVType], typer.Option("--kv-type", help="KV cache type (default f32: exact against the "
+                                                  "reference; f16 halves the cache; q8_0 needs flash attention).",
+                                                  show_default=False, rich_help_panel=RUNTIME)]
+FlashAttnOpt = Annotated[FlashAttn, typer.Option("--flash-attn", "-fa", help="Flash attention: auto (on where the "
+                                                 "backend supports it), on, off.", rich_help_panel=RUNTIME)]
+Exact = Annotated[bool, typer.Option("--exact", help="The exact path: f32 KV cache and flash attention off (matches "
+                                     "the numpy reference to 1e-4 in logits).", rich_help_panel=RUNTIME)]
 Threshold = Annotated[Optional[float], typer.Option("--threshold", help="Unmask a position when its confidence is above this [0,1].",
                                                     rich_help_panel=DECODE)]
 EditThreshold = Annotated[Optional[float], typer.Option("--editing-threshold",

@@ -20,7 +20,7 @@ from dllm_cli.cli.replay import trace_record
 from dllm_cli.decoding.events import BlockEvent, DoneEvent
 from dllm_cli.errors import DllmError, UsageError
 from dllm_cli.generate import decode_config, load, prompt_ids, stream_generate
-from dllm_cli.runtime.options import RuntimeOptions
+from dllm_cli.runtime import options as runtime_options
 
 
 def read_stdin() -> str:
@@ -94,7 +94,9 @@ def run(
     threads: O.Threads = None,
     n_gpu_layers: O.GpuLayers = None,
     ctx_size: O.CtxSize = 4096,
-    kv_type: O.KvType = O.KVType.f16,
+    kv_type: O.KvType = None,
+    flash_attn: O.FlashAttnOpt = O.FlashAttn.auto,
+    exact: O.Exact = False,
 ) -> None:
     """Generate an answer for one prompt and print it on stdout.
 
@@ -105,7 +107,8 @@ def run(
     """
     model_name, prompt_arg = split_args(model_or_prompt, prompt)
     text = gather_prompt(prompt_arg, file)
-    opts = RuntimeOptions(threads=threads, n_gpu_layers=n_gpu_layers, ctx_size=ctx_size, kv_type=kv_type.value)
+    opts = runtime_options.from_flags(kv_type=kv_type.value if kv_type else None, flash_attn=flash_attn.value,
+                                      exact=exact, threads=threads, n_gpu_layers=n_gpu_layers, ctx_size=ctx_size)
     loaded = load(model_name, opts)
     try:
         config = decode_config(loaded.model, mode.value, threshold=threshold, editing_threshold=editing_threshold,

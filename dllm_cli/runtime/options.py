@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from dllm_cli.errors import UsageError
 
@@ -20,7 +21,7 @@ class RuntimeOptions:
     threads: int | None = None
     n_gpu_layers: int | None = None
     ctx_size: int = 4096
-    kv_type: str = "f16"
+    kv_type: str = "f32"
     flash_attn: bool | None = None
     ubatch: int = 512
 
@@ -41,3 +42,25 @@ class RuntimeOptions:
 
 EXACT = RuntimeOptions(kv_type="f32", flash_attn=False)
 """f32 KV cache and no flash attention: the configuration that matches the numpy reference to 1e-4."""
+
+DEFAULT_KV_TYPE = "f32"
+"""The default KV cache type. f32 with flash attention (our patched CPU kernel accumulates in f32) deviates from the
+exact path by ~1e-6 in logits, where f16 costs ~5e-3 and flips MoE routing near ties; the step time is the same
+(docs/PERFORMANCE.md, "Default runtime path"). ``--kv-type f16`` halves the cache for long contexts."""
+
+FLASH_ATTN = {"auto": None, "on": True, "off": False}
+
+
+def from_flags(*, kv_type: str | None = None, flash_attn: str = "auto", exact: bool = False,
+               **kwargs: Any) -> RuntimeOptions:
+    """RuntimeOptions from the CLI's ``--kv-type``, ``--flash-attn`` and ``--exact`` (plus threads, ctx_size, ...).
+
+    ``exact`` means ``kv_type="f32"`` and flash attention off; an explicit contradicting flag is a UsageError.
+    """
+    if flash_attn not in FLASH_ATTN:
+        raise UsageError(f"--flash-attn must be one of {', '.join(FLASH_ATTN)}, got {flash_attn!r}")
+    if exact:
+        if kv_type not in (None, "f32") or flash_attn == "on":
+            raise UsageError("--exact means --kv-type f32 --flash-attn off", "drop --kv-type/--flash-attn or --exact")
+        return RuntimeOptions(kv_type="f32", flash_attn=False, **kwargs)
+    return RuntimeOptions(kv_type=kv_type or DEFAULT_KV_TYPE, flash_attn=FLASH_ATTN[flash_attn], **kwargs)

@@ -39,7 +39,7 @@ class Session:
         self.n_ubatch = max(B, (min(opts.ubatch, self.n_ctx) // B) * B)
         flash = opts.flash_attn
         if opts.kv_type == "q8_0" and flash is False:
-            raise DecodeError("a q8_0 KV cache needs flash attention", "drop --no-flash-attn or use --kv-type f16")
+            raise DecodeError("a q8_0 KV cache needs flash attention", "use --flash-attn on or auto, or --kv-type f16")
         p = lib.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = self.n_ctx, self.n_ubatch, self.n_ubatch, 1
         p.n_threads = p.n_threads_batch = opts.n_threads
