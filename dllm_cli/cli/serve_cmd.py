@@ -9,7 +9,7 @@ import typer
 from dllm_cli.cli import options as O
 from dllm_cli.cli import output
 from dllm_cli.cli.app import app
-from dllm_cli.runtime.options import RuntimeOptions
+from dllm_cli.runtime import options as runtime_options
 
 
 @app.command("serve")
@@ -37,7 +37,9 @@ def serve(
     threads: O.Threads = None,
     n_gpu_layers: O.GpuLayers = None,
     ctx_size: O.CtxSize = 4096,
-    kv_type: O.KvType = O.KVType.f16,
+    kv_type: O.KvType = None,
+    flash_attn: O.FlashAttnOpt = O.FlashAttn.auto,
+    exact: O.Exact = False,
 ) -> None:
     """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models,
     /health) and a page at / that draws each answer's diffusion live. Decode options are the defaults of
@@ -55,7 +57,8 @@ def serve(
     if not is_loopback(host) and not api_key:
         output.warn(f"--host {host} is reachable from other machines and --api-key is not set: anyone who can "
                     "reach it can use the model")
-    opts = RuntimeOptions(threads=threads, n_gpu_layers=n_gpu_layers, ctx_size=ctx_size, kv_type=kv_type.value)
+    opts = runtime_options.from_flags(kv_type=kv_type.value if kv_type else None, flash_attn=flash_attn.value,
+                                      exact=exact, threads=threads, n_gpu_layers=n_gpu_layers, ctx_size=ctx_size)
     defaults = ServerDefaults(mode.value, {
         "threshold": threshold, "editing_threshold": editing_threshold, "max_post_steps": max_post_steps,
         "editing": edit, "block_length": block_length, "temperature": temperature, "top_k": top_k,
