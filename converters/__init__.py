@@ -126,6 +126,7 @@ def convert(source: str | Path, output: str | Path | None = None, *, outtype: st
         w.add_string(K.DLLM_VERSION, __version__)
         write_vocab(w, vocab)
 
+    atomic.check(need_bytes=sum(p.nbytes for p in plans))  # before the first byte: room for the tensors
     with atomic as part:
         nbytes = write_gguf(part, K.ARCH, write_kv, ckpt, plans, progress)
     return ConvertResult(atomic.out, otype.value, version, src.origin, src.revision, len(plans), nbytes,

@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -24,8 +23,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileTy
 from gguf import quants
 
 from converters.safetensors import Checkpoint, bf16_to_f32
-from dllm_cli import registry
-from dllm_cli.errors import ConvertError
+from dllm_cli import outfiles, registry
+from dllm_cli.errors import ConvertError, clip
 
 HF_PATTERNS = ["*.json", "*.safetensors", "tokenizer*"]
 CHUNK_ELEMENTS = 1 << 22  # 4M values (16 MB as f32) per conversion step bounds peak memory
@@ -98,10 +97,10 @@ def resolve_source(src: str | Path, revision: str | None = None,
     """
     text = str(src)
     check = before_download or (lambda name: None)
-    path = Path(text).expanduser()
-    if path.exists():
+    path = registry.as_path(text)
+    if _exists(path):
         if not path.is_dir():
-            raise ConvertError(f"{text} is a file, not a checkpoint directory",
+            raise ConvertError(f"{clip(text, 200, quote=False)} is a file, not a checkpoint directory",
                                "pass the directory that holds config.json and *.safetensors")
         return Source(path.resolve(), path.resolve().name, str(path.resolve()), _cache_revision(path.resolve()))
     specs = registry.load_registry()
@@ -122,8 +121,17 @@ def resolve_source(src: str | Path, revision: str | None = None,
         return Source(d, text.split("/")[1].lower(), text, rev)
     known = f"known aliases: {', '.join(a for a, s in specs.items() if s.repo)}; see `dllm models`"
     if "/" not in text:
-        raise ConvertError(f"unknown model alias {text!r} (and no such directory)", known)
-    raise ConvertError(f"{text!r} is not a directory, a known model alias or a Hugging Face repo id (org/name)", known)
+        raise ConvertError(f"unknown model alias {clip(text)} (and no such directory)", known)
+    raise ConvertError(f"{clip(text)} is not a directory, a known model alias or a Hugging Face repo id (org/name)",
+                       known)
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()`` that is False for names the OS refuses (too long, NUL bytes) instead of raising."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def _cache_revision(d: Path) -> str:
@@ -294,40 +302,42 @@ def write_gguf(path: Path, arch: str, write_kv: KVWriter, ckpt: Checkpoint, plan
 
 @dataclass
 class AtomicOutput:
-    """``with AtomicOutput(out, force) as part:`` write ``part``; it becomes ``out`` only on success."""
+    """``with AtomicOutput(out, force) as part:`` write ``part``; it becomes ``out`` only on success.
+
+    The path checks, the cleanup and the one-line write errors are ``dllm_cli.outfiles``'.
+    """
 
     out: Path
     force: bool = False
     part: Path = field(init=False)
 
     def __post_init__(self) -> None:
-        self.out = Path(self.out)
-        self.part = self.out.with_name(self.out.name + ".part")
+        self.out = outfiles.expand(self.out)
+        self.part = outfiles.part_of(self.out)
 
-    def check(self) -> None:
+    def check(self, need_bytes: int = 1) -> None:
+        """Refuse before any work: an existing output without ``force``, a directory, a path that cannot be
+        written, or (where the file system tells) a disk without ``need_bytes`` free."""
+        outfiles.check(self.out, what="the GGUF", need_bytes=need_bytes, create_parent=True)
         if self.out.exists() and not self.force:
             raise ConvertError(f"{self.out} already exists", "pass --force to overwrite it")
-        if self.out.is_dir():
-            raise ConvertError(f"{self.out} is a directory", "pass a file name ending in .gguf with -o")
 
     def __enter__(self) -> Path:
         self.check()
-        try:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConvertError(f"cannot create {self.out.parent}: {e.strerror}", "choose another -o") from None
         return self.part
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> Literal[False]:
         if exc_type is None:
-            os.replace(self.part, self.out)
+            try:
+                os.replace(self.part, self.out)
+            except OSError as e:
+                outfiles.remove_quietly(self.part)
+                raise outfiles.write_error(self.out, e, "the GGUF") from None
             return False
-        self.part.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and not isinstance(exc, ConvertError):
-            if exc.errno == errno.ENOSPC:
-                raise ConvertError(f"disk full while writing {self.out}", "free space or choose another -o") from None
-            raise ConvertError(f"writing {self.out} failed: {exc.strerror or exc}", "check the output path") from None
+        outfiles.remove_quietly(self.part)
+        if isinstance(exc, OSError):
+            raise outfiles.write_error(self.out, exc, "the GGUF") from None
         return False
 
 

@@ -10,8 +10,6 @@ tokens.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -19,7 +17,8 @@ from typing import Any, Generator, Iterator
 
 from dllm_cli.decoding.config import DecodeConfig, with_overrides
 from dllm_cli.decoding.events import BlockEvent, DoneEvent, Event, StartEvent
-from dllm_cli.errors import UsageError
+from dllm_cli import domains, outfiles
+from dllm_cli.errors import UsageError, clip
 from dllm_cli.registry import MODES
 
 # Knobs ``/set`` accepts, with how to read their value. Mode presets own the first four (``/mode`` resets them).
@@ -92,45 +91,36 @@ class Conversation:
         return "\n".join(out).rstrip("\n") + "\n"
 
     def save(self, path: str | Path) -> Path:
-        """Write the transcript as Markdown (``.md``) or JSON (``.json``), atomically (temp file + rename)."""
-        path = Path(path).expanduser()
+        """Write the transcript as Markdown (``.md``) or JSON (``.json``), atomically (``.part`` + rename).
+
+        A path that cannot be written is an ``OutputError`` naming it; nothing is left behind.
+        """
+        path = outfiles.expand(path)
         suffix = path.suffix.lower()
         if suffix in (".md", ".markdown"):
             data = self.to_markdown()
         elif suffix == ".json":
             data = json.dumps(self.to_json(), ensure_ascii=False, indent=1) + "\n"
         else:
-            raise UsageError(f"cannot save as {path.name!r}", "use a .md or .json file name")
-        if not path.parent.is_dir():
-            raise UsageError(f"cannot save to {path}: {path.parent} is not a directory")
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+            raise UsageError(f"cannot save as {clip(path.name)}", "use a .md or .json file name")
+        return outfiles.write_text(path, data, what="the transcript")
 
 
 def parse_setting(name: str, text: str) -> tuple[str, Any]:
-    """``("threshold", "0.6")`` -> ``("threshold", 0.6)``; unknown names and unreadable values are UsageErrors."""
+    """``("threshold", "0.6")`` -> ``("threshold", 0.6)``; unknown names and values outside the option's domain
+    (``dllm_cli.domains``, the table ``--threshold`` and friends use) are UsageErrors."""
     key = name.strip().lower().replace("-", "_")
     kind = SETTINGS.get(key)
     if kind is None:
-        raise UsageError(f"unknown setting {name!r}", "settings: " + ", ".join(SETTINGS))
+        raise UsageError(f"unknown setting {clip(name)}", "settings: " + ", ".join(SETTINGS))
     raw = text.strip()
     if kind is bool:
         if raw.lower() not in _TRUE | _FALSE:
-            raise UsageError(f"{key} takes on/off, got {raw!r}")
+            raise UsageError(f"{key} takes on/off, got {clip(raw)}")
         return key, raw.lower() in _TRUE
     if key in ("seed", "block_length") and raw.lower() in ("none", "off", "default"):
         return key, None
-    try:
-        return key, kind(raw)
-    except ValueError:
-        raise UsageError(f"{key} takes {'an integer' if kind is int else 'a number'}, got {raw!r}") from None
+    return key, domains.parse(key, raw)
 
 
 class Chat:
@@ -150,7 +140,7 @@ class Chat:
         from dllm_cli.generate import decode_config
 
         if mode not in MODES:
-            raise UsageError(f"unknown mode {mode!r}", "use /mode " + "|".join(MODES))
+            raise UsageError(f"unknown mode {clip(mode)}", "use /mode " + "|".join(MODES))
         for k in PRESET_KNOBS:
             self.overrides.pop(k, None)
         self.config = decode_config(self.loaded.model, mode, **self.overrides)

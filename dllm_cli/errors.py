@@ -48,3 +48,22 @@ class ContextFullError(DllmError):
 
 class DecodeError(DllmError):
     """A llama.cpp decode call failed or was refused before it could abort the process."""
+
+
+class OutputError(DllmError):
+    """An output file or stream cannot be written (permissions, read-only or full disk, missing directory)."""
+
+
+class StdoutClosed(OutputError):
+    """The reader of stdout went away (``dllm run | head -c 1``): end quietly, like a Unix filter."""
+
+    exit_code = 141  # 128 + SIGPIPE, what a filter killed by SIGPIPE reports
+
+
+def clip(text: object, limit: int = 80, *, quote: bool = True) -> str:
+    """User text for a message (``repr`` unless ``quote=False``), cut to about ``limit`` characters: messages
+    never echo unbounded input (a 100,000-character prompt must not become a 100,000-character error line)."""
+    s = str(text)
+    cut = s if len(s) <= limit else s[:limit]
+    shown = repr(cut) if quote else cut
+    return shown if cut is s else f"{shown}... ({len(s)} characters)"

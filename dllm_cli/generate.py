@@ -60,6 +60,10 @@ def prompt_ids(model: Model, messages: list[dict[str, str]], *, raw: bool = Fals
 
 def fit_context(session: Session, n_prompt: int, config: DecodeConfig) -> DecodeConfig:
     """Refuse a prompt that cannot fit the context; cap ``max_tokens`` to the room that is left."""
+    ubatch, block = getattr(session, "n_ubatch", None), getattr(session, "block_length", None)
+    if ubatch and block and (config.mbe + 1) * block > ubatch:  # the window is decoded in one batch
+        raise UsageError(f"--mbe {config.mbe} needs windows of {(config.mbe + 1) * block} tokens, but this "
+                         f"context decodes at most {ubatch} at once", f"use --mbe {max(0, ubatch // block - 1)} or less")
     room = session.n_ctx - n_prompt
     if room < 1:
         raise ContextFullError(f"the prompt has {n_prompt} tokens but the context holds {session.n_ctx}",

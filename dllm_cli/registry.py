@@ -133,7 +133,9 @@ def get_spec(alias: str) -> ModelSpec:
     """The entry for ``alias`` or a RegistryError listing the known ones."""
     specs = load_registry()
     if alias not in specs:
-        raise RegistryError(f"unknown model alias {alias!r}", f"known: {', '.join(specs)}; see `dllm models`")
+        from dllm_cli.errors import clip
+
+        raise RegistryError(f"unknown model alias {clip(alias)}", f"known: {', '.join(specs)}; see `dllm models`")
     return specs[alias]
 
 
@@ -152,14 +154,37 @@ def embedded_model_path() -> Path:
     return Path(__file__).resolve().parent / "demo" / "demo.gguf"
 
 
+def as_path(text: str) -> Path:
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # "~user" with no such user
+        return Path(text)
+
+
+def is_file(p: Path) -> bool:
+    """``p.is_file()`` that is False (not an exception) for names the OS refuses (too long, NUL bytes)."""
+    try:
+        return p.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def names_model(text: str) -> bool:
+    """True when ``text`` is an existing file or a registry alias: how a lone CLI argument is told from a
+    prompt (``What is 1/2?`` is a prompt, not a missing model path)."""
+    return text in load_registry() or is_file(as_path(text))
+
+
 def resolve_model(name: str | None) -> Path:
     """A GGUF path from a path, a registry alias converted into the local store, ``$DLLM_MODEL``,
     or the embedded demo model when nothing is given."""
     from dllm_cli.errors import ModelError
 
+    from dllm_cli.errors import clip
+
     name = name or os.environ.get("DLLM_MODEL") or "demo"
-    p = Path(name).expanduser()
-    if p.is_file():
+    p = as_path(name)
+    if is_file(p):
         return p
     specs = load_registry()
     if name in specs:
@@ -176,5 +201,6 @@ def resolve_model(name: str | None) -> Path:
             return (preferred or found)[0]
         raise ModelError(f"model {name!r} is not converted yet", f"run `dllm convert {name}` first")
     if p.suffix == ".gguf" or "/" in name or "\\" in name:
-        raise ModelError(f"model file not found: {name}", "check the path, or see `dllm models`")
-    raise ModelError(f"unknown model {name!r}", f"give a .gguf path or one of: {', '.join(specs)}")
+        raise ModelError(f"model file not found: {clip(name, quote=False)}",
+                         "check the path, or see `dllm models`")
+    raise ModelError(f"unknown model {clip(name)}", f"give a .gguf path or one of: {', '.join(specs)}")

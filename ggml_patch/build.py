@@ -85,6 +85,7 @@ BASE_FLAGS = (
     "-DLLAMA_BUILD_COMMON=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_TOOLS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
     "-DCMAKE_INSTALL_RPATH=$ORIGIN", "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
+    "-DGGML_RPC=ON",  # libggml-rpc: remote devices (`--rpc`) and the worker behind `dllm rpc-server`
 )
 BACKEND_FLAGS = {"cpu": (), "cuda": ("-DGGML_CUDA=ON",), "metal": ("-DGGML_METAL=ON",)}
 LIB_PREFIXES = ("libllama", "libggml", "llama", "ggml")

@@ -17,7 +17,7 @@ from dllm_cli.cli import live as L
 from dllm_cli.cli.replay import paced, read_trace, trace_record
 from dllm_cli.decoding.config import make_config
 from dllm_cli.decoding.events import BlockEvent, DoneEvent, StartEvent, StepEvent
-from dllm_cli.errors import ContextFullError, UsageError
+from dllm_cli.errors import ContextFullError, DllmError, UsageError
 
 M = 99  # mask id
 VOCAB = {1: "Hel", 2: "lo", 3: " wor", 4: "ld", 5: " word", 6: "!", 7: "\n", 8: "<eos>"}
@@ -151,7 +151,7 @@ def test_save_markdown_and_json_atomically(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json", "t.md"]  # no temp files left
     with pytest.raises(UsageError, match="md or .json"):
         c.save(tmp_path / "t.txt")
-    with pytest.raises(UsageError, match="not a directory"):
+    with pytest.raises(DllmError, match="directory does not exist"):
         c.save(tmp_path / "missing" / "t.md")
 
 

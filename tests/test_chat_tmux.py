@@ -170,7 +170,7 @@ def test_slash_commands_interrupt_save_and_exit(chat, tmp_path: Path, dllm_home:
     pane.line("/set threshold 2")
     pane.wait_for("--threshold must be in [0, 1], got 2.0")
     pane.line("/set top_k lots")
-    pane.wait_for("top_k takes an integer")
+    pane.wait_for("--top-k takes an integer")  # the same domain table as the flag
     pane.line("/nope")
     pane.wait_for("unknown command /nope")
     # a short answer, then one interrupted by Ctrl-C mid-generation

@@ -21,7 +21,7 @@ from converters import convert
 from converters.safetensors import Checkpoint, f32_to_bf16, bf16_to_f32, save_file
 from dllm_cli import gguf_keys as K
 from dllm_cli.cli.app import main
-from dllm_cli.errors import ConvertError, UsageError
+from dllm_cli.errors import ConvertError, OutputError, UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 DLLM = REPO / ".venv" / "bin" / "dllm"
@@ -386,7 +386,7 @@ def test_interrupt_mid_write_removes_partial_file(make_checkpoint, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_disk_full_is_a_convert_error_and_removes_partial_file(make_checkpoint, tmp_path, monkeypatch):
+def test_disk_full_is_one_line_naming_the_file_and_removes_partial_file(make_checkpoint, tmp_path, monkeypatch):
     real = base.tensor_chunks
 
     def chunks(ck, plan):
@@ -395,7 +395,7 @@ def test_disk_full_is_a_convert_error_and_removes_partial_file(make_checkpoint, 
         return real(ck, plan)
 
     monkeypatch.setattr(base, "tensor_chunks", chunks)
-    with pytest.raises(ConvertError, match="disk full while writing"):
+    with pytest.raises(OutputError, match="cannot write the GGUF to .*m.gguf: no space left on the device"):
         convert(make_checkpoint(), tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
 

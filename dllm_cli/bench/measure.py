@@ -54,6 +54,8 @@ class BenchConfig:
     recompute_samples: int = 3
     kv_type: str = DEFAULT_KV_TYPE
     flash_attn: str = "auto"  # auto | on | off
+    rpc: str | None = None    # ggml RPC workers (HOST:PORT,...)
+    tensor_split: tuple[float, ...] = ()
     ctx_size: int = 2048
     experts: bool = True
     paper_tpf: str | None = None  # key of PAPER_TPF to report the AR ratio at (random-weight models)
@@ -176,7 +178,7 @@ class Bench:
         self.cfg, self.progress = cfg, progress
         need = max([cfg.ctx_size, *(p + 64 for p in cfg.prefixes), *(p + 32 for p in cfg.prefill)])
         self.opts = from_flags(kv_type=cfg.kv_type, flash_attn=cfg.flash_attn, threads=threads, ctx_size=need,
-                               ubatch=need)
+                               ubatch=need, rpc=cfg.rpc, tensor_split=cfg.tensor_split)
         free0 = _gpu_free()
         self.model = Model(path, self.opts)
         self.session = Session(self.model, self.opts)
@@ -185,7 +187,7 @@ class Bench:
         self.shapes = Shapes.from_gguf(path)
         self.base = {"model": self.model.description, "path": str(path), "size_bytes": self.model.size_bytes,
                      "params": self.model.n_params, "backend": self.model.rt.backend, "threads": self.opts.n_threads,
-                     "kv_type": cfg.kv_type, "flash_attn": cfg.flash_attn, "n_layers": self.shapes.layers,
+                     "kv_type": cfg.kv_type, "flash_attn": cfg.flash_attn, "rpc": cfg.rpc, "n_layers": self.shapes.layers,
                      "vram_bytes": free0 - free1 if free0 is not None and free1 is not None else None}
 
     def close(self) -> None:
@@ -231,7 +233,9 @@ class Bench:
     def step_vs_recompute(self, prefix: int) -> list[dict[str, Any]]:
         s, B = self.session, self.B
         ids = filler_ids(self.model, prefix)
-        block = ids[:B // 2] + [s.mask_id] * (B - B // 2)
+        # half filler, half masks; the same ids as ids[:B // 2] when the prefix is that long, and still a
+        # whole block when it is shorter (--prefix 0 measures a step with no KV prefix at all)
+        block = filler_ids(self.model, B // 2) + [s.mask_id] * (B - B // 2)
         s.reset()
         s.commit(ids, 0)
 

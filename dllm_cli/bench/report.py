@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import re
 from typing import Any, Iterable
 
@@ -106,6 +107,40 @@ def to_csv(doc: dict[str, Any]) -> str:
 
 def _key(r: dict[str, Any]) -> tuple[str, int, str]:
     return (re.sub(r".*/", "", str(r.get("path", r["model"]))), int(r["threads"]), str(r["test"]))
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+def check_doc(doc: Any) -> str | None:
+    """Why ``doc`` cannot be a ``dllm bench --json`` document (naming the field), or None.
+
+    Checks what ``compare`` reads: ``results`` rows with a model/path string, integer threads, a test name,
+    a non-negative ``tps`` and an optional ``step_s.mean``.
+    """
+    if not isinstance(doc, dict):
+        return f"the top level is a JSON {type(doc).__name__}, not an object"
+    rows = doc.get("results")
+    if not isinstance(rows, list):
+        return "it has no \"results\" list"
+    for i, r in enumerate(rows):
+        where = f"results[{i}]"
+        if not isinstance(r, dict):
+            return f"{where} is not an object"
+        name = r.get("path", r.get("model"))
+        if not isinstance(name, str):
+            return f"{where} has no \"model\" or \"path\" string"
+        if not isinstance(r.get("threads"), int) or isinstance(r.get("threads"), bool):
+            return f"{where}.threads must be an integer"
+        if not isinstance(r.get("test"), str):
+            return f"{where}.test must be a string"
+        if not _number(r.get("tps")):
+            return f"{where}.tps must be a non-negative number"
+        step = r.get("step_s")
+        if step is not None and not (isinstance(step, dict) and (step.get("mean") is None or _number(step["mean"]))):
+            return f"{where}.step_s must be an object with a non-negative \"mean\""
+    return None
 
 
 def compare(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dllm_cli import outfiles
 from dllm_cli.errors import UsageError
 
 # spec §1.2: LLaDA2.0/2.1 mini and flash (all fields the converter needs)
@@ -78,10 +79,13 @@ def build_synthetic(shape: str = "llada2-mini", *, layers: int | None = None, qu
     out = synthetic_path(shape, n_layers, quant, tag)
     if out.is_file() and not force:
         return SyntheticModel(out, shape, n_layers, quant, cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
     f16 = synthetic_path(shape, n_layers, "f16", tag)
     if force or not f16.is_file():
-        write_random_gguf(f16, cfg, seed=seed, name=f"synthetic-{shape}-L{n_layers}", progress=progress)
+        outfiles.check(f16, what="the synthetic model", create_parent=True)  # $DLLM_HOME may be unwritable
+        try:
+            write_random_gguf(f16, cfg, seed=seed, name=f"synthetic-{shape}-L{n_layers}", progress=progress)
+        except OSError as e:  # write_random_gguf already removed its .part file
+            raise outfiles.write_error(f16, e, "the synthetic model") from None
     if quant != "f16":
         from dllm_cli.runtime.quantize import quantize
 

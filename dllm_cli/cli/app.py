@@ -1,6 +1,7 @@
 """The ``dllm`` command: registers subcommands and maps errors to exit codes once.
 
-Exit codes: 0 ok, 1 error (one line on stderr naming the fix), 2 bad usage, 130 interrupted.
+Exit codes: 0 ok, 1 error (one line on stderr naming the fix), 2 bad usage, 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM), 129 hangup (SIGHUP), 141 stdout closed by its reader (like a Unix filter).
 ``DLLM_DEBUG=1`` shows tracebacks.
 """
 from __future__ import annotations
@@ -8,14 +9,14 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 from rich.markup import escape
 
-from dllm_cli import __version__
+from dllm_cli import __version__, signals
 from dllm_cli.cli import output
-from dllm_cli.errors import DllmError
+from dllm_cli.errors import DllmError, StdoutClosed
 
 app = typer.Typer(
     name="dllm", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -31,6 +32,7 @@ COMMAND_MODULES = (
     "dllm_cli.cli.chat_cmd",
     "dllm_cli.cli.run_cmd",
     "dllm_cli.cli.bench_cmd",
+    "dllm_cli.cli.rpc_cmd",
     "dllm_cli.cli.serve_cmd",
 )
 
@@ -53,40 +55,73 @@ for _name in COMMAND_MODULES:
     importlib.import_module(_name)
 
 
+def _interrupted() -> NoReturn:
+    """Ctrl-C, SIGTERM or SIGHUP: the cleanup already ran while the exception unwound; say so and exit."""
+    try:
+        output.err.print(signals.exit_message())
+    except OSError:  # a hangup can take the terminal (stderr) with it
+        pass
+    _exit(signals.exit_code())
+
+
+def _exit(code: int) -> NoReturn:
+    """Flush stdout before exiting; a reader that went away is not an error message (exit like a filter)."""
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except OSError:
+        output.silence_stdout()
+        code = code or 141
+    sys.exit(code)
+
+
+def _report(msg: str, code: int) -> NoReturn:
+    output.error(escape(output.one_line(msg)))
+    _exit(code)
+
+
 def main() -> None:
     """Console-script entry point."""
     debug = os.environ.get("DLLM_DEBUG") == "1"
+    signals.install()
+    output.quiet_stderr()
     try:
         # In non-standalone mode Typer returns the exit code of typer.Exit (and 130 for Ctrl-C) instead of
         # raising it; commands themselves return None.
         code = app(standalone_mode=False)
         if isinstance(code, int) and code:
             if code == 130:
-                output.err.print("interrupted")
-            sys.exit(code)
+                _interrupted()
+            _exit(code)
+    except StdoutClosed as e:
+        output.silence_stdout()
+        sys.exit(e.exit_code)
     except DllmError as e:
         if debug:
             raise
-        output.error(escape(str(e)))
-        sys.exit(e.exit_code)
+        _report(str(e), e.exit_code)
     except KeyboardInterrupt:
-        output.err.print("interrupted")
-        sys.exit(130)
+        _interrupted()
     except typer.Exit as e:
-        sys.exit(e.exit_code)
+        _exit(e.exit_code)
     except typer.Abort:
+        if signals.received is not None:
+            _interrupted()
         output.err.print("aborted")
-        sys.exit(130)
+        _exit(130)
     except Exception as e:  # click usage errors arrive here in standalone_mode=False
         code = getattr(e, "exit_code", None)
         if code is not None and hasattr(e, "format_message"):
-            output.error(escape(e.format_message()))
-            sys.exit(code)
+            _report(e.format_message(), code)
+        broken = output.stdout_broken(e) if isinstance(e, OSError) else None
+        if broken is not None:  # a write to stdout outside output.py (click's --help) failed
+            if isinstance(broken, StdoutClosed):
+                sys.exit(broken.exit_code)
+            _report(str(broken), broken.exit_code)
         if debug:
             raise
-        output.error(escape(f"internal error: {type(e).__name__}: {e}") + " (rerun with DLLM_DEBUG=1 and report it)")
-        sys.exit(1)
-    sys.exit(0)
+        _report(f"internal error: {type(e).__name__}: {e} (rerun with DLLM_DEBUG=1 and report it)", 1)
+    _exit(0)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ from dllm_cli.cli.app import app
 from dllm_cli.cli.live import LiveView, PieceCache, summary_line
 from dllm_cli.cli.replay import paced, read_trace
 from dllm_cli.decoding.events import BlockEvent, DoneEvent, Event, StepEvent
-from dllm_cli.errors import ContextFullError, DllmError, UsageError
+from dllm_cli.errors import ContextFullError, DllmError, OutputError, StdoutClosed, UsageError, clip
 from dllm_cli.registry import dllm_home
+from dllm_cli.signals import Terminated
 
 FRAME_S = 1 / 30  # at most this many redraws per second; steps in between only update the view's state
 HELP = """[bold]commands[/]
@@ -129,7 +130,7 @@ def chat(
     plain: Annotated[bool, typer.Option("--plain", help="Print answers as plain text, not Markdown.")] = False,
     replay: Annotated[Optional[Path], typer.Option("--replay", help="Replay a `dllm run --trace` file (no model needed).",
                                                    show_default=False)] = None,
-    speed: Annotated[float, typer.Option("--speed", min=0.0, help="Replay speed factor (0 = no pauses).")] = 1.0,
+    speed: Annotated[float, typer.Option("--speed", callback=O.domain("speed"), help="Replay speed factor (0 = no pauses).")] = 1.0,
     max_tokens: O.MaxTokens = 512,
     threshold: O.Threshold = None,
     editing_threshold: O.EditThreshold = None,
@@ -147,6 +148,8 @@ def chat(
     kv_type: O.KvType = None,
     flash_attn: O.FlashAttnOpt = O.FlashAttn.auto,
     exact: O.Exact = False,
+    rpc: O.Rpc = None,
+    tensor_split: O.TensorSplit = None,
 ) -> None:
     """Chat with a model and watch it unmask and edit its answer, block by block.
 
@@ -166,7 +169,8 @@ def chat(
     from dllm_cli.runtime import options as runtime_options
 
     opts = runtime_options.from_flags(kv_type=kv_type.value if kv_type else None, flash_attn=flash_attn.value,
-                                      exact=exact, threads=threads, n_gpu_layers=n_gpu_layers, ctx_size=ctx_size)
+                                      exact=exact, threads=threads, n_gpu_layers=n_gpu_layers, ctx_size=ctx_size,
+                                      rpc=rpc, tensor_split=runtime_options.parse_split(tensor_split))
     overrides = dict(threshold=threshold, editing_threshold=editing_threshold, max_post_steps=max_post_steps,
                      editing=edit, block_length=block_length, temperature=temperature, top_k=top_k, top_p=top_p,
                      seed=seed, max_tokens=max_tokens, mbe=mbe)
@@ -179,6 +183,17 @@ def chat(
         Repl(session, Screen(live=live, plain=plain, piece=loaded.model.piece)).loop()
     finally:
         loaded.close()
+
+
+class _TooLong(Exception):
+    """A piped line longer than the context could hold."""
+
+
+def max_message_chars(n_ctx: int) -> int:
+    """The longest message a context of ``n_ctx`` tokens could hold (the bound ``dllm run`` uses for input)."""
+    from dllm_cli.cli.run_cmd import input_bound
+
+    return input_bound(n_ctx)
 
 
 class Repl:
@@ -241,7 +256,21 @@ class Repl:
             return input(prompt)  # readline draws the prompt and does the line editing
         if self.interactive:
             output.err.print(prompt, end="")
-        return input()
+            return input()
+        return self._piped_line()
+
+    def _piped_line(self) -> str:
+        """One line of piped stdin, never more than the context could hold: a longer one is skipped (read in
+        bounded pieces up to its newline) with a message, instead of being read whole into memory."""
+        limit = max_message_chars(getattr(self.chat.loaded.session, "n_ctx", 4096))
+        line = sys.stdin.readline(limit + 1)
+        if not line:
+            raise EOFError
+        if len(line) <= limit or line.endswith("\n"):
+            return line.rstrip("\n")
+        while (rest := sys.stdin.readline(1 << 20)) and not rest.endswith("\n"):
+            pass
+        raise _TooLong(f"a message longer than {limit} characters cannot fit the context; it was skipped")
 
     def read(self) -> str | None:
         """One user message (``\"\"\"`` opens a multi-line one); None means leave."""
@@ -251,6 +280,11 @@ class Repl:
             if self.interactive:
                 output.err.print()
             return None
+        except _TooLong as e:
+            output.err.print(f"[red]{escape(str(e))}[/]")
+            return ""
+        except Terminated:
+            raise
         except KeyboardInterrupt:
             output.err.print()
             typed = self.readline.get_line_buffer() if self.readline is not None else ""
@@ -263,6 +297,11 @@ class Repl:
                 lines.append(line)
         except EOFError:  # the end of input closes the message
             pass
+        except _TooLong as e:
+            output.err.print(f"[red]{escape(str(e))}[/]")
+            return ""
+        except Terminated:
+            raise
         except KeyboardInterrupt:  # cancels the message
             output.err.print()
             return ""
@@ -300,9 +339,11 @@ class Repl:
             elif name == "/retry":
                 self.turn(self.chat.retry())
             else:
-                raise UsageError(f"unknown command {name}", "type /help for the list")
-        except UsageError as e:
-            output.err.print(f"[red]{escape(str(e))}[/]")
+                raise UsageError(f"unknown command {clip(name, quote=False)}", "type /help for the list")
+        except StdoutClosed:
+            raise
+        except DllmError as e:  # a bad value, a /save that cannot be written: say why, keep chatting
+            output.err.print(f"[red]{escape(output.one_line(str(e)))}[/]")
         return None
 
     def _knobs(self, all_: bool = False) -> str:
@@ -315,6 +356,9 @@ class Repl:
         """Show one answer; Ctrl-C stops it (kept, marked interrupted); errors leave the session usable."""
         try:
             self.screen.show(events, self.chat.config.mode)
+        except (Terminated, OutputError):  # SIGTERM/SIGHUP or a stdout that fails end the session, not the turn
+            self._close(events)
+            raise
         except KeyboardInterrupt:
             self._close(events)
             self.screen.finish(interrupted=True)

@@ -10,8 +10,11 @@ from rich.markup import escape
 from rich.progress import (BarColumn, DownloadColumn, Progress, TaskID, TextColumn,
                            TimeRemainingColumn, TransferSpeedColumn)
 
+from dllm_cli import outfiles
 from dllm_cli.cli import output
 from dllm_cli.cli.app import app
+from dllm_cli.errors import ConvertError
+from dllm_cli.registry import is_file
 
 
 class OutTypeChoice(str, Enum):
@@ -114,16 +117,21 @@ def _quantize(source: str, out: Path | None, preset: str, revision: str | None, 
     from dllm_cli.runtime.quantize import quantize
 
     src = Path(source)
-    if src.suffix == ".gguf" and src.is_file():
+    if src.suffix == ".gguf" and is_file(src):
         dst = out or src.with_name(f"{src.stem.rsplit('-', 1)[0]}-{preset}.gguf")
         with output.err.status(f"quantizing to {preset} ..."):
             path = quantize(src, dst, preset, force=force)
     else:
-        if out is not None and out.exists() and not force:
-            from dllm_cli.errors import ConvertError
-            raise ConvertError(f"{out} already exists", "pass --force to overwrite it")
-        staging = out.parent if out is not None else None
-        with tempfile.TemporaryDirectory(dir=staging, prefix=".dllm-quant-") as tmp:
+        from dllm_cli.registry import models_dir
+        dst = out or models_dir() / f"{Path(str(source).rstrip('/')).name}-{preset}.gguf"
+        dst = outfiles.check(dst, what="the quantized GGUF", create_parent=True)  # before the conversion
+        if dst.exists() and not force:
+            raise ConvertError(f"{dst} already exists", "pass --force to overwrite it")
+        try:
+            staging = tempfile.TemporaryDirectory(dir=dst.parent, prefix=".dllm-quant-", ignore_cleanup_errors=True)
+        except OSError as e:
+            raise outfiles.write_error(dst, e, "the quantized GGUF") from None
+        with staging as tmp:
             bar = _Bar()
             try:
                 res = convert(source, Path(tmp) / "src-bf16.gguf", outtype="bf16", revision=revision,
@@ -131,8 +139,6 @@ def _quantize(source: str, out: Path | None, preset: str, revision: str | None, 
                               warn=lambda m: output.warn(escape(m)))
             finally:
                 bar.close()
-            from dllm_cli.registry import models_dir
-            dst = out or models_dir() / f"{Path(str(source).rstrip('/')).name}-{preset}.gguf"
             with output.err.status(f"quantizing to {preset} ..."):
                 path = quantize(res.path, dst, preset, force=force)
     output.info(escape(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {preset})"))

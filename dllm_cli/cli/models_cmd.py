@@ -41,8 +41,7 @@ def models_list(ctx: typer.Context,
         size = s.sizes_gb.get(s.recommended_quant, "")
         table.add_row(s.alias, s.repo or "(embedded)", s.version, f"{s.params_total}/{s.params_active}",
                       s.recommended_quant, str(size), "embedded" if s.embedded else _local(s.alias))
-    from rich.console import Console
-    Console().print(table)
+    output.rendered(table)
 
 
 def _spec_dict(s: registry.ModelSpec) -> dict:

@@ -4,66 +4,109 @@ Non-UTF-8 bytes on stdin are decoded with U+FFFD replacement and a warning on st
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import IO, Annotated, BinaryIO, Optional
 
 import typer
+from rich.markup import escape
 
-from dllm_cli import registry
+from dllm_cli import outfiles, registry
 from dllm_cli.cli import options as O
 from dllm_cli.cli import output
 from dllm_cli.cli.app import app
 from dllm_cli.cli.replay import trace_record
 from dllm_cli.decoding.events import BlockEvent, DoneEvent
-from dllm_cli.errors import DllmError, UsageError
+from dllm_cli.errors import ContextFullError, UsageError, clip
 from dllm_cli.generate import decode_config, load, prompt_ids, stream_generate
+from dllm_cli.outfiles import read_reason
 from dllm_cli.runtime import options as runtime_options
 
 
-def read_stdin() -> str:
-    """All of stdin as text; invalid UTF-8 is replaced (with a warning), never fatal."""
-    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+MAX_BYTES_PER_TOKEN = 64  # generous: BPE tokens average ~4 bytes; even runs of spaces stay well below this
+
+
+def input_bound(ctx_size: int) -> int:
+    """The most bytes of prompt text a context of ``ctx_size`` tokens could possibly hold."""
+    return ctx_size * MAX_BYTES_PER_TOKEN
+
+
+def _too_big(what: str, bound: int, ctx_size: int) -> ContextFullError:
+    return ContextFullError(f"{what} is larger than a {ctx_size}-token context can hold (over {bound} bytes)",
+                            "shorten the input or raise --ctx-size")
+
+
+def _read_bounded(stream: BinaryIO, what: str, bound: int, ctx_size: int) -> bytes:
+    """At most ``bound`` bytes of ``stream``; more is refused before the rest is read."""
+    data = stream.read(bound + 1)
+    if len(data) > bound:
+        raise _too_big(what, bound, ctx_size)
+    return data
+
+
+def _decode(data: bytes, what: str) -> str:
+    """UTF-8 text; invalid bytes are replaced (with a warning), never fatal."""
     text = data.decode("utf-8", errors="replace")
     if "\ufffd" in text and "\ufffd".encode() not in data:
-        output.warn("stdin is not valid UTF-8; undecodable bytes were replaced with U+FFFD")
+        output.warn(f"{what} is not valid UTF-8; undecodable bytes were replaced with U+FFFD")
     return text
 
 
+def read_stdin(bound: int = 1 << 40, ctx_size: int = 0) -> str:
+    """Stdin as text, at most ``bound`` bytes (more is a ContextFullError); invalid UTF-8 is replaced."""
+    try:
+        stream = sys.stdin.buffer if hasattr(sys.stdin, "buffer") else io.BytesIO(sys.stdin.read().encode())
+        return _decode(_read_bounded(stream, "stdin", bound, ctx_size), "stdin")
+    except OSError as e:  # a terminal that went away, a closed descriptor
+        raise UsageError(f"cannot read stdin: {read_reason(e)}", "pass the prompt as an argument or --file") from None
+
+
+def _read_file(file: Path, bound: int, ctx_size: int) -> str:
+    try:
+        with open(file, "rb") as f:
+            return _decode(_read_bounded(f, f"--file {clip(str(file))}", bound, ctx_size), "--file")
+    except OSError as e:
+        raise UsageError(f"cannot read --file {clip(str(file))}: {read_reason(e)}") from None
+
+
 def split_args(first: str | None, second: str | None) -> tuple[str | None, str | None]:
-    """``dllm run [MODEL] [PROMPT]``: a lone argument is the model when it names one, else the prompt."""
+    """``dllm run [MODEL] [PROMPT]``: a lone argument is the model only when it is an existing file or a
+    registry alias; anything else (``What is 1/2?``, text with ``</b>``) is the prompt."""
     if second is not None or first is None:
         return first, second
     if first == "-":
         return None, first
-    try:
-        registry.resolve_model(first)
+    if registry.names_model(first):
         return first, None
-    except DllmError:
-        looks_like_path = first.endswith(".gguf") or os.sep in first
-        return (first, None) if looks_like_path else (None, first)
+    if first.endswith(".gguf") and len(first) < 4096 and not any(c.isspace() for c in first):
+        output.warn(f"no model file {escape(clip(first))}; reading it as the prompt")
+    return None, first
 
 
-def gather_prompt(arg: str | None, file: Path | None) -> str:
-    """The prompt from the argument, --file and piped stdin (joined in that order)."""
+def gather_prompt(arg: str | None, file: Path | None, ctx_size: int = 1 << 34) -> str:
+    """The prompt from --file, the argument and piped stdin (joined in that order), refused when it is
+    larger than ``ctx_size`` tokens could hold (stdin and the file are not read past that bound)."""
+    bound = input_bound(ctx_size)
     parts = []
+    if file is not None:
+        parts.append(_read_file(file, bound, ctx_size))
     if arg == "-":
-        parts.append(read_stdin())
+        parts.append(read_stdin(bound, ctx_size))
     else:
         if arg is not None:
+            if len(arg) > bound or len(arg.encode("utf-8", errors="replace")) > bound:
+                raise _too_big("the prompt argument", bound, ctx_size)
             parts.append(arg)
         if not sys.stdin.isatty() and not sys.stdin.closed:
-            piped = read_stdin()
+            piped = read_stdin(bound, ctx_size)
             if piped:
                 parts.append(piped)
-    if file is not None:
-        try:
-            parts.insert(0, file.read_text(encoding="utf-8", errors="replace"))
-        except OSError as e:
-            raise UsageError(f"cannot read --file {file}: {e.strerror}") from None
     text = "\n".join(p.rstrip("\n") for p in parts)
+    if len(text.encode("utf-8", errors="replace")) > bound:
+        raise _too_big("the prompt", bound, ctx_size)
     if not text.strip():
         raise UsageError("the prompt is empty", "pass a prompt argument, --file PATH, or pipe text on stdin")
     return text
@@ -97,6 +140,8 @@ def run(
     kv_type: O.KvType = None,
     flash_attn: O.FlashAttnOpt = O.FlashAttn.auto,
     exact: O.Exact = False,
+    rpc: O.Rpc = None,
+    tensor_split: O.TensorSplit = None,
 ) -> None:
     """Generate an answer for one prompt and print it on stdout.
 
@@ -106,9 +151,12 @@ def run(
       dllm run model.gguf - --json < question.txt | jq .text
     """
     model_name, prompt_arg = split_args(model_or_prompt, prompt)
-    text = gather_prompt(prompt_arg, file)
+    if trace is not None:
+        trace = outfiles.check(trace, what="the trace", special=True)  # before any work, not after the answer
     opts = runtime_options.from_flags(kv_type=kv_type.value if kv_type else None, flash_attn=flash_attn.value,
-                                      exact=exact, threads=threads, n_gpu_layers=n_gpu_layers, ctx_size=ctx_size)
+                                      exact=exact, threads=threads, n_gpu_layers=n_gpu_layers, ctx_size=ctx_size,
+                                      rpc=rpc, tensor_split=runtime_options.parse_split(tensor_split))
+    text = gather_prompt(prompt_arg, file, ctx_size)
     loaded = load(model_name, opts)
     try:
         config = decode_config(loaded.model, mode.value, threshold=threshold, editing_threshold=editing_threshold,
@@ -129,28 +177,23 @@ def run(
 
 
 def _drive(loaded, ids, config, *, stream: bool, trace: Path | None) -> DoneEvent:
-    part = trace.with_name(trace.name + ".part") if trace else None
-    sink = open(part, "w", encoding="utf-8") if part else None
-    seen: set[int] = set()  # token ids whose text the trace already carries (for `dllm chat --replay`)
-    done = None
-    try:
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(outfiles.open_text(trace, what="the trace", checked=True)) if trace else None
+        seen: set[int] = set()  # token ids whose text the trace already carries (for `dllm chat --replay`)
+        done = None
         for ev in stream_generate(loaded, ids, config):
             if sink:
-                sink.write(json.dumps(trace_record(ev, loaded.model.piece, seen), ensure_ascii=False) + "\n")
+                _trace_line(sink, trace_record(ev, loaded.model.piece, seen))
             if stream and isinstance(ev, BlockEvent) and ev.text:
                 output.answer(ev.text, end="")
             if isinstance(ev, DoneEvent):
                 done = ev
-        if sink and part and trace:  # all three are set together, when a trace was asked for
-            sink.close()
-            os.replace(part, trace)
-    except BaseException:
-        if sink and part:
-            sink.close()
-            part.unlink(missing_ok=True)
-        raise
     assert done is not None
     return done
+
+
+def _trace_line(sink: IO[str], record: dict) -> None:
+    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def result_document(done: DoneEvent, prompt: list[int], config, model_path: Path) -> dict:

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from dllm_cli.cli import options as O
 from dllm_cli.cli import output
 from dllm_cli.cli.app import app
 
@@ -55,14 +56,22 @@ def runtime_build(
 def runtime_info(
     backend: BackendOpt = Backend.auto,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+    rpc: O.Rpc = None,
 ) -> None:
     """Show the loaded runtime: library path, backend, devices, patch set, llama.cpp commit, build flags.
+
+    With --rpc, the remote devices of those workers are listed with their memory.
 
     Example: dllm runtime info --json
     """
     from dllm_cli.runtime.library import load
 
-    info = load(backend.value).info()
+    rt = load(backend.value)
+    if rpc:
+        from dllm_cli.runtime import rpc as R
+
+        R.connect(rt, R.parse_endpoints(rpc))
+    info = rt.info()
     if as_json:
         output.document(info)
         return

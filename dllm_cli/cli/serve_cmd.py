@@ -40,6 +40,8 @@ def serve(
     kv_type: O.KvType = None,
     flash_attn: O.FlashAttnOpt = O.FlashAttn.auto,
     exact: O.Exact = False,
+    rpc: O.Rpc = None,
+    tensor_split: O.TensorSplit = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models,
     /health) and a page at / that draws each answer's diffusion live. Decode options are the defaults of
@@ -58,7 +60,8 @@ def serve(
         output.warn(f"--host {host} is reachable from other machines and --api-key is not set: anyone who can "
                     "reach it can use the model")
     opts = runtime_options.from_flags(kv_type=kv_type.value if kv_type else None, flash_attn=flash_attn.value,
-                                      exact=exact, threads=threads, n_gpu_layers=n_gpu_layers, ctx_size=ctx_size)
+                                      exact=exact, threads=threads, n_gpu_layers=n_gpu_layers, ctx_size=ctx_size,
+                                      rpc=rpc, tensor_split=runtime_options.parse_split(tensor_split))
     defaults = ServerDefaults(mode.value, {
         "threshold": threshold, "editing_threshold": editing_threshold, "max_post_steps": max_post_steps,
         "editing": edit, "block_length": block_length, "temperature": temperature, "top_k": top_k,

@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
-from dllm_cli.errors import UsageError
+from dllm_cli import domains
+from dllm_cli.errors import UsageError, clip
 from dllm_cli.registry import MODES, version_presets
 
 DEFAULT_MAX_TOKENS = 512
@@ -50,25 +51,21 @@ class DecodeConfig:
         return d
 
 
+_CHECKED = ("threshold", "editing_threshold", "top_p", "temperature", "top_k", "max_post_steps", "mbe",
+            "max_tokens", "block_length", "steps", "seed")  # each has a domain in dllm_cli.domains
+
+
 def _problem(c: DecodeConfig) -> str | None:
     """The first invalid setting as a one-line message naming the option, or None."""
     if c.mode not in MODES:
-        return f"unknown mode {c.mode!r}: use one of {', '.join(MODES)}"
-    for name in ("threshold", "editing_threshold"):
+        return f"unknown mode {clip(c.mode)}: use one of {', '.join(MODES)}"
+    for name in _CHECKED:
         v = getattr(c, name)
-        if not 0.0 <= v <= 1.0:
-            return f"--{name.replace('_', '-')} must be in [0, 1], got {v}"
-    if not 0.0 < c.top_p <= 1.0:
-        return f"--top-p must be in (0, 1], got {c.top_p}"
-    for name in ("top_k", "temperature", "max_post_steps", "mbe"):
-        if getattr(c, name) < 0:
-            return f"--{name.replace('_', '-')} must not be negative, got {getattr(c, name)}"
-    for name in ("block_length", "steps"):
-        v = getattr(c, name)
-        if v is not None and v < 1:
-            return f"--{name.replace('_', '-')} must be a positive integer, got {v}"
-    if c.max_tokens < 1:
-        return f"--max-tokens must be at least 1, got {c.max_tokens}"
+        if v is None and name in ("block_length", "steps", "seed"):
+            continue
+        problem = domains.problem(name, v)
+        if problem:
+            return problem
     return None
 
 
@@ -83,7 +80,7 @@ def make_config(mode: str, version: str, presets: Mapping[str, Any] | None = Non
     keeps it on but records a warning in ``config.warnings``.
     """
     if mode not in MODES:
-        raise UsageError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+        raise UsageError(f"unknown mode {clip(mode)}: use one of {', '.join(MODES)}")
     unknown = sorted(set(overrides) - {f.name for f in fields(DecodeConfig)} - {"mode", "version"})
     if unknown:
         raise UsageError(f"unknown decoding option {unknown[0]!r}")

@@ -19,6 +19,7 @@ from typing import Any
 from ggml_patch import build as B
 from ggml_patch import cpu_features
 from dllm_cli.errors import RuntimeMissingError
+from dllm_cli.runtime import aborts
 
 _FIX = "run `dllm runtime build`"
 _lock = threading.Lock()
@@ -135,6 +136,7 @@ def _import(backend: str, key: str, path: Path) -> Runtime:
         raise RuntimeMissingError(
             f"{libdir} is not a build of the current patches (marker {marker!r}, expected {key})", _FIX)
     _quiet_logs(llama_cpp)
+    aborts.install(libdir)
     llama_cpp.llama_backend_init()
     return Runtime(lib=llama_cpp, cdll=cdll, path=path, backend=backend, key=key, build=info)
 

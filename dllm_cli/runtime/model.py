@@ -16,6 +16,7 @@ import jinja2.sandbox
 from dllm_cli import gguf_keys as K
 from dllm_cli.errors import ModelError
 from dllm_cli.registry import MODES, Preset, version_presets
+from dllm_cli.runtime.deepstack import deep_stack
 from dllm_cli.runtime.library import load as load_runtime
 from dllm_cli.runtime.options import RuntimeOptions
 
@@ -65,8 +66,20 @@ class Model:
         self.rt = load_runtime()
         lib = self.rt.lib
         params = lib.llama_model_default_params()
+        remote = 0
+        if self.options.rpc:
+            from dllm_cli.runtime import rpc
+
+            remote = rpc.connect(self.rt, rpc.parse_endpoints(self.options.rpc))
         ngl = self.options.n_gpu_layers
-        params.n_gpu_layers = (999 if self.rt.backend != "cpu" else 0) if ngl is None else ngl
+        params.n_gpu_layers = (999 if self.rt.backend != "cpu" or remote else 0) if ngl is None else ngl
+        if self.options.tensor_split:
+            n = int(lib.llama_max_devices())
+            if len(self.options.tensor_split) > n:
+                raise ModelError(f"--tensor-split has {len(self.options.tensor_split)} shares, the runtime takes "
+                                 f"at most {n}", "give one share per offload device (`dllm runtime info`)")
+            self._split = (ctypes.c_float * n)(*self.options.tensor_split)
+            params.tensor_split = self._split
         self.ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.ptr:
             raise ModelError(f"llama.cpp could not load {self.path}", "run with DLLM_DEBUG=1 to see its log")
@@ -130,6 +143,7 @@ class Model:
         return int(self.rt.lib.llama_model_n_params(self.ptr))
 
     # --- tokenizer ------------------------------------------------------------------------
+    @deep_stack  # llama.cpp's pre-tokenizer regex recurses per character: long words need a big stack
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
         """Token ids of ``text``; with ``special`` the role markers are parsed as special tokens."""
         data = text.encode("utf-8")

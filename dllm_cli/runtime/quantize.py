@@ -7,17 +7,22 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
+import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dllm_cli.errors import ConvertError, UsageError
+from dllm_cli import outfiles
+from dllm_cli.errors import ConvertError, DllmError, OutputError, UsageError
 from dllm_cli.runtime.library import load as load_runtime
 from dllm_cli.runtime.model import inspect_gguf
 
 # llama_ftype and ggml_type values (include/llama.h, ggml.h of the pinned tree)
 _FTYPE = {"q4_0": 2, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 _Q4_K, _Q5_K, _Q6_K, _Q8_0 = 12, 13, 14, 8
+LOW_DISK = 64 * 2**20  # free bytes under which a failed quantization is blamed on the disk
 
 
 @dataclass(frozen=True)
@@ -44,11 +49,13 @@ PRESETS["q4_k_moe"] = QuantPreset(
 
 
 def quantize(src: str | Path, dst: str | Path, preset: str, *, threads: int | None = None, force: bool = False) -> Path:
-    """Quantize a llada2 GGUF (f32/f16/bf16) into ``dst`` atomically (``dst.part`` renamed at the end)."""
+    """Quantize a llada2 GGUF (f32/f16/bf16) into ``dst`` atomically (written in a ``.part`` directory next to
+    it, renamed at the end, removed on any failure or interrupt)."""
     if preset not in PRESETS:
         raise UsageError(f"unknown quantization {preset!r}", f"use one of {', '.join(PRESETS)}")
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src), outfiles.expand(dst)
     inspect_gguf(src)
+    dst = outfiles.check(dst, what="the quantized GGUF", need_bytes=src.stat().st_size // 8, create_parent=True)
     if dst.exists() and not force:
         raise ConvertError(f"{dst} already exists", "pass --force to overwrite it")
     if dst.resolve() == src.resolve():
@@ -71,19 +78,61 @@ def quantize(src: str | Path, dst: str | Path, preset: str, *, threads: int | No
         arr[len(p.overrides)].pattern = None
         params.tt_overrides = arr
         keep.append(arr)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    part = dst.with_name(dst.name + ".part")
+    # llama.cpp writes into a private directory next to dst: if we are interrupted before the C call has
+    # created its file, removing the directory makes that later open fail instead of leaving a stray file.
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".part", dir=dst.parent))
+    except OSError as e:
+        raise outfiles.write_error(dst, e, "the quantized GGUF") from None
+    part = staging / dst.name
     result: list[int] = []
     worker = threading.Thread(target=lambda: result.append(
         lib.llama_model_quantize(str(src).encode(), str(part).encode(), ctypes.byref(params))), daemon=True)
     try:
         worker.start()
-        while worker.is_alive():  # join in slices so Ctrl-C reaches Python and the partial file is removed
+        while worker.is_alive():  # join in slices so Ctrl-C / SIGTERM reach Python and the partial file goes
             worker.join(0.2)
         if not result or result[0] != 0:
-            raise ConvertError(f"llama_model_quantize failed for {src} -> {preset}",
-                               "is the source already quantized? quantize from an f32/f16/bf16 GGUF")
-        os.replace(part, dst)
+            raise _failure(src, dst, preset)
+        try:
+            os.replace(part, dst)
+        except OSError as e:
+            raise outfiles.write_error(dst, e, "the quantized GGUF") from None
     finally:
-        part.unlink(missing_ok=True)
+        _remove_tree(staging)
     return dst
+
+
+def _failure(src: Path, dst: Path, preset: str) -> DllmError:
+    """Why llama_model_quantize returned an error (it only logs the reason): a quantized source, a full disk,
+    or something else (then llama.cpp's log says, with DLLM_VERBOSE=1)."""
+    if _quantized(src):
+        return ConvertError(f"{src} is already quantized; llama.cpp does not requantize",
+                            "quantize from an f32/f16/bf16 GGUF")
+    free = outfiles.free_bytes(dst.parent)
+    if free is not None and free < LOW_DISK:
+        return OutputError(f"cannot write the quantized GGUF to {dst}: no space left on the device "
+                           f"({free / 1e6:.1f} MB free)", "free disk space or choose another -o")
+    return ConvertError(f"llama_model_quantize failed for {src} -> {preset}",
+                        "rerun with DLLM_VERBOSE=1 to see llama.cpp's reason")
+
+
+def _quantized(src: Path) -> bool:
+    """True when a 2-D weight of ``src`` is already in a quantized type."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(src, "r")
+    except Exception:  # inspect_gguf accepted it; a reader failure here just means "cannot tell"
+        return False
+    plain = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
+    return any(t.tensor_type not in plain for t in reader.tensors if len(t.shape) > 1)
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove the staging directory; never raises (it runs while an interrupt unwinds)."""
+    for _ in range(3):  # the C call may still be creating its file while we interrupt it
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(0.05)

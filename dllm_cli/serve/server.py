@@ -1,16 +1,14 @@
 """Run the app on uvicorn: logs on stderr, the model's worker started first and stopped last.
 
-uvicorn handles Ctrl-C and SIGTERM: it stops accepting, ends open streams and waits (up to
-``GRACEFUL_S``) for requests in flight; then the worker cancels what is left and closes the model on its
-own thread.
+uvicorn handles Ctrl-C and SIGTERM: it stops accepting; requests in flight are cancelled at their next step and
+answered 503 (streams end with an error event and ``[DONE]``); then the worker closes the model on its own
+thread and the CLI exits as for any signal (130 / 143).
 """
 from __future__ import annotations
 
 import copy
 import ipaddress
 import logging
-import signal
-import threading
 from typing import Any, Callable
 
 from dllm_cli.serve.app import ServeSettings, create_app
@@ -58,18 +56,14 @@ def serve(open_backend: Callable[[], Backend], settings: ServeSettings, host: st
     """Load the model (errors raise here), then serve until Ctrl-C or SIGTERM."""
     worker = Worker(open_backend, queue_size=queue_size)
     worker.start()
-    # uvicorn re-raises SIGTERM once it has shut down, which would kill the process before the worker closes
-    # the model; a no-op handler underneath makes that re-raise return, so SIGTERM ends with exit 0 after cleanup.
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, lambda *_: None) if main else None
     try:
         if on_ready is not None:
             on_ready(worker)
+        # uvicorn takes SIGINT/SIGTERM while it runs, shuts down, then re-raises the signal to the handlers it
+        # found (the CLI's: KeyboardInterrupt / signals.Terminated), which unwind through this ``finally``.
         make_server(worker, settings, host, port, log_level=log_level).run()
     finally:
         log = logging.getLogger("dllm.serve")
         log.info("stopping: cancelling queued requests, closing the model")
         worker.stop()
-        if main:
-            signal.signal(signal.SIGTERM, previous)
         log.info("stopped")
