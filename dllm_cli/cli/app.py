@@ -20,7 +20,7 @@ from dllm_cli.errors import DllmError, StdoutClosed
 
 app = typer.Typer(
     name="dllm", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-    help="Run LLaDA2.x diffusion language models locally: convert, chat, run, bench.",
+    help="Run LLaDA2.x diffusion language models locally: convert, chat, run, bench, serve.",
     rich_markup_mode="rich",
 )
 
@@ -33,6 +33,7 @@ COMMAND_MODULES = (
     "dllm_cli.cli.run_cmd",
     "dllm_cli.cli.bench_cmd",
     "dllm_cli.cli.rpc_cmd",
+    "dllm_cli.cli.serve_cmd",
 )
 
 

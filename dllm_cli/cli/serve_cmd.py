@@ -1,0 +1,76 @@
+"""``dllm serve``: the OpenAI-compatible server and the live page, over one model. Logs go to stderr."""
+from __future__ import annotations
+
+from functools import partial
+from typing import Annotated, Optional
+
+import typer
+
+from dllm_cli.cli import options as O
+from dllm_cli.cli import output
+from dllm_cli.cli.app import app
+from dllm_cli.runtime import options as runtime_options
+
+
+@app.command("serve")
+def serve(
+    model: O.ModelArg = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port to listen on.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="DLLM_API_KEY", show_default=False,
+                                                   help="Require 'Authorization: Bearer KEY' on /v1/*.")] = None,
+    queue_size: Annotated[int, typer.Option("--queue-size", min=1, help="Requests that may wait for the model; "
+                                            "more get HTTP 429.")] = 16,
+    max_body: Annotated[int, typer.Option("--max-body", min=1024, help="Largest request body in bytes (413 above).")] = 1 << 20,
+    mode: O.ModeOpt = O.Mode.quality,
+    max_tokens: O.MaxTokens = 512,
+    threshold: O.Threshold = None,
+    editing_threshold: O.EditThreshold = None,
+    max_post_steps: O.MaxPostSteps = None,
+    edit: O.Edit = None,
+    block_length: O.BlockLength = None,
+    temperature: O.Temperature = 0.0,
+    top_k: O.TopK = 0,
+    top_p: O.TopP = 1.0,
+    seed: O.Seed = 0,
+    mbe: O.Mbe = 0,
+    threads: O.Threads = None,
+    n_gpu_layers: O.GpuLayers = None,
+    ctx_size: O.CtxSize = 4096,
+    kv_type: O.KvType = None,
+    flash_attn: O.FlashAttnOpt = O.FlashAttn.auto,
+    exact: O.Exact = False,
+    rpc: O.Rpc = None,
+    tensor_split: O.TensorSplit = None,
+) -> None:
+    """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models,
+    /health) and a page at / that draws each answer's diffusion live. Decode options are the defaults of
+    every request; a request's own fields win.
+
+    Examples:
+      dllm serve                                   # the demo model on http://127.0.0.1:8000
+      dllm serve model.gguf --port 8080 --mode speed
+      dllm serve model.gguf --host 0.0.0.0 --api-key "$KEY"
+    """
+    from dllm_cli.serve import ModelBackend, ServeSettings, ServerDefaults
+    from dllm_cli.serve import serve as run_server
+    from dllm_cli.serve.server import is_loopback
+
+    if not is_loopback(host) and not api_key:
+        output.warn(f"--host {host} is reachable from other machines and --api-key is not set: anyone who can "
+                    "reach it can use the model")
+    opts = runtime_options.from_flags(kv_type=kv_type.value if kv_type else None, flash_attn=flash_attn.value,
+                                      exact=exact, threads=threads, n_gpu_layers=n_gpu_layers, ctx_size=ctx_size,
+                                      rpc=rpc, tensor_split=runtime_options.parse_split(tensor_split))
+    defaults = ServerDefaults(mode.value, {
+        "threshold": threshold, "editing_threshold": editing_threshold, "max_post_steps": max_post_steps,
+        "editing": edit, "block_length": block_length, "temperature": temperature, "top_k": top_k,
+        "top_p": top_p, "seed": seed, "max_tokens": max_tokens, "mbe": mbe})
+
+    def ready(worker) -> None:
+        shown = f"[{host}]" if ":" in host else host
+        output.info(f"dllm serve: {worker.model_id} on http://{shown}:{port}  (OpenAI API at /v1, live page at /; "
+                    "Ctrl-C stops)")
+
+    run_server(partial(ModelBackend, model, opts, defaults), ServeSettings(api_key=api_key, max_body_bytes=max_body),
+               host, port, queue_size=queue_size, on_ready=ready)

@@ -1,0 +1,167 @@
+"""``dllm serve`` end to end: the real command on the embedded demo model, driven by the ``openai`` client.
+
+Answers must equal ``dllm run --json``'s for the same prompts (greedy decoding is deterministic), also with two
+clients at once. Skipped with the reason when no runtime built from the current patches is installed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from serve_fakes import free_port
+
+DLLM = str(Path(sys.executable).with_name("dllm"))
+NUMBER, ORANGE = "Describe the number 42.", "Describe the orange."
+RAW_SORT = "<role>SYSTEM</role>detailed thinking off<|role_end|><role>HUMAN</role>Sort: 5 2 9<|role_end|><role>ASSISTANT</role>"
+
+
+def _runtime_reason() -> str | None:
+    from dllm_cli.errors import RuntimeMissingError
+    from dllm_cli.runtime.library import check
+
+    try:
+        check()
+    except RuntimeMissingError as e:
+        return f"no patched runtime: {e}"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_runtime_reason() is not None, reason=str(_runtime_reason()))
+
+
+def run_json(*args: str, stdin: str = "") -> dict:
+    r = subprocess.run([DLLM, "run", *args, "--json"], capture_output=True, timeout=120, input=stdin.encode())
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, dict]:
+    """``dllm run --json`` for the prompts the server is asked."""
+    return {"number": run_json(NUMBER), "orange": run_json(ORANGE, "--mode", "speed"),
+            "sort": run_json("-", "--raw", stdin=RAW_SORT)}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``dllm serve`` (the demo model) on a free loopback port; stopped with SIGTERM, which must end it cleanly
+    (model closed, exit 143 as for any dllm command, nothing on stdout)."""
+    port = free_port()
+    logs = tmp_path_factory.mktemp("serve")
+    out, err = open(logs / "stdout", "wb"), open(logs / "stderr", "wb")
+    proc = subprocess.Popen([DLLM, "serve", "--host", "127.0.0.1", "--port", str(port)], stdout=out, stderr=err,
+                            stdin=subprocess.DEVNULL, env=dict(os.environ, DLLM_DEBUG="0"))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, (logs / "stderr").read_text()
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "dllm serve did not come up"
+        time.sleep(0.1)
+    yield url
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(30)
+    out.close()
+    err.close()
+    stderr = (logs / "stderr").read_text()
+    assert rc == 143, stderr  # the CLI's exit code for SIGTERM, after a clean shutdown
+    assert (logs / "stdout").read_bytes() == b""  # logs and the access log go to stderr
+    assert "Uvicorn running on http://127.0.0.1" in stderr and "stopped" in stderr and "Traceback" not in stderr
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def ask(url: str, question: str, *, stream: bool = False, **kw) -> tuple[str, object]:
+    c = client(url)
+    messages = [{"role": "user", "content": question}]
+    if not stream:
+        r = c.chat.completions.create(model="demo", messages=messages, **kw)
+        return r.choices[0].message.content, r.usage
+    chunks = list(c.chat.completions.create(model="demo", messages=messages, stream=True,
+                                            stream_options={"include_usage": True}, **kw))
+    return "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices), chunks[-1].usage
+
+
+def test_answers_equal_dllm_run(server, reference):
+    text, usage = ask(server, NUMBER)
+    ref = reference["number"]
+    assert text == ref["text"] and usage.completion_tokens == len(ref["tokens"])
+    assert usage.prompt_tokens == len(ref["prompt_tokens"]) and usage.dllm["forwards"] == ref["forwards"]
+    assert ask(server, NUMBER, stream=True)[0] == ref["text"]
+    text, usage = ask(server, ORANGE, extra_body={"dllm": {"mode": "speed"}})
+    assert text == reference["orange"]["text"] and usage.dllm["edits"] == reference["orange"]["edits"]
+    r = client(server).completions.create(model="demo", prompt=RAW_SORT)
+    assert r.choices[0].text == reference["sort"]["text"] == "2 5 9"
+
+
+def test_two_concurrent_clients_get_dllm_run_answers(server, reference):
+    results: dict[str, list[str]] = {"number": [], "orange": []}
+    errors: list[BaseException] = []
+
+    def worker(key: str, question: str, extra: dict) -> None:
+        try:
+            for i in range(4):
+                results[key].append(ask(server, question, stream=bool(i % 2), extra_body=extra)[0])
+        except BaseException as e:  # reported below, not lost in the thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=("number", NUMBER, {})),
+               threading.Thread(target=worker, args=("orange", ORANGE, {"dllm": {"mode": "speed"}}))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert results == {"number": [reference["number"]["text"]] * 4, "orange": [reference["orange"]["text"]] * 4}
+
+
+def test_stop_string_on_the_demo_model(server, reference):
+    full = reference["number"]["text"]
+    text, _ = ask(server, NUMBER, stop=["even"])
+    assert text == full[:full.index("even")] and "even" not in text
+    assert ask(server, NUMBER, stop=["even"], stream=True)[0] == text
+
+
+def test_a_conversation_reuses_the_cached_prefix(server):
+    """Turn 3's prompt starts with turn 2's (more than one 32-token block of it): those blocks stay cached."""
+    c = client(server)
+    history: list[dict] = []
+    answers, reused = [], []
+    for question in ("Sort: 5 2 9", "What colour is the banana?", "What is the capital of France?"):
+        history.append({"role": "user", "content": question})
+        r = c.chat.completions.create(model="demo", messages=history)
+        history.append({"role": "assistant", "content": r.choices[0].message.content})
+        answers.append(r.choices[0].message.content)
+        reused.append(r.usage.dllm["reused_prompt_tokens"])
+    assert answers == ["2 5 9", "yellow", "Paris"]
+    assert reused[2] >= 32 and reused[2] % 32 == 0  # whole blocks of turn 2's prompt were not prefilled again
+
+
+def test_tools_and_an_over_long_prompt_on_the_real_model(server):
+    tool = {"type": "function", "function": {"name": "sort", "parameters": {"type": "object"}}}
+    c = client(server)
+    plain = c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Sort: 5 2 9"}])
+    with_tools = c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Sort: 5 2 9"}],
+                                           tools=[tool])
+    assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens + 50  # the tools block is in the prompt
+    assert with_tools.choices[0].finish_reason in ("stop", "tool_calls", "length")
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Sort: 5 2 9 " * 900}])
+    assert e.value.body["code"] == "context_length_exceeded" and "4096" in e.value.body["message"]
+    assert ask(server, "Sort: 5 2 9")[0] == "2 5 9"  # and the server carries on
