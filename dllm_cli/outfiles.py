@@ -127,6 +127,9 @@ def check(path: str | Path, *, what: str = "output", need_bytes: int = 1, specia
     user typed a missing directory is an error.
     """
     path = expand(path)
+    if "\0" in str(path):
+        raise OutputError(f"cannot write {what} to {_short(repr(str(path)))}: the path holds a NUL byte",
+                          "give a file path")
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:

@@ -575,3 +575,31 @@ def test_a_broken_stderr_does_not_change_the_outcome(args, code, stderr, tmp_pat
     assert r.returncode == code
     if code == 0:
         assert json.loads(r.stdout)
+
+
+@pytest.mark.parametrize("path", ["a\0b.md", "/tmp/\0.json"])
+def test_a_nul_byte_in_a_save_path_is_one_line(path):
+    from dllm_cli.chat import Conversation
+
+    with pytest.raises(OutputError, match="NUL byte"):
+        Conversation().save(path)
+
+
+@pytest.mark.parametrize("args", [["run", "TINY", "hi", "-n", "4"], ["run", "TINY", "-", "-n", "4"], ["chat", "TINY"]])
+def test_a_closed_stdin_reads_as_empty(args, tiny):
+    runtime_or_skip()
+    r = subprocess.run([DLLM, *[tiny if a == "TINY" else a for a in args]], capture_output=True, timeout=300,
+                       preexec_fn=lambda: os.close(0))
+    assert b"internal error" not in r.stderr and b"Traceback" not in r.stderr, r.stderr
+    assert r.returncode == (2 if "-" in args else 0), r.stderr  # `-` with nothing on stdin: the prompt is empty
+
+
+@pytest.mark.parametrize("args,needle", [(["--synthetic", "llada2-mini", "--quant", "q3_bogus"], "--quant"),
+                                         (["--quality-vs", "missing-ref.gguf"], "missing-ref.gguf")])
+def test_bench_refuses_late_options_before_measuring(args, needle, tmp_path, monkeypatch, capsys):
+    from dllm_cli.bench import measure
+
+    monkeypatch.setattr(measure, "run_benchmark", lambda *a, **k: pytest.fail("measured before checking"))
+    code, out, err = run_cli(monkeypatch, capsys, "bench", *args)
+    assert code in (1, 2) and out == ""
+    one_line(err, needle)
