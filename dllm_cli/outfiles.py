@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
 
+from dllm_cli.runtime import aborts
 from dllm_cli.errors import DllmError, OutputError
 
 _WHY = {
@@ -216,7 +217,8 @@ def atomic(path: str | Path, *, what: str = "output", need_bytes: int = 1, creat
         check(path, what=what, need_bytes=need_bytes, create_parent=create_parent)
     part = part_of(path)
     try:
-        yield part
+        with aborts.partial(part):  # a ggml abort (e.g. an RPC worker dying) removes it too
+            yield part
         os.replace(part, path)
     except DllmError:
         remove_quietly(part)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ggml_patch import cpu_features
+
 PACKAGE = "llama-cpp-python"
 VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{VERSION}.tar.gz"
@@ -83,6 +85,7 @@ BASE_FLAGS = (
     "-DLLAMA_BUILD_COMMON=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_TOOLS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
     "-DCMAKE_INSTALL_RPATH=$ORIGIN", "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
+    "-DGGML_RPC=ON",  # libggml-rpc: remote devices (`--rpc`) and the worker behind `dllm rpc-server`
 )
 BACKEND_FLAGS = {"cpu": (), "cuda": ("-DGGML_CUDA=ON",), "metal": ("-DGGML_METAL=ON",)}
 LIB_PREFIXES = ("libllama", "libggml", "llama", "ggml")
@@ -127,12 +130,23 @@ def resolve_backend(backend: str = "auto") -> str:
     return backend
 
 
-def cmake_flags(backend: str) -> list[str]:
-    return [*BASE_FLAGS, *BACKEND_FLAGS[backend]]
+def cmake_flags(backend: str, amx: bool = False) -> list[str]:
+    """CMake options for ``backend``. Unless ``amx``, x86 builds add ``-mno-amx-*`` to the C and C++ flags so
+    ``-march=native`` cannot compile ggml's AMX kernels, which crash quantized matmuls (see ``cpu_features``)."""
+    flags = [*BASE_FLAGS, *BACKEND_FLAGS[backend]]
+    off = [] if amx else cpu_features.amx_off_flags()
+    if off:
+        flags += [f"-DCMAKE_C_FLAGS={' '.join(off)}", f"-DCMAKE_CXX_FLAGS={' '.join(off)}"]
+    return flags
 
 
-def cache_key(backend: str, flags: list[str] | None = None, patches: list[Path] | None = None) -> str:
-    """sha256 over (sdist sha, patch names + contents in apply order, backend, flags), truncated."""
+def cache_key(backend: str, flags: list[str] | None = None, patches: list[Path] | None = None,
+              cpu: str | None = None) -> str:
+    """sha256 over (sdist sha, patch names + contents in apply order, backend, flags, CPU fingerprint), truncated.
+
+    The CPU fingerprint (``cpu_features.fingerprint()``) is in the key because ``GGML_NATIVE`` builds for the
+    building machine: a ``DLLM_HOME`` shared between machines keeps one build per CPU class.
+    """
     h = hashlib.sha256()
     h.update(f"sdist:{SDIST_SHA256}\n".encode())
     for p in (patch_files() if patches is None else patches):
@@ -141,6 +155,7 @@ def cache_key(backend: str, flags: list[str] | None = None, patches: list[Path] 
     h.update(f"backend:{backend}\n".encode())
     for f in (cmake_flags(backend) if flags is None else flags):
         h.update(f"flag:{f}\n".encode())
+    h.update(f"cpu:{cpu or cpu_features.fingerprint()}\n".encode())
     return h.hexdigest()[:KEY_LEN]
 
 
@@ -270,12 +285,15 @@ def installed(backend: str, key: str) -> bool:
 
 
 def build(backend: str = "auto", force: bool = False, status: Status | None = None,
-          jobs: int | None = None) -> BuildResult:
-    """Build and install the patched runtime for ``backend`` unless the same key is already installed."""
+          jobs: int | None = None, amx: bool = False) -> BuildResult:
+    """Build and install the patched runtime for ``backend`` unless the same key is already installed.
+
+    ``amx`` compiles ggml's AMX kernels (off by default: they crash quantized models upstream).
+    """
     t0 = time.monotonic()
     status = status or (lambda msg: None)
     backend = resolve_backend(backend)
-    flags = cmake_flags(backend)
+    flags = cmake_flags(backend, amx=amx)
     patches = patch_files()
     key = cache_key(backend, flags, patches)
     target = install_dir(backend, key)
@@ -318,7 +336,8 @@ def build(backend: str = "auto", force: bool = False, status: Status | None = No
         "backend": backend, "key": key, "flags": flags, "patches": [p.name for p in patches],
         "llama_cpp_commit": LLAMA_CPP_COMMIT, "llama_cpp_python": VERSION, "sdist_sha256": SDIST_SHA256,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "platform": f"{sys.platform}-{platform.machine()}",
-        "build_seconds": round(time.monotonic() - t0, 1),
+        "build_seconds": round(time.monotonic() - t0, 1), "amx": amx,
+        "cpu_fingerprint": cpu_features.fingerprint(), "cpu_features": sorted(cpu_features.host_features()),
     }
     _install(bin_dir if bin_dir.is_dir() else bdir, target, info)
     return BuildResult(target, backend, key, True, time.monotonic() - t0)
@@ -333,10 +352,11 @@ def main(argv: list[str]) -> int:
             print(sdist_path())
         elif cmd == "build":
             backend = argv[argv.index("--backend") + 1] if "--backend" in argv else "auto"
-            res = build(backend, force="--force" in argv, status=lambda m: print(m, file=sys.stderr))
+            res = build(backend, force="--force" in argv, status=lambda m: print(m, file=sys.stderr),
+                        amx="--amx" in argv)
             print(res.path)
         else:
-            print("usage: python -m ggml_patch.build fetch|sdist-path|build [--backend B] [--force]",
+            print("usage: python -m ggml_patch.build fetch|sdist-path|build [--backend B] [--force] [--amx]",
                   file=sys.stderr)
             return 2
     except FetchError as e:

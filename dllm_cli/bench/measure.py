@@ -24,7 +24,7 @@ from dllm_cli.decoding import engine
 from dllm_cli.decoding.events import BlockEvent, DoneEvent
 from dllm_cli.generate import decode_config
 from dllm_cli.runtime.model import Model
-from dllm_cli.runtime.options import RuntimeOptions
+from dllm_cli.runtime.options import DEFAULT_KV_TYPE, from_flags
 from dllm_cli.runtime.session import Session
 
 Progress = Callable[[str], None]
@@ -52,7 +52,10 @@ class BenchConfig:
     tests: tuple[str, ...] = ("pp", "step", "gen", "ar")
     ar_tokens: int = 32
     recompute_samples: int = 3
-    kv_type: str = "f16"
+    kv_type: str = DEFAULT_KV_TYPE
+    flash_attn: str = "auto"  # auto | on | off
+    rpc: str | None = None    # ggml RPC workers (HOST:PORT,...)
+    tensor_split: tuple[float, ...] = ()
     ctx_size: int = 2048
     experts: bool = True
     paper_tpf: str | None = None  # key of PAPER_TPF to report the AR ratio at (random-weight models)
@@ -174,7 +177,8 @@ class Bench:
     def __init__(self, path: Path, cfg: BenchConfig, threads: int | None, progress: Progress) -> None:
         self.cfg, self.progress = cfg, progress
         need = max([cfg.ctx_size, *(p + 64 for p in cfg.prefixes), *(p + 32 for p in cfg.prefill)])
-        self.opts = RuntimeOptions(threads=threads, ctx_size=need, kv_type=cfg.kv_type, ubatch=need)
+        self.opts = from_flags(kv_type=cfg.kv_type, flash_attn=cfg.flash_attn, threads=threads, ctx_size=need,
+                               ubatch=need, rpc=cfg.rpc, tensor_split=cfg.tensor_split)
         free0 = _gpu_free()
         self.model = Model(path, self.opts)
         self.session = Session(self.model, self.opts)
@@ -183,7 +187,7 @@ class Bench:
         self.shapes = Shapes.from_gguf(path)
         self.base = {"model": self.model.description, "path": str(path), "size_bytes": self.model.size_bytes,
                      "params": self.model.n_params, "backend": self.model.rt.backend, "threads": self.opts.n_threads,
-                     "kv_type": cfg.kv_type, "n_layers": self.shapes.layers,
+                     "kv_type": cfg.kv_type, "flash_attn": cfg.flash_attn, "rpc": cfg.rpc, "n_layers": self.shapes.layers,
                      "vram_bytes": free0 - free1 if free0 is not None and free1 is not None else None}
 
     def close(self) -> None:

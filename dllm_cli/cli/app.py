@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "dllm_cli.cli.chat_cmd",
     "dllm_cli.cli.run_cmd",
     "dllm_cli.cli.bench_cmd",
+    "dllm_cli.cli.rpc_cmd",
 )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.markup import escape
@@ -88,6 +88,17 @@ class _Status:
             self.status.stop()
 
 
+def _runtime_path(kv_type: O.KVType | None, flash_attn: O.FlashAttn, exact: bool, rpc: str | None,
+                  tensor_split: str | None) -> dict[str, Any]:
+    """BenchConfig's runtime fields from the shared runtime flags (validated like run and chat)."""
+    from dllm_cli.runtime.options import from_flags, parse_split
+
+    opts = from_flags(kv_type=kv_type.value if kv_type else None, flash_attn=flash_attn.value, exact=exact,
+                      rpc=rpc, tensor_split=parse_split(tensor_split))
+    return {"kv_type": opts.kv_type, "flash_attn": {None: "auto", True: "on", False: "off"}[opts.flash_attn],
+            "rpc": opts.rpc, "tensor_split": opts.tensor_split}
+
+
 def _load_doc(path: Path) -> dict:
     """A saved ``dllm bench --json`` document, checked field by field (errors name the file and the field)."""
     text = _read_text(path, "--compare")
@@ -140,7 +151,11 @@ def bench_cmd(
     quality_vs: Annotated[Optional[str], typer.Option("--quality-vs", help="Also compare each model's logits "
                           "with this reference GGUF (f16/f32 of the same weights): error and argmax agreement.",
                           rich_help_panel=BENCH)] = None,
-    kv_type: O.KvType = O.KVType.f16,
+    kv_type: O.KvType = None,
+    flash_attn: O.FlashAttnOpt = O.FlashAttn.auto,
+    exact: O.Exact = False,
+    rpc: O.Rpc = None,
+    tensor_split: O.TensorSplit = None,
     ctx_size: O.CtxSize = 2048,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON document.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV rows.")] = False,
@@ -196,6 +211,7 @@ def bench_cmd(
         save = outfiles.check(save, what="the bench document", special=True)
     quality_ref = resolve_model(quality_vs) if quality_vs else None  # a typo must not cost a whole run
     bench_prompts = _read_prompts(prompts) if prompts else None
+    runtime_fields = _runtime_path(kv_type, flash_attn, exact, rpc, tensor_split)
     failed_save: OutputError | None = None
     status = _Status(quiet)
     try:
@@ -214,8 +230,8 @@ def bench_cmd(
         cfg = BenchConfig(modes=_list(modes), threads=thread_counts or (None,), reps=reps, warmup=warmup,
                           max_tokens=max_tokens, prefill=prefills, prefixes=prefixes,
                           tests=_list(tests), ar_tokens=ar_tokens, recompute_samples=recompute_samples,
-                          kv_type=kv_type.value, ctx_size=ctx_size, experts=not no_experts, paper_tpf=paper_tpf,
-                          **({"prompts": bench_prompts} if bench_prompts else {}))
+                          ctx_size=ctx_size, experts=not no_experts, paper_tpf=paper_tpf,
+                          **runtime_fields, **({"prompts": bench_prompts} if bench_prompts else {}))
         doc = run_benchmark(paths, cfg, progress=status, estimate_to=estimate_layers)
         if quality_ref is not None:
             from dllm_cli.bench.quality import compare_quality

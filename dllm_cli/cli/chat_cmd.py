@@ -145,7 +145,11 @@ def chat(
     threads: O.Threads = None,
     n_gpu_layers: O.GpuLayers = None,
     ctx_size: O.CtxSize = 4096,
-    kv_type: O.KvType = O.KVType.f16,
+    kv_type: O.KvType = None,
+    flash_attn: O.FlashAttnOpt = O.FlashAttn.auto,
+    exact: O.Exact = False,
+    rpc: O.Rpc = None,
+    tensor_split: O.TensorSplit = None,
 ) -> None:
     """Chat with a model and watch it unmask and edit its answer, block by block.
 
@@ -162,9 +166,11 @@ def chat(
         Screen(live=live, plain=plain, piece=PieceCache(table=trace.pieces)).show(paced(trace.events, speed))
         return
     from dllm_cli.generate import decode_config, load
-    from dllm_cli.runtime.options import RuntimeOptions
+    from dllm_cli.runtime import options as runtime_options
 
-    opts = RuntimeOptions(threads=threads, n_gpu_layers=n_gpu_layers, ctx_size=ctx_size, kv_type=kv_type.value)
+    opts = runtime_options.from_flags(kv_type=kv_type.value if kv_type else None, flash_attn=flash_attn.value,
+                                      exact=exact, threads=threads, n_gpu_layers=n_gpu_layers, ctx_size=ctx_size,
+                                      rpc=rpc, tensor_split=runtime_options.parse_split(tensor_split))
     overrides = dict(threshold=threshold, editing_threshold=editing_threshold, max_post_steps=max_post_steps,
                      editing=edit, block_length=block_length, temperature=temperature, top_k=top_k, top_p=top_p,
                      seed=seed, max_tokens=max_tokens, mbe=mbe)

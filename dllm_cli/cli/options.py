@@ -27,6 +27,12 @@ class KVType(str, Enum):
     q8_0 = "q8_0"
 
 
+class FlashAttn(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
 def domain(name: str) -> Callable[[Any], Any]:
     """A Typer callback checking an option's value (None: not given) against ``domains.DOMAINS[name]``."""
     def check(value: Any) -> Any:
@@ -45,8 +51,20 @@ GpuLayers = Annotated[Optional[int], typer.Option(
     help="Layers to offload to the GPU (default: all when the runtime has a GPU).", rich_help_panel=RUNTIME)]
 CtxSize = Annotated[int, typer.Option("--ctx-size", "-c", callback=domain("ctx_size"), help="Context size in tokens.",
                                       rich_help_panel=RUNTIME)]
-KvType = Annotated[KVType, typer.Option("--kv-type", help="KV cache type (f32 is exact against the reference).",
-                                        rich_help_panel=RUNTIME)]
+KvType = Annotated[Optional[KVType], typer.Option("--kv-type", help="KV cache type (default f32: exact against the "
+                                                  "reference; f16 halves the cache; q8_0 needs flash attention).",
+                                                  show_default=False, rich_help_panel=RUNTIME)]
+FlashAttnOpt = Annotated[FlashAttn, typer.Option("--flash-attn", "-fa", help="Flash attention: auto (off on CPU, where "
+                                                 "it is slower for 32-token steps; llama.cpp's choice on GPUs; on for "
+                                                 "a q8_0 KV cache), on, off.", rich_help_panel=RUNTIME)]
+Rpc = Annotated[Optional[str], typer.Option("--rpc", help="Offload layers to ggml RPC workers HOST:PORT[,HOST:PORT...] "
+                                           "(`dllm rpc-server` on each; the protocol has no authentication).",
+                                           show_default=False, rich_help_panel=RUNTIME)]
+TensorSplit = Annotated[Optional[str], typer.Option("--tensor-split", "-ts", help="Share of the offloaded layers per "
+                                                    "device, e.g. 3,1 (default: by free memory).", show_default=False,
+                                                    rich_help_panel=RUNTIME)]
+Exact = Annotated[bool, typer.Option("--exact", help="The exact path: f32 KV cache and flash attention off (matches "
+                                     "the numpy reference to 1e-4 in logits).", rich_help_panel=RUNTIME)]
 Threshold = Annotated[Optional[float], typer.Option(
     "--threshold", callback=domain("threshold"),
     help="Unmask a position when its confidence is above this [0,1].", rich_help_panel=DECODE)]

@@ -23,7 +23,7 @@ from dllm_cli.decoding.events import BlockEvent, DoneEvent
 from dllm_cli.errors import ContextFullError, UsageError, clip
 from dllm_cli.generate import decode_config, load, prompt_ids, stream_generate
 from dllm_cli.outfiles import read_reason
-from dllm_cli.runtime.options import RuntimeOptions
+from dllm_cli.runtime import options as runtime_options
 
 
 MAX_BYTES_PER_TOKEN = 64  # generous: BPE tokens average ~4 bytes; even runs of spaces stay well below this
@@ -137,7 +137,11 @@ def run(
     threads: O.Threads = None,
     n_gpu_layers: O.GpuLayers = None,
     ctx_size: O.CtxSize = 4096,
-    kv_type: O.KvType = O.KVType.f16,
+    kv_type: O.KvType = None,
+    flash_attn: O.FlashAttnOpt = O.FlashAttn.auto,
+    exact: O.Exact = False,
+    rpc: O.Rpc = None,
+    tensor_split: O.TensorSplit = None,
 ) -> None:
     """Generate an answer for one prompt and print it on stdout.
 
@@ -149,8 +153,10 @@ def run(
     model_name, prompt_arg = split_args(model_or_prompt, prompt)
     if trace is not None:
         trace = outfiles.check(trace, what="the trace", special=True)  # before any work, not after the answer
+    opts = runtime_options.from_flags(kv_type=kv_type.value if kv_type else None, flash_attn=flash_attn.value,
+                                      exact=exact, threads=threads, n_gpu_layers=n_gpu_layers, ctx_size=ctx_size,
+                                      rpc=rpc, tensor_split=runtime_options.parse_split(tensor_split))
     text = gather_prompt(prompt_arg, file, ctx_size)
-    opts = RuntimeOptions(threads=threads, n_gpu_layers=n_gpu_layers, ctx_size=ctx_size, kv_type=kv_type.value)
     loaded = load(model_name, opts)
     try:
         config = decode_config(loaded.model, mode.value, threshold=threshold, editing_threshold=editing_threshold,

@@ -124,3 +124,17 @@ def devices(rt: Runtime) -> list[dict[str, Any]]:
                     "type": kinds.get(g.ggml_backend_dev_type(d), "?"),
                     "memory_free": free.value, "memory_total": total.value})
     return out
+
+
+def compiled_cpu_features(rt: Runtime) -> list[str]:
+    """CPU features the loaded ggml was compiled with, as ``llama_print_system_info()`` lists them with ``= 1``
+    (``AVX2``, ``AVX512_VNNI``, ``AMX_INT8``, ``REPACK``, ...): upper case, in ggml's order."""
+    raw = rt.lib.llama_print_system_info()
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw or "")
+    feats = []
+    for part in text.split("|"):
+        name, eq, value = part.rpartition("=")
+        name = name.split(":")[-1].strip()  # "CPU : SSE3 = 1" -> "SSE3"
+        if eq and name and value.strip() == "1" and name not in feats:
+            feats.append(name)
+    return feats

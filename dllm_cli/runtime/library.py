@@ -17,7 +17,9 @@ from types import ModuleType
 from typing import Any
 
 from ggml_patch import build as B
+from ggml_patch import cpu_features
 from dllm_cli.errors import RuntimeMissingError
+from dllm_cli.runtime import aborts
 
 _FIX = "run `dllm runtime build`"
 _lock = threading.Lock()
@@ -44,34 +46,55 @@ class Runtime:
             "version": bindings.version(self), "llama_cpp_commit": self.build.get("llama_cpp_commit"),
             "llama_cpp_python": self.build.get("llama_cpp_python"), "flags": self.build.get("flags", []),
             "patches": self.build.get("patches", []), "built_at": self.build.get("built_at"),
-            "devices": bindings.devices(self),
+            "devices": bindings.devices(self), "amx": bool(self.build.get("amx")),
+            "cpu_compiled": bindings.compiled_cpu_features(self),
+            "cpu_host": sorted(cpu_features.host_features()),
         }
 
 
 def candidates(backend: str = "auto") -> list[tuple[str, str, Path]]:
-    """Installed builds of the *current* patches as (backend, key, dir), best first.
+    """Installed builds of the *current* patches for *this CPU* as (backend, key, dir), best first.
 
     An explicit backend only matches itself; ``auto`` prefers the backend auto-detection picks, then any other
-    current build, newest first.
+    current build. Within a backend the newest build wins (the default one, or the ``--amx`` opt-in).
     """
     wanted = B.resolve_backend(backend)
     order = [wanted] if backend != "auto" else [wanted] + [b for b in B.BACKENDS if b != wanted]
     found = []
     for b in order:
-        key = B.cache_key(b)
-        if B.installed(b, key):
-            d = B.install_dir(b, key)
-            found.append((b, key, d, (d / "build.json").stat().st_mtime))
-    head = [f for f in found if f[0] == wanted]
-    rest = sorted((f for f in found if f[0] != wanted), key=lambda f: -f[3])
-    return [(b, k, d) for b, k, d, _ in head + rest]
+        for amx in (False, True):
+            key = B.cache_key(b, B.cmake_flags(b, amx=amx))
+            if B.installed(b, key):
+                d = B.install_dir(b, key)
+                found.append((b, key, d, (d / "build.json").stat().st_mtime))
+    found.sort(key=lambda f: (f[0] != wanted, -f[3]))
+    return [(b, k, d) for b, k, d, _ in found]
 
 
 def _stale_hint(backend: str) -> str:
     root = B.runtime_root()
-    others = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
-    what = f"only builds of other patch sets are installed ({', '.join(others)})" if others else "none is installed"
-    return f"no runtime built from the current patches for backend {backend!r} under {root}: {what}"
+    others = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+    other_cpu = [p.name for p in others if _foreign_cpu(B.read_build_info(p))]
+    if other_cpu:
+        what = f"{', '.join(other_cpu)} were built on a CPU with other features"
+    elif others:
+        what = f"only builds of other patch sets are installed ({', '.join(p.name for p in others)})"
+    else:
+        what = "none is installed"
+    return f"no runtime built from the current patches for this CPU and backend {backend!r} under {root}: {what}"
+
+
+def _foreign_cpu(info: dict | None) -> bool:
+    return bool(info) and info.get("cpu_fingerprint") not in (None, cpu_features.fingerprint())
+
+
+def check_cpu(info: dict, libdir: Path) -> None:
+    """Refuse a library whose build recorded CPU features this CPU lacks (it would die with SIGILL)."""
+    lacking = cpu_features.missing(info.get("cpu_features"))
+    if lacking:
+        shown = ", ".join(lacking[:6]) + (f" and {len(lacking) - 6} more" if len(lacking) > 6 else "")
+        raise RuntimeMissingError(f"the runtime in {libdir} was built for a CPU with {shown}, which this CPU lacks",
+                                  "run `dllm runtime build` on this machine")
 
 
 def load(backend: str | None = None) -> Runtime:
@@ -100,6 +123,8 @@ def _import(backend: str, key: str, path: Path) -> Runtime:
         if have.resolve() != libdir.resolve():
             raise RuntimeMissingError(f"llama_cpp was already imported with another library ({have})",
                                       "import dllm_cli.runtime.library.load() before llama_cpp")
+    info = B.read_build_info(path) or {}
+    check_cpu(info, libdir)
     os.environ["LLAMA_CPP_LIB_PATH"] = str(libdir)
     try:
         import llama_cpp  # noqa: F401  (binds every symbol of our libllama now)
@@ -111,9 +136,9 @@ def _import(backend: str, key: str, path: Path) -> Runtime:
         raise RuntimeMissingError(
             f"{libdir} is not a build of the current patches (marker {marker!r}, expected {key})", _FIX)
     _quiet_logs(llama_cpp)
+    aborts.install(libdir)
     llama_cpp.llama_backend_init()
-    return Runtime(lib=llama_cpp, cdll=cdll, path=path, backend=backend, key=key,
-                   build=B.read_build_info(path) or {})
+    return Runtime(lib=llama_cpp, cdll=cdll, path=path, backend=backend, key=key, build=info)
 
 
 _log_callback: Any = None  # kept alive for the process: llama.cpp holds the pointer

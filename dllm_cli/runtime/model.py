@@ -66,8 +66,20 @@ class Model:
         self.rt = load_runtime()
         lib = self.rt.lib
         params = lib.llama_model_default_params()
+        remote = 0
+        if self.options.rpc:
+            from dllm_cli.runtime import rpc
+
+            remote = rpc.connect(self.rt, rpc.parse_endpoints(self.options.rpc))
         ngl = self.options.n_gpu_layers
-        params.n_gpu_layers = (999 if self.rt.backend != "cpu" else 0) if ngl is None else ngl
+        params.n_gpu_layers = (999 if self.rt.backend != "cpu" or remote else 0) if ngl is None else ngl
+        if self.options.tensor_split:
+            n = int(lib.llama_max_devices())
+            if len(self.options.tensor_split) > n:
+                raise ModelError(f"--tensor-split has {len(self.options.tensor_split)} shares, the runtime takes "
+                                 f"at most {n}", "give one share per offload device (`dllm runtime info`)")
+            self._split = (ctypes.c_float * n)(*self.options.tensor_split)
+            params.tensor_split = self._split
         self.ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.ptr:
             raise ModelError(f"llama.cpp could not load {self.path}", "run with DLLM_DEBUG=1 to see its log")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from dllm_cli.errors import UsageError
 
@@ -20,9 +21,11 @@ class RuntimeOptions:
     threads: int | None = None
     n_gpu_layers: int | None = None
     ctx_size: int = 4096
-    kv_type: str = "f16"
+    kv_type: str = "f32"
     flash_attn: bool | None = None
     ubatch: int = 512
+    rpc: str | None = None                  # "HOST:PORT[,HOST:PORT...]": ggml RPC workers to offload layers to
+    tensor_split: tuple[float, ...] = ()    # share of offloaded layers per device, in ggml's device order
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
@@ -33,6 +36,14 @@ class RuntimeOptions:
             raise UsageError(f"--kv-type must be one of {', '.join(KV_TYPES)}, got {self.kv_type!r}")
         if self.ubatch < 32:
             raise UsageError(f"ubatch must be >= 32, got {self.ubatch}")
+        if self.rpc is not None:
+            from dllm_cli.runtime.rpc import parse_endpoints
+
+            parse_endpoints(self.rpc)
+        if any(not (x >= 0 and x < float("inf")) for x in self.tensor_split) or (
+                self.tensor_split and not sum(self.tensor_split) > 0):
+            raise UsageError(f"--tensor-split takes non-negative finite shares with a positive sum, got "
+                             f"{','.join(map(str, self.tensor_split))[:80]}")
 
     @property
     def n_threads(self) -> int:
@@ -41,3 +52,35 @@ class RuntimeOptions:
 
 EXACT = RuntimeOptions(kv_type="f32", flash_attn=False)
 """f32 KV cache and no flash attention: the configuration that matches the numpy reference to 1e-4."""
+
+DEFAULT_KV_TYPE = "f32"
+"""The default KV cache type. f32 with flash attention (our patched CPU kernel accumulates in f32) deviates from the
+exact path by ~1e-6 in logits, where f16 costs ~5e-3 and flips MoE routing near ties; the step time is the same
+(docs/PERFORMANCE.md, "Default runtime path"). ``--kv-type f16`` halves the cache for long contexts."""
+
+FLASH_ATTN = {"auto": None, "on": True, "off": False}
+
+
+def parse_split(text: str | None) -> tuple[float, ...]:
+    """``--tensor-split "3,1"`` -> (3.0, 1.0); UsageError on anything else."""
+    if not text:
+        return ()
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise UsageError(f"--tensor-split expects comma-separated numbers such as 3,1, got {text[:80]!r}") from None
+
+
+def from_flags(*, kv_type: str | None = None, flash_attn: str = "auto", exact: bool = False,
+               **kwargs: Any) -> RuntimeOptions:
+    """RuntimeOptions from the CLI's ``--kv-type``, ``--flash-attn`` and ``--exact`` (plus threads, ctx_size, ...).
+
+    ``exact`` means ``kv_type="f32"`` and flash attention off; an explicit contradicting flag is a UsageError.
+    """
+    if flash_attn not in FLASH_ATTN:
+        raise UsageError(f"--flash-attn must be one of {', '.join(FLASH_ATTN)}, got {flash_attn!r}")
+    if exact:
+        if kv_type not in (None, "f32") or flash_attn == "on":
+            raise UsageError("--exact means --kv-type f32 --flash-attn off", "drop --kv-type/--flash-attn or --exact")
+        return RuntimeOptions(kv_type="f32", flash_attn=False, **kwargs)
+    return RuntimeOptions(kv_type=kv_type or DEFAULT_KV_TYPE, flash_attn=FLASH_ATTN[flash_attn], **kwargs)

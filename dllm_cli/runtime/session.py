@@ -22,6 +22,17 @@ from dllm_cli.runtime.options import KV_TYPES, RuntimeOptions
 _FLASH = {None: -1, False: 0, True: 1}  # llama_flash_attn_type: auto, disabled, enabled
 
 
+def resolve_flash_attn(opts: RuntimeOptions, backend: str) -> bool | None:
+    """What ``--flash-attn auto`` means: on for a q8_0 KV cache (it needs it), off on the CPU backend (ggml's CPU
+    kernel takes a row-by-row path below 64 query rows, slower than the plain path for 32-token steps at long
+    prefixes; docs/PERFORMANCE.md "Default runtime path"), else llama.cpp's own auto (None)."""
+    if opts.flash_attn is not None:
+        return opts.flash_attn
+    if opts.kv_type == "q8_0":
+        return True
+    return False if backend == "cpu" and not opts.rpc else None
+
+
 class Session:
     """One decoding context. ``cached`` are the committed token ids at positions 0..len-1."""
 
@@ -39,12 +50,12 @@ class Session:
         self.n_ubatch = max(B, (min(opts.ubatch, self.n_ctx) // B) * B)
         flash = opts.flash_attn
         if opts.kv_type == "q8_0" and flash is False:
-            raise DecodeError("a q8_0 KV cache needs flash attention", "drop --no-flash-attn or use --kv-type f16")
+            raise DecodeError("a q8_0 KV cache needs flash attention", "use --flash-attn on or auto, or --kv-type f16")
         p = lib.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = self.n_ctx, self.n_ubatch, self.n_ubatch, 1
         p.n_threads = p.n_threads_batch = opts.n_threads
         p.type_k = p.type_v = KV_TYPES[opts.kv_type]
-        p.flash_attn_type = _FLASH[True if opts.kv_type == "q8_0" and flash is None else flash]
+        p.flash_attn_type = _FLASH[resolve_flash_attn(opts, model.rt.backend)]
         p.no_perf = True
         if eval_callback is not None:  # a ggml_backend_sched_eval_callback (bench's instrumented pass)
             p.cb_eval = eval_callback

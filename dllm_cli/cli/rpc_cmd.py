@@ -1,0 +1,64 @@
+"""``dllm rpc-server``: a ggml RPC worker that lends this machine's CPU or GPU to a model run elsewhere (``--rpc``)."""
+from __future__ import annotations
+
+import threading
+from enum import Enum
+from typing import Annotated, Optional
+
+import typer
+
+from dllm_cli.cli import output
+from dllm_cli.cli.app import app
+
+
+class WorkerBackend(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+    metal = "metal"
+
+
+@app.command("rpc-server")
+def rpc_server(
+    host: Annotated[str, typer.Option("--host", "-H", help="Address to listen on. The RPC protocol has NO "
+                                      "authentication: anyone who reaches the port can use this machine.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", min=1, max=65535, help="TCP port.")] = 50052,
+    backend: Annotated[WorkerBackend, typer.Option("--backend", "-b", help="Device to lend: the CPU, or the GPU of "
+                                                   "a cuda/metal runtime.")] = WorkerBackend.cpu,
+    threads: Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="CPU threads (default: all "
+                                                   "cores).")] = None,
+) -> None:
+    """Serve this machine's device to `dllm run/chat/bench --rpc HOST:PORT` (ggml's RPC backend).
+
+    Layers are split across the local device and every worker; use the same dllm version everywhere. Bind to
+    loopback (the default) or a trusted network only.
+
+    Examples:
+      dllm rpc-server --port 50052
+      dllm rpc-server --host 192.168.1.20 --port 50052     # then elsewhere: dllm run --rpc 192.168.1.20:50052
+    """
+    import os
+
+    from dllm_cli.runtime import rpc
+    from dllm_cli.runtime.library import load
+
+    if not rpc.is_loopback(host):
+        output.warn(f"listening on {host}: the RPC protocol has no authentication, anyone who can reach "
+                    f"{host}:{port} can run code on this machine's device; use a trusted network only")
+    rt = load(backend.value)
+    devices = rpc.worker_devices(rt, backend.value)
+    rpc.listen_check(host, port)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            rpc.serve(rt, host, port, devices, threads or os.cpu_count() or 1)
+        except BaseException as e:  # handed to the main thread, which reports it
+            failure.append(e)
+
+    worker = threading.Thread(target=run, name="ggml-rpc-server", daemon=True)
+    worker.start()
+    output.info(f"RPC worker ({backend.value}) listening on {host}:{port}; Ctrl-C stops it")
+    while worker.is_alive():  # the main thread stays in Python so Ctrl-C and SIGTERM are handled at once
+        worker.join(0.2)
+    if failure:
+        raise failure[0]
