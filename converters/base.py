@@ -185,7 +185,7 @@ def read_json(path: Path, what: str, hint: str) -> dict:
         raise ConvertError(f"{what} not found: {path}", hint)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
         raise ConvertError(f"{what} is not valid JSON ({path}): {e}", "re-download the checkpoint") from None
     if not isinstance(doc, dict):
         raise ConvertError(f"{what} must be a JSON object: {path}", "re-download the checkpoint")
@@ -197,6 +197,10 @@ def open_checkpoint(directory: Path) -> Checkpoint:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json(index, "safetensors index", "re-download the checkpoint").get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) and v and Path(v).name == v for v in weight_map.values()):
+            raise ConvertError(f"{index.name} in {directory}: weight_map must map tensor names to shard file names",
+                               "re-download the checkpoint")
         for shard in sorted(set(weight_map.values())):
             if not (directory / shard).is_file():
                 raise ConvertError(f"shard {shard} listed in {index.name} is missing from {directory}",
@@ -370,7 +374,7 @@ def supported_architectures() -> list[str]:
 
 def architecture_class(config: dict) -> type:
     archs = config.get("architectures")
-    if not isinstance(archs, list) or not archs:
+    if not isinstance(archs, list) or not archs or not all(isinstance(a, str) for a in archs):
         raise ConvertError("config.json has no 'architectures' list",
                            f"supported: {', '.join(supported_architectures())}")
     for a in archs:

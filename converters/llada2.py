@@ -5,6 +5,7 @@ source tensor must be mapped and every expected tensor present with its shape (s
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -81,15 +82,20 @@ class HParams:
                                    "use the config.json shipped with the checkpoint")
             v = cfg[key]
             ok = isinstance(v, bool) if kind is bool else (
-                isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or float(v).is_integer()))
+                isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**63 or
+                isinstance(v, float) and math.isfinite(v) and (kind is float or v.is_integer()))
             if not ok:
-                raise ConvertError(f"config.json key {key!r} must be {kind.__name__}, got {v!r}")
+                want = "a finite number" if kind is float else kind.__name__
+                raise ConvertError(f"config.json key {key!r} must be {want}, got {v!r}",
+                                   "use the config.json shipped with the checkpoint")
             return kind(v)
 
         ints = {k: int(get(k, int)) for k in _INT_KEYS}
         flts = {k: float(get(k, float)) for k in _FLOAT_KEYS}
         _check_supported(cfg)
-        head_dim = int(cfg["head_dim"]) if cfg.get("head_dim") else ints["hidden_size"] // ints["num_attention_heads"]
+        _check_ranges(ints, flts)
+        head_dim = int(get("head_dim", int)) if cfg.get("head_dim") is not None else (
+            ints["hidden_size"] // ints["num_attention_heads"])
         hp = cls(vocab=ints["vocab_size"], hidden=ints["hidden_size"], layers=ints["num_hidden_layers"],
                  heads=ints["num_attention_heads"], kv_heads=ints["num_key_value_heads"], head_dim=head_dim,
                  ffn=ints["intermediate_size"], moe_ffn=ints["moe_intermediate_size"], experts=ints["num_experts"],
@@ -102,18 +108,53 @@ class HParams:
         return hp
 
     def _validate(self) -> None:
+        """The relations the runtime's loader and graph assert on (``dllm_cli/runtime/hparams.py``)."""
+        per_group = self.experts // self.groups
         bad = [
             (self.heads % self.kv_heads == 0, "num_attention_heads must be a multiple of num_key_value_heads"),
+            (self.head_dim >= 1, "head_dim must be positive"),
             (self.experts % self.groups == 0, "num_experts must be a multiple of n_group"),
+            (self.groups == 1 or per_group >= 2, "n_group must leave at least 2 experts per group"),
             (1 <= self.groups_used <= self.groups, "topk_group must be in 1..n_group"),
             (1 <= self.experts_used <= self.experts, "num_experts_per_tok must be in 1..num_experts"),
+            (self.experts_used <= self.groups_used * per_group,
+             "num_experts_per_tok must not exceed the experts of topk_group groups"),
             (0 <= self.dense_layers <= self.layers, "first_k_dense_replace must be in 0..num_hidden_layers"),
+            (self.dense_layers == 0 or self.ffn >= 1, "intermediate_size must be positive with dense layers"),
             (0 < self.rope_dim <= self.head_dim and self.rope_dim % 2 == 0,
              "head_dim * partial_rotary_factor must be an even number of dims in 1..head_dim"),
         ]
         for ok, msg in bad:
             if not ok:
                 raise ConvertError(f"config.json is inconsistent: {msg}", "use the config.json shipped with the checkpoint")
+
+    @property
+    def written_groups(self) -> tuple[int, int]:
+        """(expert_group_count, expert_group_used_count) for the GGUF. Selecting every group is no group
+        limit at all, and llama.cpp asserts used < count, so that case is written as no groups (0, 0)."""
+        return (self.groups, self.groups_used) if self.groups == 1 or self.groups_used < self.groups else (0, 0)
+
+
+_LIMITS = {  # config key -> (least, most) accepted value (llama.cpp: at most 512 layers, 1024 experts)
+    "vocab_size": (1, 2**31 - 1), "hidden_size": (1, 1 << 20), "num_hidden_layers": (1, 512),
+    "num_attention_heads": (1, 1 << 16), "num_key_value_heads": (1, 1 << 16), "intermediate_size": (0, 1 << 24),
+    "moe_intermediate_size": (1, 1 << 24), "num_experts": (1, 1024), "num_experts_per_tok": (1, 1024),
+    "num_shared_experts": (1, 1024), "n_group": (1, 1024), "topk_group": (1, 1024),
+    "first_k_dense_replace": (0, 512), "max_position_embeddings": (1, 2**31 - 1),
+}
+
+
+def _check_ranges(ints: dict[str, int], flts: dict[str, float]) -> None:
+    for key, (lo, hi) in _LIMITS.items():
+        if not lo <= ints[key] <= hi:
+            raise ConvertError(f"config.json key {key!r} is {ints[key]}, must be in {lo}..{hi}",
+                               "use the config.json shipped with the checkpoint")
+    for key, ok, want in (("rms_norm_eps", flts["rms_norm_eps"] > 0, "positive"),
+                          ("rope_theta", flts["rope_theta"] > 0, "positive"),
+                          ("partial_rotary_factor", 0 < flts["partial_rotary_factor"] <= 1, "in (0, 1]")):
+        if not ok:
+            raise ConvertError(f"config.json key {key!r} is {flts[key]}, must be {want}",
+                               "use the config.json shipped with the checkpoint")
 
 
 def _check_supported(cfg: dict) -> None:
@@ -213,9 +254,10 @@ class LLaDA2:
                K.KEY_LENGTH: hp.head_dim, K.VALUE_LENGTH: hp.head_dim, K.ROPE_DIM: hp.rope_dim,
                K.VOCAB_SIZE: hp.vocab, K.LEADING_DENSE: hp.dense_layers, K.EXPERT_COUNT: hp.experts,
                K.EXPERT_USED: hp.experts_used, K.EXPERT_SHARED_COUNT: hp.shared, K.EXPERT_FFN: hp.moe_ffn,
-               K.EXPERT_SHARED_FFN: hp.moe_ffn * hp.shared, K.EXPERT_GATING: K.GATING_SIGMOID,
-               K.EXPERT_GROUPS: hp.groups, K.EXPERT_GROUPS_USED: hp.groups_used, K.NEXTN_LAYERS: 0,
+               K.EXPERT_SHARED_FFN: hp.moe_ffn, K.EXPERT_GATING: K.GATING_SIGMOID,
+               K.EXPERT_GROUPS: hp.written_groups[0], K.EXPERT_GROUPS_USED: hp.written_groups[1], K.NEXTN_LAYERS: 0,
                K.BLOCK_LENGTH: BLOCK_LENGTH}
+        # EXPERT_SHARED_FFN is per shared expert: llama.cpp's loader multiplies it by EXPERT_SHARED_COUNT
         for key, val in u32.items():
             writer.add_uint32(key, val)
         for key, fval in {K.RMS_EPS: hp.eps, K.ROPE_FREQ_BASE: hp.rope_theta, K.EXPERT_SCALE: hp.scale}.items():

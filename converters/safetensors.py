@@ -6,6 +6,7 @@ more than the tensor being written. bf16 has no numpy dtype: it is read as uint1
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -19,6 +20,22 @@ _DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
 _HEADER_LIMIT = 100 * 1024 * 1024
+
+
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _entry(info: object) -> tuple[str | None, int, int, tuple[int, ...]]:
+    """(dtype, start, end, shape) of one header entry, or (None, ...) when any field has the wrong form."""
+    if not isinstance(info, dict):
+        return None, 0, 0, ()
+    dtype, offsets, shape = info.get("dtype"), info.get("data_offsets"), info.get("shape")
+    if (not isinstance(dtype, str) or not isinstance(offsets, list) or len(offsets) != 2
+            or not all(map(_is_count, offsets)) or offsets[0] > offsets[1]
+            or not isinstance(shape, list) or not all(map(_is_count, shape)) or len(shape) > 8):
+        return None, 0, 0, ()
+    return dtype, offsets[0], offsets[1], tuple(shape)
 
 
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
@@ -48,23 +65,24 @@ class SafetensorsFile:
                 if n > _HEADER_LIMIT or 8 + n > size:
                     raise ValueError("header length points past the end of the file")
                 header = json.loads(f.read(n))
-        except (OSError, ValueError, UnicodeDecodeError) as e:
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
             raise ConvertError(f"corrupt safetensors file {self.path}: {e}",
                                "re-download the checkpoint") from None
         self._base = 8 + n
+        if not isinstance(header, dict):
+            raise ConvertError(f"corrupt safetensors header in {self.path}: a JSON {type(header).__name__}, "
+                               "not an object", "re-download the checkpoint")
         header.pop("__metadata__", None)
         self.entries: dict[str, dict] = {}
         for name, info in header.items():
-            try:
-                dtype = info["dtype"]
-                start, end = (int(v) for v in info["data_offsets"])
-                shape = tuple(int(d) for d in info["shape"])
-            except (KeyError, TypeError, ValueError):
-                raise ConvertError(f"corrupt safetensors header in {self.path} at tensor {name!r}",
-                                   "re-download the checkpoint") from None
+            dtype, start, end, shape = _entry(info)
+            if dtype is None:
+                raise ConvertError(f"corrupt safetensors header in {self.path} at tensor {name!r}: needs "
+                                   "dtype (string), shape (list of integers >= 0) and data_offsets "
+                                   "([start, end] integers, 0 <= start <= end)", "re-download the checkpoint")
             if dtype not in _DTYPES:
                 raise ConvertError(f"tensor {name!r} in {self.path} has unsupported dtype {dtype}")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+            nbytes = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize  # exact: no int64 wrap-around
             if end - start != nbytes or self._base + end > size:
                 raise ConvertError(
                     f"truncated or corrupt safetensors file {self.path}: tensor {name!r} "

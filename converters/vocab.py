@@ -44,20 +44,39 @@ def _token_text(value: object, where: str) -> str | None:
     raise ConvertError(f"tokenizer_config.json: {where} has an unexpected form {value!r}")
 
 
+def _token_id(value: object, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConvertError(f"tokenizer.json: {where} must be a token id (an integer >= 0), got {value!r}",
+                           "re-download the tokenizer")
+    return value
+
+
 def load_vocab(directory: Path, vocab_size: int, pad_token_id: int | None = None) -> Vocab:
     """Read ``tokenizer.json`` (+ ``tokenizer_config.json``) and lay it out over ``vocab_size`` rows."""
     doc = read_json(directory / "tokenizer.json", "tokenizer.json",
                     "the checkpoint must ship its Hugging Face fast tokenizer (tokenizer.json)")
     model = doc.get("model") or {}
-    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
-        raise ConvertError(f"tokenizer.json in {directory} is not a BPE tokenizer (model.type={model.get('type')!r})",
+    if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        kind = model.get("type") if isinstance(model, dict) else type(model).__name__
+        raise ConvertError(f"tokenizer.json in {directory} is not a BPE tokenizer (model.type={kind!r})",
                            "only byte-level BPE tokenizers (as LLaDA2 ships) are supported")
-    ids: dict[str, int] = dict(model["vocab"])
+    ids: dict[str, int] = {}
+    for text, i in model["vocab"].items():
+        ids[text] = _token_id(i, f"model.vocab[{text!r}]")
     special: set[int] = set()
     user: set[int] = set()
-    for tok in doc.get("added_tokens") or []:
-        ids[tok["content"]] = int(tok["id"])
-        (special if tok.get("special") else user).add(int(tok["id"]))
+    added = doc.get("added_tokens") or []
+    if not isinstance(added, list):
+        raise ConvertError("tokenizer.json: added_tokens must be a list", "re-download the tokenizer")
+    for n, tok in enumerate(added):
+        if not isinstance(tok, dict) or not isinstance(tok.get("content"), str) or not tok["content"]:
+            raise ConvertError(f"tokenizer.json: added_tokens[{n}] needs a non-empty string 'content'",
+                               "re-download the tokenizer")
+        i = _token_id(tok.get("id"), f"added_tokens[{n}].id")
+        ids[tok["content"]] = i
+        (special if tok.get("special") else user).add(i)
+    if not ids:
+        raise ConvertError("tokenizer.json defines no tokens", "re-download the tokenizer")
     n_defined = max(ids.values()) + 1
     if n_defined > vocab_size:
         raise ConvertError(f"tokenizer.json defines id {n_defined - 1} but config.json vocab_size is {vocab_size}",
@@ -71,12 +90,21 @@ def load_vocab(directory: Path, vocab_size: int, pad_token_id: int | None = None
     types = []
     for i, t in enumerate(tokens):
         if t is None:
-            tokens[i] = f"[PAD{i}]"
+            pad = f"[PAD{i}]"
+            while pad in ids:  # token texts must stay unique (llama.cpp asserts it)
+                pad += "_"
+            tokens[i] = pad
             types.append(int(TokenType.UNUSED))
         else:
             types.append(int(TokenType.CONTROL if i in special else TokenType.USER_DEFINED if i in user
                              else TokenType.NORMAL))
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    raw_merges = model.get("merges") or []
+    if not isinstance(raw_merges, list) or not all(
+            isinstance(m, str) or (isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m))
+            for m in raw_merges):
+        raise ConvertError("tokenizer.json: model.merges must be a list of 'a b' strings or [a, b] pairs",
+                           "re-download the tokenizer")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in raw_merges]
 
     cfg_path = directory / "tokenizer_config.json"
     tcfg = read_json(cfg_path, "tokenizer_config.json", "re-download the checkpoint") if cfg_path.is_file() else {}
@@ -92,14 +120,15 @@ def load_vocab(directory: Path, vocab_size: int, pad_token_id: int | None = None
     pad_text = _token_text(tcfg.get("pad_token"), "pad_token")
     if pad_text is not None:
         pad_id = need(pad_text, "padding token")
-    elif pad_token_id is not None and 0 <= pad_token_id < vocab_size:
+    elif isinstance(pad_token_id, int) and not isinstance(pad_token_id, bool) and 0 <= pad_token_id < vocab_size:
         pad_id = pad_token_id
     else:
         pad_id = eos_id
     bos_text = _token_text(tcfg.get("bos_token"), "bos_token") or BOS_TOKEN
     template = tcfg.get("chat_template")
     if isinstance(template, list):  # named templates: keep the default one
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
     return Vocab(tokens=[t for t in tokens if t is not None], types=types, merges=merges, mask_id=mask_id,
                  eos_id=eos_id, pad_id=pad_id, bos_id=ids.get(bos_text), eot_id=ids.get(EOT_TOKEN),
                  chat_template=template if isinstance(template, str) else None)

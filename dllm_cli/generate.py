@@ -48,14 +48,18 @@ def decode_config(model: Model, mode: str, **overrides: Any) -> DecodeConfig:
 
 
 def prompt_ids(model: Model, messages: list[dict[str, str]], *, raw: bool = False) -> list[int]:
-    """Token ids of a conversation (chat template) or, with ``raw``, of the last message's text as is."""
+    """Token ids of a conversation through the chat template, or, with ``raw``, of the messages' text as is.
+
+    Through the template only the template's own markers become control tokens: ``<|mask|>`` or
+    ``<|role_end|>`` typed in any message (user, system, assistant, file, stdin) stays ordinary text.
+    ``raw`` is the escape hatch for hand-built prompts: the text is tokenized with special tokens parsed.
+    """
     if raw:
         text = "".join(m["content"] for m in messages)
-    else:
-        text = model.render_chat(messages, add_generation_prompt=True)
-    if not text.strip():
-        raise UsageError("the prompt is empty", "pass a prompt argument, --file, or pipe text on stdin")
-    return model.tokenize(text, special=True)
+        if not text.strip():
+            raise UsageError("the prompt is empty", "pass a prompt argument, --file, or pipe text on stdin")
+        return model.tokenize(text, special=True)
+    return model.chat_ids(messages, add_generation_prompt=True)
 
 
 def fit_context(session: Session, n_prompt: int, config: DecodeConfig) -> DecodeConfig:

@@ -66,7 +66,7 @@ def slow_checkpoint(tmp_path_factory):
     from dllm_cli.demo.checkpoint import tiny_config, write_checkpoint
 
     d = tmp_path_factory.mktemp("slow") / "ckpt"
-    write_checkpoint(d, tiny_config(hidden_size=512, moe_intermediate_size=512, head_dim=64, intermediate_size=1024,
+    write_checkpoint(d, tiny_config(hidden_size=512, moe_intermediate_size=512, head_dim=128, intermediate_size=1024,
                                     num_hidden_layers=6, num_experts=16), seed=3)
     return d
 
@@ -88,7 +88,8 @@ def f32_gguf(tmp_path_factory):
     from dllm_cli.demo.checkpoint import tiny_config, write_checkpoint
 
     d = tmp_path_factory.mktemp("quantsig")
-    write_checkpoint(d / "ckpt", tiny_config(hidden_size=512, moe_intermediate_size=512, head_dim=64,
+    # hidden = heads x head_dim (4 x 128): the runtime's checks refuse, before quantizing, a file it could not load
+    write_checkpoint(d / "ckpt", tiny_config(hidden_size=512, moe_intermediate_size=512, head_dim=128,
                                              intermediate_size=1024, num_experts=16), seed=2)
     return convert(d / "ckpt", d / "m-f32.gguf", outtype="f32").path
 

@@ -151,7 +151,7 @@ def generate_once(session: Session, ids: list[int], config: Any, probe: ExpertPr
 def prompt_token_ids(model: Model, text: str) -> list[int]:
     """A user turn in the model's chat template (as `dllm run` sends it), or the raw text if it has none."""
     if model.chat_template is not None:
-        text = model.render_chat([{"role": "user", "content": text}])
+        return model.chat_ids([{"role": "user", "content": text}])
     return model.tokenize(text, special=True)
 
 

@@ -227,11 +227,13 @@ def bench_cmd(
             estimate_layers = estimate_layers or int(SHAPES[synthetic.value]["num_hidden_layers"])
         if not paths:
             paths = [str(resolve_model(None))]
-        extra: dict[str, Any] = {**runtime_fields, **({"prompts": bench_prompts} if bench_prompts else {})}
         cfg = BenchConfig(modes=_list(modes), threads=thread_counts or (None,), reps=reps, warmup=warmup,
                           max_tokens=max_tokens, prefill=prefills, prefixes=prefixes,
                           tests=_list(tests), ar_tokens=ar_tokens, recompute_samples=recompute_samples,
-                          ctx_size=ctx_size, experts=not no_experts, paper_tpf=paper_tpf, **extra)
+                          ctx_size=ctx_size, experts=not no_experts, paper_tpf=paper_tpf,
+                          kv_type=runtime_fields["kv_type"], flash_attn=runtime_fields["flash_attn"],
+                          rpc=runtime_fields["rpc"], tensor_split=runtime_fields["tensor_split"],
+                          **({"prompts": bench_prompts} if bench_prompts else {}))
         doc = run_benchmark(paths, cfg, progress=status, estimate_to=estimate_layers)
         if quality_ref is not None:
             from dllm_cli.bench.quality import compare_quality

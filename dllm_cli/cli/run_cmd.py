@@ -119,7 +119,9 @@ def run(
                                                     show_default=False)] = None,
     mode: O.ModeOpt = O.Mode.quality,
     system: O.System = None,
-    raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")] = False,
+    raw: Annotated[bool, typer.Option("--raw", help=(
+        "Send the prompt as is, without the chat template; special-token text in it (<|mask|>, role "
+        "markers) is parsed into control tokens. Without --raw it is always ordinary text."))] = False,
     file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Read the prompt from a file.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document with text, tokens and stats.")] = False,
     trace: Annotated[Optional[Path], typer.Option("--trace", help="Write one JSON line per step event (replayable).")] = None,

@@ -85,7 +85,7 @@ def _stale_hint(backend: str) -> str:
 
 
 def _foreign_cpu(info: dict | None) -> bool:
-    return bool(info) and info.get("cpu_fingerprint") not in (None, cpu_features.fingerprint())
+    return info is not None and info.get("cpu_fingerprint") not in (None, cpu_features.fingerprint())
 
 
 def check_cpu(info: dict, libdir: Path) -> None:

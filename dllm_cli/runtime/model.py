@@ -1,7 +1,8 @@
 """A GGUF model loaded into the patched llama.cpp: metadata, tokenizer and chat template.
 
-``Model.open`` validates the file in Python first (exists, GGUF, arch ``llada2``, not truncated), so a
-bad file ends in a ``ModelError`` instead of whatever the C loader would do with it.
+``Model`` validates the file in Python first (exists, GGUF, arch ``llada2``, not truncated, and every key and
+relation llama.cpp would assert on: ``hparams``), so a bad file ends in a ``ModelError`` instead of whatever
+the C loader would do with it. The chat template renders in a bounded sandbox (``template``).
 """
 from __future__ import annotations
 
@@ -9,16 +10,20 @@ import ctypes
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-
-import jinja2
-import jinja2.sandbox
+from typing import TYPE_CHECKING
 
 from dllm_cli import gguf_keys as K
 from dllm_cli.errors import ModelError
-from dllm_cli.registry import MODES, Preset, version_presets
+from dllm_cli.registry import Preset, version_presets
 from dllm_cli.runtime.deepstack import deep_stack
 from dllm_cli.runtime.library import load as load_runtime
 from dllm_cli.runtime.options import RuntimeOptions
+from dllm_cli.runtime.template import ChatTemplate
+
+_CONTROL_ATTRS = 1 << 0 | 1 << 3  # LLAMA_TOKEN_ATTR_UNKNOWN | LLAMA_TOKEN_ATTR_CONTROL (include/llama.h)
+
+if TYPE_CHECKING:
+    from dllm_cli.runtime.hparams import ModelMeta
 
 
 @dataclass(frozen=True)
@@ -28,11 +33,14 @@ class GGUFInfo:
     arch: str
     n_tensors: int
     data_end: int
+    meta: ModelMeta
 
 
 def inspect_gguf(path: Path) -> GGUFInfo:
     """Validate the GGUF header and tensor table; raise ModelError naming the fix."""
     import gguf  # local: only needed here
+
+    from dllm_cli.runtime import hparams
 
     if not path.is_file():
         raise ModelError(f"model file not found: {path}", "check the path, or see `dllm models`")
@@ -53,7 +61,12 @@ def inspect_gguf(path: Path) -> GGUFInfo:
                          "dllm runs LLaDA2.x GGUFs written by `dllm convert`")
     if end > path.stat().st_size:
         raise ModelError(f"{path} is truncated ({path.stat().st_size} of {end} bytes)", "re-download or re-convert it")
-    return GGUFInfo(arch=arch, n_tensors=len(reader.tensors), data_end=end)
+    try:
+        meta = hparams.validate(reader, path)
+    except (ValueError, IndexError, KeyError, TypeError, UnicodeDecodeError) as e:  # gguf-py on a damaged table
+        raise ModelError(f"{path} has corrupt metadata ({type(e).__name__}: {e})",
+                         "re-download or re-convert it") from None
+    return GGUFInfo(arch=arch, n_tensors=len(reader.tensors), data_end=end, meta=meta)
 
 
 class Model:
@@ -62,7 +75,7 @@ class Model:
     def __init__(self, path: str | Path, options: RuntimeOptions | None = None) -> None:
         self.path = Path(path)
         self.options = options or RuntimeOptions()
-        inspect_gguf(self.path)
+        self.info = inspect_gguf(self.path).meta
         self.rt = load_runtime()
         lib = self.rt.lib
         params = lib.llama_model_default_params()
@@ -91,7 +104,7 @@ class Model:
         if self.mask_id < 0:
             self.close()
             raise ModelError(f"{self.path} has no {K.MASK_ID}", "re-convert it with `dllm convert`")
-        self.block_length = int(self.meta(K.BLOCK_LENGTH) or 32)
+        self.block_length = self.info.block_length
         self.n_ctx_train = int(lib.llama_model_n_ctx_train(self.ptr))
 
     # --- metadata -------------------------------------------------------------------------
@@ -106,23 +119,16 @@ class Model:
             self.rt.lib.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
         return buf.value.decode("utf-8", errors="replace")
 
-    @cached_property
+    @property
     def version(self) -> str:
-        return self.meta(K.MODEL_VERSION) or "2.1"
+        return self.info.version
 
     @cached_property
     def presets(self) -> dict[str, Preset]:
-        """Decode presets per mode stored in the GGUF, falling back to models.toml by model version."""
-        fallback = version_presets(self.version) if self.version in ("2.0", "2.1") else version_presets("2.1")
-        out = {}
-        for mode in MODES:
-            th, eth, mps, editing = (self.meta(K.preset_key(mode, f))
-                                     for f in ("threshold", "editing_threshold", "max_post_steps", "editing"))
-            if th is None or eth is None or mps is None or editing is None:
-                out[mode] = fallback[mode]
-                continue
-            out[mode] = Preset(float(th), float(eth), int(float(mps)), editing in ("true", "1", "True"))
-        return out
+        """Decode presets per mode stored in the GGUF (validated on open), else models.toml's by model version."""
+        if self.info.presets is not None:
+            return dict(self.info.presets)
+        return version_presets(self.version if self.version in ("2.0", "2.1") else "2.1")
 
     @cached_property
     def description(self) -> str:
@@ -189,18 +195,31 @@ class Model:
 
     # --- chat template --------------------------------------------------------------------
     @cached_property
-    def chat_template(self) -> jinja2.Template | None:
-        src = self.meta(K.CHAT_TEMPLATE)
-        if not src:
-            return None
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False)
-        return env.from_string(src)
+    def chat_template(self) -> ChatTemplate | None:
+        """The GGUF's template, compiled in a bounded sandbox (a syntax error is a ModelError naming it)."""
+        src = self.info.chat_template
+        return ChatTemplate(src, self.path) if src else None
 
     def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Render messages with the GGUF's chat template (``--raw`` skips this)."""
         if self.chat_template is None:
             raise ModelError(f"{self.path} has no chat template", "use --raw to send the prompt as is")
-        return self.chat_template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+        return self.chat_template.render(messages, add_generation_prompt)
+
+    @cached_property
+    def special_texts(self) -> tuple[str, ...]:
+        """Texts llama.cpp turns into control tokens when special parsing is on (CONTROL or UNKNOWN attribute)."""
+        get_attr, vocab = self.rt.cdll.llama_vocab_get_attr, self.vocab  # the bare C function: ~1 us a token
+        get_text = self.rt.lib.llama_vocab_get_text
+        texts = {get_text(vocab, i) for i in range(self.n_vocab) if get_attr(vocab, i) & _CONTROL_ATTRS}
+        return tuple(sorted({t.decode("utf-8", errors="replace") for t in texts if t} - {""}))
+
+    def chat_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation: the template's markers are control tokens, message text never is."""
+        if self.chat_template is None:
+            raise ModelError(f"{self.path} has no chat template", "use --raw to send the prompt as is")
+        return self.chat_template.token_ids(messages, lambda text, special: self.tokenize(text, special=special),
+                                            self.special_texts, add_generation_prompt)
 
     # --- lifetime -------------------------------------------------------------------------
     def close(self) -> None:

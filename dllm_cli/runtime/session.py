@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from dllm_cli.decoding.stepper import StepOutput, top2_from_logits
-from dllm_cli.errors import ContextFullError, DecodeError
+from dllm_cli.errors import ContextFullError, DecodeError, ModelError, UsageError
 from dllm_cli.runtime import bindings
 from dllm_cli.runtime.model import Model
 from dllm_cli.runtime.options import KV_TYPES, RuntimeOptions
@@ -45,6 +45,9 @@ class Session:
         self.mask_id = model.mask_id
         self.eos_id = model.eos_id
         self.block_length = model.block_length
+        if opts.kv_type == "q8_0" and model.info.head_dim % 32:  # q8_0 blocks of 32 must tile every cache row
+            raise UsageError(f"--kv-type q8_0 needs a head dimension that is a multiple of 32; "
+                             f"{model.path.name} has {model.info.head_dim}", "use --kv-type f16 or --kv-type f32")
         B = self.block_length
         self.n_ctx = -(-opts.ctx_size // B) * B
         self.n_ubatch = max(B, (min(opts.ubatch, self.n_ctx) // B) * B)
@@ -152,8 +155,16 @@ class Session:
                 ids, probs = np.zeros((0, 2), np.int32), np.zeros((0, 2), np.float32)
         finally:
             self.lib.llama_memory_seq_rm(self.mem, 0, start, -1)
+        self._check_finite(ids, probs)
         inv = np.argsort(order) if rows else np.zeros(0, np.int64)
         return StepOutput(ids=ids[inv], probs=probs[inv], logits=None if logits is None or not want_logits else logits[inv])
+
+    def _check_finite(self, ids: np.ndarray, probs: np.ndarray) -> None:
+        """NaN/inf logits (damaged or overflowing weights) surface as NaN probabilities or a -1 token id."""
+        if not np.isfinite(probs).all() or ((ids < 0) | (ids >= self.n_vocab)).any():
+            raise ModelError(f"{self.model.path} produced non-finite logits (NaN or inf)",
+                             "its weights are damaged or overflow at this precision: re-convert it (f32/bf16) "
+                             "or use another quantization")
 
     # --- autoregressive use of the same weights (bench's AR baseline) ----------------------------
     def set_causal(self, causal: bool) -> None:
@@ -171,7 +182,9 @@ class Session:
         if not rows:
             return None
         ptr = self.lib.llama_get_logits(self.ctx)
-        return np.ctypeslib.as_array(ptr, shape=(len(rows), self.n_vocab)).copy()
+        logits = np.ctypeslib.as_array(ptr, shape=(len(rows), self.n_vocab)).copy()
+        self._check_finite(np.zeros(0, np.int32), logits)
+        return logits
 
     def rollback(self, pos: int) -> None:
         """Drop committed cells at positions >= pos."""
