@@ -128,6 +128,9 @@ def check(path: str | Path, *, what: str = "output", need_bytes: int = 1, specia
     user typed a missing directory is an error.
     """
     path = expand(path)
+    if "\0" in str(path):
+        raise OutputError(f"cannot write {what} to {_short(repr(str(path)))}: the path holds a NUL byte",
+                          "give a file path")
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
@@ -162,9 +165,9 @@ def check(path: str | Path, *, what: str = "output", need_bytes: int = 1, specia
     _probe(parent, path, what)
     free = free_bytes(parent)
     if free is not None and free < need_bytes:
-        need = f"{need_bytes / 1e6:.1f} MB" if need_bytes > 1 else "any space"
-        raise OutputError(f"cannot write {what} to {_short(path)}: the disk has {free / 1e6:.1f} MB free, "
-                          f"it needs {need}", _FIX[errno.ENOSPC])
+        why = (f"the disk has {free / 1e6:.1f} MB free, it needs {need_bytes / 1e6:.1f} MB" if need_bytes > 1
+               else "no space left on the device")
+        raise OutputError(f"cannot write {what} to {_short(path)}: {why}", _FIX[errno.ENOSPC])
     return path
 
 

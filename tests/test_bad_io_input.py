@@ -1,269 +1,19 @@
-"""Bad output paths, failing writes, closed pipes, odd arguments, oversized input and malformed files: each is
-one line on stderr naming the file (or a quiet end, for a closed pipe), never an internal error or a traceback,
-and never a leftover ``.part`` file."""
+"""Bad arguments and input: a lone argument is a model only if it names one, huge arguments are never echoed
+whole, input is bounded by the context before it is read whole, and malformed ``--replay``, ``--compare`` and
+``--prompts`` files are one line naming the file and line."""
 from __future__ import annotations
 
-import errno
 import io
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from dllm_cli import outfiles
-from dllm_cli.cli.app import main
-from dllm_cli.errors import ContextFullError, ConvertError, DllmError, OutputError
-
-DLLM = str(Path(sys.executable).with_name("dllm"))
-WRITE_ERRNOS = [errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EISDIR, errno.EPIPE, errno.ENOENT, errno.EDQUOT,
-                errno.EIO]
-
-
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["dllm", *map(str, args)])
-    with pytest.raises(SystemExit) as ex:
-        main()
-    cap = capsys.readouterr()
-    return ex.value.code, cap.out, cap.err
-
-
-def dllm(*args, input: bytes | None = b"", env: dict | None = None, timeout: float = 300):
-    return subprocess.run([DLLM, *map(str, args)], input=input, capture_output=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
-
-
-def one_line(err: str | bytes, *needles: str) -> None:
-    text = err.decode() if isinstance(err, bytes) else err
-    assert text.count("\n") == 1 and text.startswith("error: "), text
-    assert "internal error" not in text and "Traceback" not in text, text
-    for n in needles:
-        assert n in text, (n, text)
-
-
-def no_part_files(*dirs: Path) -> bool:
-    return not any(p.name.endswith(".part") for d in dirs for p in d.rglob("*"))
-
-
-def runtime_or_skip() -> None:
-    from dllm_cli.errors import RuntimeMissingError
-    from dllm_cli.runtime.library import check
-
-    try:
-        check()
-    except RuntimeMissingError as e:
-        pytest.skip(f"patched runtime not built: {e}")
-
-
-# ------------------------------------------------------------------ outfiles: the helper every output goes through
-
-
-@pytest.mark.parametrize("code", WRITE_ERRNOS)
-@pytest.mark.parametrize("where", ["open", "write", "rename"])
-def test_every_write_error_is_one_line_naming_the_path_and_leaves_nothing(tmp_path, monkeypatch, code, where):
-    target = tmp_path / "out.json"
-    real_open, real_replace = open, os.replace
-
-    class Failing(io.StringIO):
-        def write(self, s):  # type: ignore[override]
-            raise OSError(code, os.strerror(code))
-
-    def fake_open(path, *a, **k):
-        if str(path).endswith(".part"):
-            if where == "open":
-                raise OSError(code, os.strerror(code), str(path))
-            if where == "write":
-                real_open(path, *a, **k).close()  # the file exists, as it would
-                return Failing()
-        return real_open(path, *a, **k)
-
-    def fake_replace(a, b):
-        if where == "rename":
-            raise OSError(code, os.strerror(code))
-        return real_replace(a, b)
-
-    monkeypatch.setattr("builtins.open", fake_open)
-    monkeypatch.setattr(os, "replace", fake_replace)
-    with pytest.raises(OutputError) as e:
-        outfiles.write_text(target, "data", what="the thing")
-    msg = str(e.value)
-    assert "\n" not in msg and str(target) in msg and msg.startswith("cannot write the thing to ")
-    assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.parametrize("make,needle", [
-    (lambda d: d, "it is a directory"),
-    (lambda d: d / "missing" / "x.json", "does not exist"),
-    (lambda d: (d / "file").write_text("") or d / "file" / "x.json", "not a directory"),
-    (lambda d: Path("/dev/null"), "not a regular file"),
-    (lambda d: Path("/proc/dllm-x/y.json"), "does not exist"),
-])
-def test_check_refuses_paths_before_any_work(tmp_path, make, needle):
-    with pytest.raises(OutputError, match=needle):
-        outfiles.check(make(tmp_path), what="the output")
-
-
-@pytest.mark.parametrize("read_only,needle", [(True, "read-only"), (False, "permission denied")])
-def test_check_refuses_an_unwritable_directory(tmp_path, monkeypatch, read_only, needle):
-    monkeypatch.setattr(os, "access", lambda p, mode: False)  # tests run as root: simulate the directory
-    monkeypatch.setattr(outfiles, "_read_only", lambda d: read_only)
-    with pytest.raises(OutputError, match=needle):
-        outfiles.check(tmp_path / "x.gguf")
-
-
-def test_check_refuses_a_full_disk(tmp_path, monkeypatch):
-    monkeypatch.setattr(outfiles, "free_bytes", lambda d: 1000)
-    with pytest.raises(OutputError, match="1000|0.0 MB free"):
-        outfiles.check(tmp_path / "x.gguf", need_bytes=10_000)
-    outfiles.check(tmp_path / "x.gguf", need_bytes=10)
-
-
-def test_special_files_are_written_in_place(tmp_path):
-    assert outfiles.write_text("/dev/null", "x") == Path("/dev/null")
-    with pytest.raises(OutputError, match="no space left"):
-        outfiles.write_text("/dev/full", "x" * 100_000)
-
-
-def test_cleanup_never_raises(tmp_path, monkeypatch):
-    def unlink(p):
-        raise PermissionError(errno.EROFS, "Read-only file system")
-
-    monkeypatch.setattr(os, "unlink", unlink)
-    outfiles.remove_quietly(tmp_path / "x.part")
-    with pytest.raises(KeyboardInterrupt):  # the original exception survives a cleanup that fails
-        with outfiles.atomic(tmp_path / "x") as part:
-            part.write_text("partial")
-            raise KeyboardInterrupt
-
-
-def test_convert_cleanup_failing_inside_the_error_handler_is_still_one_error(make_checkpoint, tmp_path, monkeypatch):
-    """convert -o into a directory that turns read-only mid-write: the write fails and so does the cleanup."""
-    from converters import base, convert
-
-    def chunks(ck, plan):
-        raise OSError(errno.EROFS, "Read-only file system")
-
-    monkeypatch.setattr(base, "tensor_chunks", chunks)
-    monkeypatch.setattr(os, "unlink", lambda p: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only")))
-    with pytest.raises(OutputError, match="read-only"):
-        convert(make_checkpoint(), tmp_path / "m.gguf")
-
-
-# ------------------------------------------------------------------ output paths through the real commands
-
-
-BAD_OUTPUTS = [
-    ("a directory", lambda d: d, "is a directory"),
-    ("a missing directory", lambda d: d / "missing" / "o.x", "does not exist"),
-    ("a file as a directory", lambda d: (d / "f").write_text("") or d / "f" / "o.x", "not a directory"),
-    ("/proc", lambda d: Path("/proc/o.x"), "does not accept new files"),
-]
-
-
-@pytest.mark.parametrize("label,make,needle", [b for b in BAD_OUTPUTS if b[0] != "a missing directory"]  # created
-                         + [("a device", lambda d: Path("/dev/full"), "regular file")])
-def test_convert_output_refused_before_the_work(label, make, needle, make_checkpoint, tmp_path, monkeypatch, capsys):
-    out = make(tmp_path)
-    code, stdout, err = run_cli(monkeypatch, capsys, "convert", make_checkpoint(), "-o", out)
-    assert (code, stdout) == (1, "")
-    one_line(err, needle)
-    assert no_part_files(tmp_path)
-
-
-@pytest.mark.parametrize("label,make,needle", BAD_OUTPUTS)
-def test_bench_save_refused_before_measuring(label, make, needle, tmp_path, monkeypatch, capsys):
-    code, stdout, err = run_cli(monkeypatch, capsys, "bench", tmp_path / "never-loaded.gguf", "--save", make(tmp_path))
-    assert (code, stdout) == (1, "")
-    one_line(err, needle)
-
-
-def test_bench_save_failing_at_the_end_keeps_the_measurement(tmp_path, monkeypatch, capsys):
-    from dllm_cli.bench import measure
-
-    monkeypatch.setattr(measure, "run_benchmark", lambda paths, cfg, **k: {"results": [], "config": {}})
-    monkeypatch.setattr(outfiles, "write_text", lambda *a, **k: (_ for _ in ()).throw(
-        OutputError("cannot write the bench document to x.json: no space left on the device")))
-    code, stdout, err = run_cli(monkeypatch, capsys, "bench", "--json", "--save", tmp_path / "x.json")
-    assert code == 1 and json.loads(stdout) == {"results": [], "config": {}}  # the run is not lost
-    one_line(err, "x.json", "no space left")
-
-
-@pytest.mark.parametrize("home", [lambda d: (d / "f").write_text("") or d / "f", lambda d: Path("/proc/dllm-home")])
-def test_unwritable_dllm_home_is_one_line(home, make_checkpoint, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("DLLM_HOME", str(home(tmp_path)))
-    code, stdout, err = run_cli(monkeypatch, capsys, "convert", make_checkpoint())
-    assert (code, stdout) == (1, "")
-    one_line(err, "models")
-    code, stdout, err = run_cli(monkeypatch, capsys, "bench", "--synthetic", "llada2-mini", "--layers", "1", "-q")
-    assert (code, stdout) == (1, "")
-    one_line(err, "synthetic")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from converters import convert
-    from dllm_cli.demo.checkpoint import tiny_config, write_checkpoint
-
-    d = tmp_path_factory.mktemp("badio")
-    write_checkpoint(d / "ckpt", tiny_config(), seed=7, head_scale=4.0)
-    return str(convert(d / "ckpt", d / "tiny-f32.gguf", outtype="f32").path)
-
-
-@pytest.mark.parametrize("label,make,needle", BAD_OUTPUTS)
-def test_run_trace_refused_before_the_answer(label, make, needle, tiny, tmp_path):
-    runtime_or_skip()
-    r = dllm("run", tiny, "hi", "-n", "16", "--trace", make(tmp_path))
-    assert (r.returncode, r.stdout) == (1, b"")  # refused before any answer was printed
-    one_line(r.stderr, needle)
-    assert no_part_files(tmp_path)
-
-
-def test_run_trace_to_a_full_device_and_json_to_dev_full(tiny, tmp_path):
-    runtime_or_skip()
-    r = dllm("run", tiny, "hi", "-n", "16", "--trace", "/dev/full")
-    assert r.returncode == 1
-    one_line(r.stderr, "/dev/full", "no space left")
-    with open("/dev/full", "wb") as full:
-        r = subprocess.run([DLLM, "run", tiny, "hi", "-n", "16", "--json"], stdin=subprocess.DEVNULL, stdout=full,
-                           stderr=subprocess.PIPE, timeout=300)
-    assert r.returncode == 1
-    one_line(r.stderr, "stdout", "no space left")
-
-
-@pytest.mark.parametrize("args", [["--json"], [], ["--mode", "speed"]])
-def test_a_closed_stdout_ends_quietly_like_a_unix_filter(tiny, args):
-    runtime_or_skip()
-    p = subprocess.Popen([DLLM, "run", tiny, "Sort 3 1 2", "-n", "3000", "--ctx-size", "4096", *args],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert p.stdout is not None and p.stderr is not None
-    p.stdout.read(1)
-    p.stdout.close()  # `| head -c 1`
-    err = p.stderr.read()
-    p.wait(timeout=300)
-    assert err == b"", err
-    assert p.returncode in (0, 141)  # 0 when the whole answer fit the pipe before the reader left
-
-
-# ------------------------------------------------------------------ chat: a failed /save keeps the session
-
-
-def test_failed_save_in_chat_keeps_the_conversation(tiny, tmp_path):
-    runtime_or_skip()
-    bad = ["/save /dev/full/x.md", f"/save {tmp_path}/missing/x.md", "/save /proc/x.json", f"/save {tmp_path}/d.md/",
-           "/save " + "y" * 5000 + ".md"]
-    (tmp_path / "d.md").mkdir()
-    good = tmp_path / "t.md"
-    script = "\n".join(["first question", *bad, "second question", f"/save {good}"]) + "\n"
-    r = dllm("chat", tiny, "--no-live", "-n", "16", input=script.encode())
-    assert r.returncode == 0, r.stderr
-    lines = r.stderr.decode().splitlines()
-    assert sum("cannot write the transcript" in ln for ln in lines) == len(bad), lines
-    assert all(len(ln) < 700 for ln in lines) and b"Traceback" not in r.stderr
-    text = good.read_text()
-    assert "first question" in text and "second question" in text  # both turns survived the failures
-    assert no_part_files(tmp_path)
+from dllm_cli.errors import ContextFullError
+from io_helpers import (DLLM, _doc_edit, _edit, _good_doc, _good_trace, dllm, one_line, run_cli,
+                        runtime_or_skip, tiny)  # noqa: F401  (tiny is a fixture)
 
 
 # ------------------------------------------------------------------ arguments
@@ -367,21 +117,6 @@ def test_a_file_that_fits_is_read_whole(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ malformed --replay and --compare files
 
 
-def _good_trace() -> list[dict]:
-    from dllm_cli.decoding.events import BlockEvent, DoneEvent, StartEvent, StepEvent
-
-    return [e.to_dict() for e in (
-        StartEvent(5, 0, 4, 9, 1, 3, {"mode": "speed", "stop_ids": [1]}),
-        StepEvent(1, 0, 4, (9, 2, 3, 9), (1, 2), (), (0.9, 0.8), 1, 0, 2, 0.01),
-        BlockEvent(1, (2, 3), "ab", 1, 0.02), DoneEvent((2, 3), "ab", 5, "eos", 1, 0, 1, 0, 2.0, 0.03))]
-
-
-def _edit(i: int, **changes) -> bytes:
-    lines = _good_trace()
-    lines[i].update(changes)
-    return "\n".join(json.dumps(x) for x in lines).encode()
-
-
 MALFORMED_TRACES = {
     "empty": b"", "blank lines": b"\n\n  \n", "binary": b"\xff\xfe\x00\x01garbage\n", "a list": b"[1, 2]\n",
     "a number": b"42\n", "no event": b'{"x": 1}\n', "unknown event": b'{"event": "boom"}\n',
@@ -459,41 +194,6 @@ def test_good_compare_files_still_compare(tmp_path, monkeypatch, capsys):
     assert code == 0 and len(json.loads(out)["rows"]) == 2, err
 
 
-# ------------------------------------------------------------------ messages that name the right fix
-
-
-@pytest.mark.parametrize("quantized,free,cls,needle", [
-    (True, 10**12, ConvertError, "already quantized"),
-    (False, 1000, OutputError, "no space left"),
-    (False, 0, OutputError, "no space left"),
-    (False, 10**12, ConvertError, "DLLM_VERBOSE=1"),
-    (False, None, ConvertError, "DLLM_VERBOSE=1"),
-])
-def test_a_failed_quantization_names_the_real_cause(tmp_path, monkeypatch, quantized, free, cls, needle):
-    from dllm_cli.runtime import quantize
-
-    monkeypatch.setattr(quantize, "_quantized", lambda src: quantized)
-    monkeypatch.setattr(outfiles, "free_bytes", lambda d: free)
-    err = quantize._failure(tmp_path / "src.gguf", tmp_path / "dst.gguf", "q4_k_m")
-    assert isinstance(err, cls) and needle in str(err)
-    if cls is OutputError:
-        assert "dst.gguf" in str(err) and "already quantized" not in str(err)
-
-
-def test_quantize_checks_free_space_before_starting(tmp_path, monkeypatch, make_gguf):
-    from dllm_cli.runtime.quantize import quantize
-
-    src = make_gguf()
-    monkeypatch.setattr(outfiles, "free_bytes", lambda d: 10)
-    with pytest.raises(OutputError, match="MB free"):
-        quantize(src, tmp_path / "q.gguf", "q8_0")
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_errors_are_dllm_errors_not_os_errors():
-    assert issubclass(OutputError, DllmError)
-
-
 @pytest.mark.parametrize("source,needle", [("/dev/zero", "longer than"), ("/dev/urandom", "UTF-8")])
 def test_bottomless_replay_files_are_refused_without_reading_them_whole(source, needle, monkeypatch, capsys):
     code, out, err = run_cli(monkeypatch, capsys, "chat", "--replay", source)
@@ -528,50 +228,21 @@ def test_a_piped_chat_line_longer_than_the_context_is_skipped_not_read_whole(tin
     assert b"Traceback" not in r.stderr and b"internal error" not in r.stderr
 
 
-@pytest.mark.parametrize("out", ["/", "", ".", "..", "/tmp/"])
-@pytest.mark.parametrize("quant", [[], ["--quant", "q8_0"]])
-def test_convert_output_that_names_a_directory(out, quant, make_checkpoint, monkeypatch, capsys):
-    code, stdout, err = run_cli(monkeypatch, capsys, "convert", make_checkpoint(), "-o", out, *quant)
-    assert (code, stdout) == (1, "")
-    one_line(err, "is a directory")
+@pytest.mark.parametrize("args", [["run", "TINY", "hi", "-n", "4"], ["run", "TINY", "-", "-n", "4"], ["chat", "TINY"]])
+def test_a_closed_stdin_reads_as_empty(args, tiny):
+    runtime_or_skip()
+    r = subprocess.run([DLLM, *[tiny if a == "TINY" else a for a in args]], capture_output=True, timeout=300,
+                       preexec_fn=lambda: os.close(0))
+    assert b"internal error" not in r.stderr and b"Traceback" not in r.stderr, r.stderr
+    assert r.returncode == (2 if "-" in args else 0), r.stderr  # `-` with nothing on stdin: the prompt is empty
 
 
-STDOUT_COMMANDS = [["models"], ["models", "--json"], ["models", "show", "demo"], ["--version"], ["--help"],
-                   ["run", "--help"], ["chat", "--replay", "TRACE", "--speed", "0"],
-                   ["bench", "--compare", "DOC", "--compare", "DOC"]]
+@pytest.mark.parametrize("args,needle", [(["--synthetic", "llada2-mini", "--quant", "q3_bogus"], "--quant"),
+                                         (["--quality-vs", "missing-ref.gguf"], "missing-ref.gguf")])
+def test_bench_refuses_late_options_before_measuring(args, needle, tmp_path, monkeypatch, capsys):
+    from dllm_cli.bench import measure
 
-
-def _fill(args: list[str], tmp_path: Path) -> list[str]:
-    trace, doc = tmp_path / "t.jsonl", tmp_path / "d.json"
-    trace.write_bytes(_edit(0))
-    doc.write_text(json.dumps(_good_doc()))
-    return [str(trace) if a == "TRACE" else str(doc) if a == "DOC" else a for a in args]
-
-
-@pytest.mark.parametrize("args", STDOUT_COMMANDS)
-def test_stdout_on_a_full_device_is_one_line(args, tmp_path):
-    with open("/dev/full", "wb") as full:
-        r = subprocess.run([DLLM, *_fill(args, tmp_path)], stdin=subprocess.DEVNULL, stdout=full,
-                           stderr=subprocess.PIPE, timeout=120)
-    assert r.returncode == 1
-    one_line(r.stderr, "stdout", "no space left")
-
-
-@pytest.mark.parametrize("args", [a for a in STDOUT_COMMANDS if "--help" not in a])
-def test_a_closed_stdout_is_one_line(args, tmp_path):
-    r = subprocess.run([DLLM, *_fill(args, tmp_path)], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                       preexec_fn=lambda: os.close(1), timeout=120)
-    assert r.returncode == 1
-    one_line(r.stderr, "stdout", "closed")
-
-
-@pytest.mark.parametrize("args,code", [(["run", "hi", "--seed", "-1"], 2), (["chat", "--replay", "/nonexistent"], 2),
-                                       (["models", "show", "nope"], 1), (["STDOUT"], 0)])
-@pytest.mark.parametrize("stderr", ["full", "closed"])
-def test_a_broken_stderr_does_not_change_the_outcome(args, code, stderr, tmp_path):
-    args = ["models", "--json"] if args == ["STDOUT"] else args
-    kw: dict = {"preexec_fn": lambda: os.close(2)} if stderr == "closed" else {"stderr": open("/dev/full", "wb")}
-    r = subprocess.run([DLLM, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, timeout=120, **kw)
-    assert r.returncode == code
-    if code == 0:
-        assert json.loads(r.stdout)
+    monkeypatch.setattr(measure, "run_benchmark", lambda *a, **k: pytest.fail("measured before checking"))
+    code, out, err = run_cli(monkeypatch, capsys, "bench", *args)
+    assert code in (1, 2) and out == ""
+    one_line(err, needle)

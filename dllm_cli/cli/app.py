@@ -85,6 +85,8 @@ def main() -> None:
     debug = os.environ.get("DLLM_DEBUG") == "1"
     signals.install()
     output.quiet_stderr()
+    if sys.stdin is None:  # started with stdin closed (<&-): read it as empty, like /dev/null
+        sys.stdin = open(os.devnull)
     try:
         # In non-standalone mode Typer returns the exit code of typer.Exit (and 130 for Ctrl-C) instead of
         # raising it; commands themselves return None.

@@ -203,8 +203,14 @@ def bench_cmd(
     bad = set(_list(modes)) - set(MODES)
     if bad or not _list(modes):
         raise UsageError(f"unknown --modes {clip(', '.join(sorted(bad)) or modes)}", f"use {', '.join(MODES)}")
+    if synthetic is not None:
+        from dllm_cli.runtime.quantize import PRESETS
+
+        if quant != "f16" and quant not in PRESETS:
+            raise UsageError(f"unknown --quant {clip(quant)}", f"use f16 or one of {', '.join(PRESETS)}")
     if save is not None:
         save = outfiles.check(save, what="the bench document", special=True)
+    quality_ref = resolve_model(quality_vs) if quality_vs else None  # a typo must not cost a whole run
     bench_prompts = _read_prompts(prompts) if prompts else None
     runtime_fields = _runtime_path(kv_type, flash_attn, exact, rpc, tensor_split)
     failed_save: OutputError | None = None
@@ -230,10 +236,10 @@ def bench_cmd(
                           rpc=runtime_fields["rpc"], tensor_split=runtime_fields["tensor_split"],
                           **({"prompts": bench_prompts} if bench_prompts else {}))
         doc = run_benchmark(paths, cfg, progress=status, estimate_to=estimate_layers)
-        if quality_vs:
+        if quality_ref is not None:
             from dllm_cli.bench.quality import compare_quality
 
-            doc["quality"] = compare_quality(resolve_model(quality_vs), paths, [t for _, t in cfg.prompts],
+            doc["quality"] = compare_quality(quality_ref, paths, [t for _, t in cfg.prompts],
                                              threads=cfg.threads[0], progress=status)
     finally:
         status.close()
