@@ -77,36 +77,6 @@ def _edit(i: int, **changes) -> bytes:
     return "\n".join(json.dumps(x) for x in lines).encode()
 
 
-MALFORMED_TRACES = {
-    "empty": b"", "blank lines": b"\n\n  \n", "binary": b"\xff\xfe\x00\x01garbage\n", "a list": b"[1, 2]\n",
-    "a number": b"42\n", "no event": b'{"x": 1}\n', "unknown event": b'{"event": "boom"}\n',
-    "truncated last line": "\n".join(json.dumps(x) for x in _good_trace()).encode()[:-15],
-    "canvas a string": _edit(1, canvas="abc"), "probs missing": _edit(1, probs=None) .replace(b'"probs": null, ', b""),
-    "negative id": _edit(1, canvas=[9, -2, 3, 9]), "position outside": _edit(1, unmasked=[7]),
-    "bad edit triple": _edit(1, edited=[[0, 1]]), "bool time": _edit(1, elapsed_s=True),
-    "nan time": _edit(3, elapsed_s=float("nan")), "huge block": _edit(0, block_length=10**12),
-    "config a list": _edit(0, config=[]), "stop ids strings": _edit(0, config={"stop_ids": ["a"]}),
-    "pieces a list": _edit(1, pieces=[1]), "pieces bad key": _edit(1, pieces={"x": "a"}),
-    "text a number": _edit(2, text=5), "ids nested": _edit(2, ids=[[1]]),
-}
-
-
-@pytest.mark.parametrize("name", list(MALFORMED_TRACES))
-def test_malformed_replay_files_are_one_line_naming_the_file(name, tmp_path, monkeypatch, capsys):
-    f = tmp_path / "t.jsonl"
-    f.write_bytes(MALFORMED_TRACES[name])
-    code, out, err = run_cli(monkeypatch, capsys, "chat", "--replay", f, "--speed", "0")
-    assert (code, out) == (2, "")
-    one_line(err, "t.jsonl")
-
-
-def test_a_good_trace_still_replays(tmp_path, monkeypatch, capsys):
-    f = tmp_path / "t.jsonl"
-    f.write_bytes(_edit(0))
-    code, out, err = run_cli(monkeypatch, capsys, "chat", "--replay", f, "--speed", "0")
-    assert (code, out) == (0, "ab\n"), err
-
-
 def _good_doc() -> dict:
     row = {"model": "m", "path": "/x/m.gguf", "threads": 2, "test": "pp32", "tps": 10.0, "step_s": {"mean": 0.1}}
     return {"results": [row, {**row, "test": "gen"}], "config": {}}

@@ -147,17 +147,6 @@ def test_a_good_trace_still_replays(tmp_path, monkeypatch, capsys):
     assert (code, out) == (0, "ab\n"), err
 
 
-def _good_doc() -> dict:
-    row = {"model": "m", "path": "/x/m.gguf", "threads": 2, "test": "pp32", "tps": 10.0, "step_s": {"mean": 0.1}}
-    return {"results": [row, {**row, "test": "gen"}], "config": {}}
-
-
-def _doc_edit(f) -> bytes:
-    d = _good_doc()
-    f(d)
-    return json.dumps(d).encode()
-
-
 MALFORMED_DOCS = {
     "empty": b"", "binary": b"\x00\xff\xfe", "a list": b"[]", "a string": b'"results"', "no results": b"{}",
     "results an object": b'{"results": {}}', "row a number": b'{"results": [3]}',

@@ -18,23 +18,12 @@ from pathlib import Path
 import pytest
 
 from dllm_cli.cli.live import MASK_CELL
+from runtime_marks import needs_runtime
 
 DLLM = Path(sys.executable).with_name("dllm")
 PROMPT = ">>>"  # capture-pane drops trailing spaces
 
 
-def _runtime_reason() -> str | None:
-    from dllm_cli.errors import RuntimeMissingError
-    from dllm_cli.runtime.library import check
-
-    try:
-        check()
-    except RuntimeMissingError as e:
-        return f"no patched runtime: {e}"
-    return None
-
-
-needs_runtime = pytest.mark.skipif(_runtime_reason() is not None, reason=str(_runtime_reason()))
 needs_tmux = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 
 

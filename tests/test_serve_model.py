@@ -19,24 +19,14 @@ import openai
 import pytest
 
 from serve_fakes import free_port
+from runtime_marks import needs_runtime
 
 DLLM = str(Path(sys.executable).with_name("dllm"))
 NUMBER, ORANGE = "Describe the number 42.", "Describe the orange."
 RAW_SORT = "<role>SYSTEM</role>detailed thinking off<|role_end|><role>HUMAN</role>Sort: 5 2 9<|role_end|><role>ASSISTANT</role>"
 
 
-def _runtime_reason() -> str | None:
-    from dllm_cli.errors import RuntimeMissingError
-    from dllm_cli.runtime.library import check
-
-    try:
-        check()
-    except RuntimeMissingError as e:
-        return f"no patched runtime: {e}"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_runtime_reason() is not None, reason=str(_runtime_reason()))
+pytestmark = needs_runtime
 
 
 def run_json(*args: str, stdin: str = "") -> dict:
