@@ -213,3 +213,30 @@ def test_a_copied_library_is_refused_by_its_recorded_features(monkeypatch, tmp_p
     if not missing:
         pytest.skip("this CPU has every feature added to the copy")
     assert res.returncode == 1 and res.stdout.startswith("RuntimeMissingError") and "lacks" in res.stdout, res.stdout
+
+
+def test_loading_does_not_depend_on_the_compiler_on_path(tmp_path):
+    """The key of an installed build is checked against the flags it recorded, not a new compiler probe: a
+    runtime built with cc still loads where $CC names another (or no) compiler, and no compiler is spawned."""
+    if _installed_build() is None:
+        pytest.skip("no runtime built from the current patches (run `dllm runtime build`)")
+    env = {**os.environ, "CC": "no-such-cc", "CXX": "no-such-c++", "PATH": str(tmp_path)}
+    res = subprocess.run([str(Path(sys.executable).with_name("dllm")), "runtime", "info", "--json"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["patchset"] == _installed_build()[1]
+
+
+def test_a_build_with_other_flags_is_not_current(tmp_path, monkeypatch):
+    found = _installed_build()
+    if found is None:
+        pytest.skip("no runtime built from the current patches (run `dllm runtime build`)")
+    backend, key, path = found
+    info = json.loads((path / "build.json").read_text())
+    flags = [f for f in info["flags"] if f != "-DGGML_RPC=ON"]  # e.g. a build from before GGML_RPC was added
+    other = B.cache_key(backend, flags)
+    d = tmp_path / "rt" / f"{backend}-{other}"
+    (d / "lib").mkdir(parents=True)
+    (d / "build.json").write_text(json.dumps({**info, "key": other, "flags": flags}))
+    monkeypatch.setenv("DLLM_RUNTIME_DIR", str(tmp_path / "rt"))
+    assert library.candidates(backend) == []

@@ -141,7 +141,7 @@ def test_library_with_a_wrong_marker_is_refused(rt, tmp_path):
     d = tmp_path / "rt" / f"cpu-{fake_key}"
     d.mkdir(parents=True)
     (d / "lib").symlink_to(rt.path / "lib")
-    (d / "build.json").write_text(json.dumps({"key": fake_key, "backend": "cpu"}))
+    (d / "build.json").write_text(json.dumps({"key": fake_key, "backend": "cpu", "flags": B.cmake_flags("cpu")}))
     code = ("import ggml_patch.build as B; B.cache_key = lambda *a, **k: %r\n"
             "from dllm_cli.runtime.library import load\n"
             "from dllm_cli.errors import RuntimeMissingError\n"

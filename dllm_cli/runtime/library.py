@@ -60,15 +60,28 @@ def candidates(backend: str = "auto") -> list[tuple[str, str, Path]]:
     """
     wanted = B.resolve_backend(backend)
     order = [wanted] if backend != "auto" else [wanted] + [b for b in B.BACKENDS if b != wanted]
-    found = []
-    for b in order:
-        for amx in (False, True):
-            key = B.cache_key(b, B.cmake_flags(b, amx=amx))
-            if B.installed(b, key):
-                d = B.install_dir(b, key)
-                found.append((b, key, d, (d / "build.json").stat().st_mtime))
+    found = [(b, key, d, (d / "build.json").stat().st_mtime) for b in order for key, d in _current_builds(b)]
     found.sort(key=lambda f: (f[0] != wanted, -f[3]))
     return [(b, k, d) for b, k, d, _ in found]
+
+
+def _current_builds(backend: str) -> list[tuple[str, Path]]:
+    """(key, dir) of the installed ``backend`` builds whose key, recomputed from the flags they were built with,
+    matches the current patches and this CPU. The flags come from build.json rather than from probing the compiler
+    again: loading must not depend on which compiler is on PATH now (or on $CC), nor spawn it at every start."""
+    root = B.runtime_root()
+    out = []
+    for d in sorted(root.glob(f"{backend}-*")) if root.is_dir() else []:
+        info = B.read_build_info(d)
+        key = d.name[len(backend) + 1:]
+        if not info or info.get("key") != key or not (d / "lib").is_dir():
+            continue
+        flags = [str(f) for f in info["flags"]] if isinstance(info.get("flags"), list) else []
+        # the flags must be today's, apart from the compiler-probed -mno-amx-* ones (amx=True adds none)
+        fixed = [f for f in flags if not f.startswith(("-DCMAKE_C_FLAGS=", "-DCMAKE_CXX_FLAGS="))]
+        if fixed == B.cmake_flags(backend, amx=True) and key == B.cache_key(backend, flags):
+            out.append((key, d))
+    return out
 
 
 def _stale_hint(backend: str) -> str:
