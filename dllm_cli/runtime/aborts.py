@@ -23,12 +23,6 @@ _partials: set[Path] = set()
 _lock = threading.Lock()
 
 
-def register(path: Path) -> None:
-    """Remove ``path`` if ggml aborts (a ``.part`` file; harmless once it has been renamed or deleted)."""
-    with _lock:
-        _partials.add(path)
-
-
 @contextmanager
 def partial(path: Path) -> Iterator[Path]:
     """Register ``path`` (a ``.part`` file being written) for removal if ggml aborts while it exists."""
