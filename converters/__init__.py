@@ -146,6 +146,8 @@ def convert(source: str | Path, output: str | Path | None = None, *, outtype: st
         if edit_ids is not None:  # LLaDA2.2 only, after every key a 2.0/2.1 file has (their bytes stay the same)
             w.add_uint32(K.DELETE_ID, edit_ids[0])
             w.add_uint32(K.SPLIT_ID, edit_ids[1])
+            for mode, preset in presets.items():  # the Levenshtein decoder's switch (absent: an older 2.2 file)
+                w.add_bool(K.preset_key(mode, "indel"), preset.indel)
             stops = [vocab.eos_id] + ([vocab.eot_id] if vocab.eot_id is not None else [])
             w.add_array(K.STOP_IDS, stops)
 

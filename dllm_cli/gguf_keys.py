@@ -52,7 +52,8 @@ DELETE_ID = f"{ARCH}.diffusion.delete_token_id"
 SPLIT_ID = f"{ARCH}.diffusion.split_token_id"
 STOP_IDS = f"{ARCH}.diffusion.stop_token_ids"
 PRESET_PREFIX = "dllm.preset"  # dllm.preset.{speed,quality}.{threshold,editing_threshold,max_post_steps,editing}
-PRESET_FIELDS = ("threshold", "editing_threshold", "max_post_steps", "editing")
+PRESET_FIELDS = ("threshold", "editing_threshold", "max_post_steps", "editing")  # every file has these
+# and 2.2 files also dllm.preset.<mode>.indel (DELETE/INSERT edits on/off)
 SOURCE = "dllm.source"
 REVISION = "dllm.revision"
 DLLM_VERSION = "dllm.version"

@@ -26,6 +26,7 @@ class Preset:
     editing_threshold: float
     max_post_steps: int
     editing: bool
+    indel: bool = False  # LLaDA2.2 DELETE/INSERT edits (only 2.2 presets set it)
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,10 @@ def parse_presets(raw: Any) -> dict[str, dict[str, Preset]]:
             raise RegistryError(f"models.toml: presets.{version} must have exactly the modes {', '.join(MODES)}")
         out[version] = {}
         for mode, vals in modes.items():
-            _check(vals, _PRESET_KEYS, f"presets.{version}.{mode}")
+            _check(vals, _PRESET_KEYS, f"presets.{version}.{mode}", {"indel": bool})
             out[version][mode] = Preset(float(vals["threshold"]), float(vals["editing_threshold"]),
-                                        int(vals["max_post_steps"]), bool(vals["editing"]))
+                                        int(vals["max_post_steps"]), bool(vals["editing"]),
+                                        bool(vals.get("indel", False)))
     return out
 
 

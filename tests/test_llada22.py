@@ -93,7 +93,8 @@ def test_converts_with_version_routing_and_edit_keys(llada22):
     assert tokens[meta[K.EOT_ID]] == "<|role_end|>"
     assert meta[K.STOP_IDS] == [meta[K.EOS_ID], meta[K.EOT_ID]]
     assert meta[K.CONTEXT_LENGTH] == 131072
-    assert meta[K.preset_key("speed", "editing")] is False  # M2T only until the Levenshtein decoder lands
+    for mode in ("speed", "quality"):  # the Levenshtein decoder: T2T and DELETE/INSERT on in both modes
+        assert meta[K.preset_key(mode, "editing")] is True and meta[K.preset_key(mode, "indel")] is True
     ref = load_gguf(path)
     assert (ref.cfg.expert_capacity, ref.cfg.routing_block) == (CAPACITY, B)
     hf = load_hf(ckpt)
@@ -345,7 +346,7 @@ def test_21_file_behaves_as_before(tmp_path):
 
 
 def test_dllm_run_produces_text_from_a_22_file(llada22):
-    """The existing decoder (M2T only: the 2.2 presets have editing off) runs a 2.2 file end to end."""
+    """The Levenshtein decoder runs a 2.2 file end to end with the 2.2 quality preset."""
     import subprocess
     import sys
 
@@ -355,7 +356,7 @@ def test_dllm_run_produces_text_from_a_22_file(llada22):
                        input=b"", capture_output=True, timeout=300)
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert doc["params"]["editing"] is False and doc["params"]["threshold"] == 0.95
+    assert doc["params"]["editing"] is True and doc["params"]["indel"] is True and doc["params"]["threshold"] == 0.9
     assert 0 < len(doc["tokens"]) <= 40 and isinstance(doc["text"], str) and doc["forwards"] > 0
 
 
@@ -367,4 +368,5 @@ def test_decode_blocks_must_tile_routing_blocks(runtime22):
     with pytest.raises(UsageError, match="block-length 16"):
         decode_config(model, "quality", block_length=16)
     assert decode_config(model, "quality", block_length=64).block_length == 64
-    assert not decode_config(model, "speed").editing  # M2T only
+    speed = decode_config(model, "speed")
+    assert speed.editing and speed.indel and speed.threshold == 0.5

@@ -13,7 +13,7 @@ from dllm_cli.errors import UsageError, clip
 from dllm_cli.registry import MODES, version_presets
 
 DEFAULT_MAX_TOKENS = 512
-_PRESET_FIELDS = ("threshold", "editing_threshold", "max_post_steps", "editing")
+_PRESET_FIELDS = ("threshold", "editing_threshold", "max_post_steps", "editing", "indel")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -21,11 +21,12 @@ class DecodeConfig:
     """Decoding parameters. ``block_length``/``steps`` None mean "the model's block length"."""
 
     mode: str = "speed"
-    version: str = "2.1"  # model version: "2.0" decodes with the threshold schedule, "2.1" with M2T (+T2T)
+    version: str = "2.1"  # "2.0": threshold schedule; "2.1": M2T (+T2T); "2.2": M2T (+T2T, +DELETE/INSERT)
     threshold: float = 0.5  # tau_mask, strict ">"
     editing_threshold: float = 0.0  # tau_edit, strict ">": 0.0 edits every differing argmax (NOT "disabled")
     max_post_steps: int = 16  # forwards allowed after the block has no masks left
     editing: bool = True  # T2T on/off; off -> pure M2T
+    indel: bool = False  # LLaDA2.2 DELETE/INSERT edits on/off (needs editing); off keeps substitution only
     block_length: int | None = None
     temperature: float = 0.0
     top_k: int = 0  # 0 = off
@@ -66,11 +67,17 @@ def _problem(c: DecodeConfig) -> str | None:
         problem = domains.problem(name, v)
         if problem:
             return problem
+    if c.version == "2.2" and c.editing and c.temperature > 0:
+        return ("LLaDA2.2 editing decodes greedily, as its reference decoder: use --temperature 0, or --no-edit "
+                "to sample without editing")
+    if c.version == "2.2" and c.mbe:
+        return "--mbe (multi-block editing) is a LLaDA2.1 experiment; LLaDA2.2 files edit one block at a time"
     return None
 
 
 def _preset_value(preset: Any, name: str) -> Any:
-    return preset[name] if isinstance(preset, Mapping) else getattr(preset, name)
+    default = False if name == "indel" else None  # presets written before LLaDA2.2 have no indel field
+    return preset.get(name, default) if isinstance(preset, Mapping) else getattr(preset, name, default)
 
 
 def make_config(mode: str, version: str, presets: Mapping[str, Any] | None = None, **overrides: Any) -> DecodeConfig:
@@ -89,6 +96,9 @@ def make_config(mode: str, version: str, presets: Mapping[str, Any] | None = Non
     values: dict[str, Any] = {name: _preset_value(preset, name) for name in _PRESET_FIELDS}
     values.update(overrides)
     warnings = list(values.pop("warnings", ()))
+    if overrides.get("indel") and version != "2.2":
+        raise UsageError(f"--indel needs a LLaDA2.2 model (DELETE/INSERT tokens); this one is LLaDA{version}",
+                         "drop --indel")
     if version == "2.0" and overrides.get("editing"):
         warnings.append("LLaDA2.0 was not trained for token editing (T2T); editing may degrade the output")
     elif not values["editing"] and {"editing_threshold", "max_post_steps"} & set(overrides):

@@ -12,7 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from dllm_cli.decoding.config import DecodeConfig
+from dllm_cli.decoding.levenshtein import LevenshteinPolicy
 from dllm_cli.decoding.threshold import Policy, ThresholdPolicy, threshold_m2t
+from dllm_cli.errors import DecodeError
 
 NUM_TO_TRANSFER = 1
 
@@ -49,11 +51,23 @@ class JointPolicy:
         return not had_masks and not edited
 
 
-def make_policy(config: DecodeConfig, block_length: int) -> Policy:
-    """2.1 (or editing asked for): ``JointPolicy``; 2.0 without editing: ``ThresholdPolicy`` with its schedule.
+def make_policy(config: DecodeConfig, block_length: int, *, mask_id: int = -1,
+                edit_ids: tuple[int, int] | None = None) -> Policy | LevenshteinPolicy:
+    """2.2: ``LevenshteinPolicy`` (needs ``mask_id`` and the model's DELETE/SPLIT ``edit_ids``); 2.1 (or editing
+    asked for): ``JointPolicy``; 2.0 without editing: ``ThresholdPolicy`` with its schedule.
 
-    As in the reference, the 2.0 schedule length is ``min(steps, max_tokens)`` (``minimal_topk = 1``).
+    As in the reference, the 2.0 schedule length is ``min(steps, max_tokens)`` (``minimal_topk = 1``), and the
+    2.2 schedule floor's ``steps`` defaults to the block length. Raises ``DecodeError`` for a 2.2 config on a
+    model without edit token ids.
     """
+    if config.version == "2.2":
+        if edit_ids is None:
+            raise DecodeError("this LLaDA2.2 model has no DELETE/SPLIT token ids",
+                              "re-convert it with `dllm convert` from its checkpoint")
+        return LevenshteinPolicy(threshold=config.threshold, editing_threshold=config.editing_threshold,
+                                 max_post_steps=config.max_post_steps, editing=config.editing,
+                                 indel=config.indel, steps=config.steps or block_length, mask_id=mask_id,
+                                 delete_id=edit_ids[0], split_id=edit_ids[1])
     if config.version == "2.0" and not config.editing:
         steps = min(config.steps or block_length, config.max_tokens)
         return ThresholdPolicy(threshold=config.threshold, block_length=block_length, steps=steps)

@@ -18,9 +18,10 @@ import numpy as np
 from dllm_cli.decoding.config import DecodeConfig
 from dllm_cli.decoding.editing import make_policy
 from dllm_cli.decoding.events import BlockEvent, DoneEvent, Event, StartEvent, StepEvent
+from dllm_cli.decoding.levenshtein import LevenshteinPolicy
 from dllm_cli.decoding.mbe import Window
 from dllm_cli.decoding.sampling import Sampler, make_sampler
-from dllm_cli.decoding.stepper import StepModel
+from dllm_cli.decoding.stepper import StepModel, StepOutput, top2_from_logits
 from dllm_cli.decoding.threshold import Policy
 from dllm_cli.errors import ContextFullError, DecodeError, UsageError
 
@@ -35,7 +36,7 @@ class _Run:
     canvas: np.ndarray  # [n_blocks * B] int64
     P: int
     B: int
-    policy: Policy
+    policy: Policy | LevenshteinPolicy
     sampler: Sampler
     rng: np.random.Generator
     t0: float
@@ -43,6 +44,8 @@ class _Run:
     commits: int = 0
     steps: int = 0
     edits: int = 0
+    inserts: int = 0
+    deletes: int = 0
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -67,7 +70,8 @@ def generate(model: StepModel, prompt_ids: Sequence[int], config: DecodeConfig, 
             "raise --ctx-size or lower --max-tokens / shorten the prompt")
     canvas = np.full(n_blocks * B, model.mask_id, dtype=np.int64)  # [T]
     canvas[:P] = prompt
-    run = _Run(model, canvas, P, B, make_policy(config, B),
+    policy = make_policy(config, B, mask_id=model.mask_id, edit_ids=getattr(model, "edit_ids", None))
+    run = _Run(model, canvas, P, B, policy,
                make_sampler(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p),
                rng if rng is not None else np.random.default_rng(config.seed), t0)
     return _events(run, prompt, n_blocks, config, detokenize)
@@ -85,7 +89,10 @@ def _events(run: _Run, prompt: list[int], n_blocks: int, config: DecodeConfig,
     ids: list[int] = []
     emitted, finish = 0, "length"
     for k in range(k0, n_blocks):
-        yield from _decode_block(run, k, window.start(k) * B)
+        if isinstance(run.policy, LevenshteinPolicy):
+            yield from _decode_block_indel(run, run.policy, k)
+        else:
+            yield from _decode_block(run, run.policy, k, window.start(k) * B)
         ids, hit = _output(canvas, P, (k + 1) * B, config.max_tokens, stops)
         stop = hit or k == n_blocks - 1
         finish = "eos" if hit else "length"
@@ -101,7 +108,7 @@ def _events(run: _Run, prompt: list[int], n_blocks: int, config: DecodeConfig,
             break
     yield DoneEvent(tuple(ids), detokenize(list(ids)) if detokenize else "", P, finish, run.forwards,
                     run.commits, run.steps, run.edits, len(ids) / run.forwards if run.forwards else 0.0,
-                    run.elapsed(), reused)
+                    run.elapsed(), reused, run.inserts, run.deletes)
 
 
 def collect(events: Iterable[Event]) -> DoneEvent:
@@ -138,28 +145,28 @@ def _reuse_prefix(run: _Run, prompt: list[int], limit: int) -> int:
     return keep
 
 
-def _decode_block(run: _Run, k: int, ws: int) -> Iterator[StepEvent]:
+def _decode_block(run: _Run, policy: Policy, k: int, ws: int) -> Iterator[StepEvent]:
     """Refine block ``k`` (forwarding the window ``[ws, (k+1)B)``) until the policy ends it."""
     model, mask_id, s0, we = run.model, run.model.mask_id, k * run.B, (k + 1) * run.B
     pos = np.arange(ws, we)  # [L] absolute positions of the window
     prompt, in_block = pos < run.P, pos >= s0  # [L], [L]
     extra = {"attn_block": 0} if ws < s0 else {}
-    run.policy.begin_block()
-    cap = 2 * run.B + getattr(run.policy, "max_post_steps", 0) + 1
+    policy.begin_block()
+    cap = 2 * run.B + getattr(policy, "max_post_steps", 0) + 1
     for step in range(cap):
         old = run.canvas[ws:we].copy()  # [L]
         is_mask = old == mask_id  # [L]
         act = is_mask & in_block  # [L] M2T candidates: masks of the active block only
-        if not run.policy.proceed(int(act.sum())):
+        if not policy.proceed(int(act.sum())):
             return
-        rows = np.flatnonzero(~prompt if run.policy.edits else act)  # [n]
+        rows = np.flatnonzero(~prompt if policy.edits else act)  # [n]
         out = model.step(old.tolist(), ws, rows.tolist(), want_logits=run.sampler.needs_logits, **extra)
         run.forwards += 1
         ids, probs = run.sampler(out, run.rng, mask_id)  # [n], [n]
         x0, p = old.copy(), np.zeros(len(old))  # [L], [L]
         x0[rows], p[rows] = ids, probs
         p[x0 == mask_id] = -np.inf  # the mask token is never written
-        m2t, t2t = run.policy.select(x0, p, act, ~is_mask & ~prompt, old)
+        m2t, t2t = policy.select(x0, p, act, ~is_mask & ~prompt, old)
         m2t, t2t = m2t & act, t2t & ~is_mask & ~prompt
         run.canvas[ws:we] = np.where(m2t | t2t, x0, old)
         un, ed = np.flatnonzero(m2t), np.flatnonzero(t2t)
@@ -169,10 +176,117 @@ def _decode_block(run: _Run, k: int, ws: int) -> Iterator[StepEvent]:
                         tuple((int(i), int(old[i]), int(x0[i])) for i in ed),
                         tuple(float(p[i]) for i in (*un, *ed)), run.forwards, run.commits,
                         int((run.canvas[s0:we] == mask_id).sum()), run.elapsed())
-        if run.policy.block_done(bool(act.any()), bool(len(ed))):
+        if policy.block_done(bool(act.any()), bool(len(ed))):
             return
     raise DecodeError(f"block {k} did not converge in {cap} steps (the model keeps predicting the mask token)",
                       "check the model's mask token id")
+
+
+def _decode_block_indel(run: _Run, policy: LevenshteinPolicy, k: int) -> Iterator[StepEvent]:
+    """Refine block ``k`` with LLaDA2.2's Levenshtein policy; the block is re-laid after every DELETE/INSERT."""
+    model, mask_id, s0, we = run.model, run.model.mask_id, k * run.B, (k + 1) * run.B
+    prompt = np.arange(s0, we) < run.P  # [B]
+    policy.begin_block(run.canvas[s0:we], prompt)
+    banned = np.array([policy.delete_id, policy.split_id])
+    for step in range(policy.max_steps):
+        old = run.canvas[s0:we].copy()  # [B]
+        is_mask = (old == mask_id) & ~prompt  # [B]
+        rows = np.flatnonzero(~prompt if policy.edits else is_mask)  # [n]
+        out = model.step(old.tolist(), s0, rows.tolist(), want_logits=run.sampler.needs_logits)
+        run.forwards += 1
+        pred = _Prediction(run, out, rows, old, s0, banned)
+        x0, p = pred.top1(allow_edits=not policy.banned(False))  # [B], [B]
+        d = policy.decide(old, x0, p, pred.x1, pred.scrub)
+        run.canvas[s0:we] = d.ops.block
+        after = d.ops.after  # [B]
+        un, ed = np.flatnonzero(d.m2t & ~np.isin(d.new, banned)), np.flatnonzero(d.t2t & ~np.isin(d.new, banned))
+        run.steps += 1
+        run.edits += len(ed)
+        run.inserts += len(d.ops.inserted)
+        run.deletes += len(d.ops.deleted)
+        yield StepEvent(k, step, s0, tuple(d.ops.block.tolist()),
+                        tuple(int(after[i]) for i in un if after[i] >= 0),
+                        tuple((int(after[i]), int(old[i]), int(d.new[i])) for i in ed if after[i] >= 0),
+                        tuple(float(p[i]) for i in (*un, *ed) if after[i] >= 0)
+                        + tuple(float(p[b]) for b, _, _ in d.ops.deleted) + tuple(float(p[b]) for b, _ in d.ops.inserted),
+                        run.forwards, run.commits, int((d.ops.block == mask_id).sum()), run.elapsed(),
+                        d.ops.deleted, d.ops.inserted, d.ops.truncated)
+        if d.done:
+            return
+    raise DecodeError(f"block {k} did not end in {policy.max_steps} steps", "lower --max-post-steps")
+
+
+class _Prediction:
+    """Per-position predictions of one step over the block [B]; edit tokens can be excluded on demand.
+
+    Greedy: top-1 from the step, or top-2 where top-1 is an excluded edit token; where both are, the step is
+    re-run for its logits (one more forward, counted) and the best allowed token is read from them.
+    Sampling: drawn from the logits with the excluded tokens removed.
+    """
+
+    def __init__(self, run: _Run, out: StepOutput, rows: np.ndarray, block: np.ndarray, start: int,
+                 banned: np.ndarray) -> None:
+        self.run, self.out, self.rows, self.block, self.start, self.banned = run, out, rows, block, start, banned
+        self.x1 = block.copy()  # [B] top-2 ids (anti-loop alternatives)
+        self.x1[rows] = out.ids[:, 1]
+
+    def top1(self, allow_edits: bool) -> tuple[np.ndarray, np.ndarray]:
+        """``(x0, p)`` [B]: the predicted id and its probability (prompt and unrequested rows: -inf)."""
+        x0, p = self.block.copy(), np.full(len(self.block), -np.inf)  # [B], [B]
+        ids, probs = self.run.sampler(self.out, self.run.rng, self.run.model.mask_id)  # [n], [n]
+        x0[self.rows], p[self.rows] = ids, probs
+        if not allow_edits:
+            bad = np.isin(x0, self.banned) & np.isin(np.arange(len(x0)), self.rows)  # [B]
+            if bad.any():
+                alt, alt_p = self._allowed(bad)
+                x0, p = np.where(bad, alt, x0), np.where(bad, alt_p, p)
+        return x0, p
+
+    def scrub(self, bad: np.ndarray) -> np.ndarray:
+        """Best ids [B] at the ``bad`` positions that are neither DELETE nor SPLIT (elsewhere: the block)."""
+        return self._allowed(bad)[0]
+
+    def _allowed(self, bad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids, probs = self.block.copy(), np.zeros(len(self.block))  # [B], [B]
+        where = {int(r): i for i, r in enumerate(self.rows)}
+        need = []
+        for j in np.flatnonzero(bad):
+            i = where[int(j)]
+            if not self.run.sampler.needs_logits and int(self.out.ids[i, 1]) not in self.banned:
+                ids[j], probs[j] = self.out.ids[i, 1], self.out.probs[i, 1]
+            else:
+                need.append((int(j), i))
+        if need:
+            logits = self._logits()  # [n, V]
+            masked = np.array(logits[[i for _, i in need]], dtype=np.float64)  # [m, V]
+            masked[:, self.banned] = -np.inf
+            out = StepOutput(np.zeros((len(need), 2), np.int32), np.zeros((len(need), 2), np.float32), masked)
+            if self.run.sampler.needs_logits:
+                got, got_p = self.run.sampler(out, self.run.rng, self.run.model.mask_id)
+            else:
+                top = top2_from_logits(masked, self.run.model.mask_id)
+                got, got_p = top.ids[:, 0], self._prob(logits[[i for _, i in need]], top.ids[:, 0])
+            for (j, _), t, q in zip(need, got, got_p):
+                ids[j], probs[j] = t, q
+        return ids, probs
+
+    def _logits(self) -> np.ndarray:
+        if self.out.logits is None:
+            self.out = self.run.model.step(self.block.tolist(), self.start, self.rows.tolist(), want_logits=True)
+            self.run.forwards += 1
+        assert self.out.logits is not None
+        return self.out.logits
+
+    def _prob(self, logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Probability of ``ids`` [m] under the softmax of ``logits`` [m, V] without the mask (the head's p)."""
+        return np.array([_softmax_prob(row, int(t), self.run.model.mask_id) for row, t in zip(logits, ids)])
+
+
+def _softmax_prob(logits: np.ndarray, token: int, mask_id: int) -> float:
+    e = np.array(logits, dtype=np.float64)  # [V]
+    e[mask_id] = -np.inf
+    e = np.exp(e - e.max())
+    return float(e[token] / e.sum())
 
 
 def _output(canvas: np.ndarray, P: int, upto: int, max_tokens: int, stops: set[int]) -> tuple[list[int], bool]:

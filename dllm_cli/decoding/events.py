@@ -51,7 +51,14 @@ class StepEvent(_Event):
 
     ``canvas`` holds the ids at absolute positions ``start .. start+len-1`` after this step: the active block,
     or with multi-block editing the whole editable window (then ``start`` is the window start). Positions in
-    ``unmasked`` and ``edited`` are relative to ``start``; ``probs`` lists unmasked first, then edited.
+    ``unmasked`` and ``edited`` are relative to ``start`` and index ``canvas``; ``probs`` lists unmasked first,
+    then edited, deleted and inserted.
+
+    LLaDA2.2 Levenshtein steps also delete and insert (``dllm_cli.decoding.levenshtein``): ``deleted`` holds
+    ``(before, after, old id)``, the position in the block before the shift and where the gap closed in
+    ``canvas``; ``inserted`` holds ``(before, after)``, the token before which a mask slot was opened and that
+    slot's position in ``canvas``; ``truncated`` the ids pushed past the block end. Unmasked and edited
+    positions are after the shift.
     """
 
     kind: ClassVar[str] = "step"
@@ -66,6 +73,9 @@ class StepEvent(_Event):
     commits: int
     mask_count: int  # masks left in the active block
     elapsed_s: float
+    deleted: tuple[tuple[int, int, int], ...] = ()  # (position before the shift, after, old id)
+    inserted: tuple[tuple[int, int], ...] = ()  # (position before the shift, new mask slot after it)
+    truncated: tuple[int, ...] = ()  # ids pushed past the block end by inserts
 
 
 @dataclass(frozen=True)
@@ -82,7 +92,10 @@ class BlockEvent(_Event):
 
 @dataclass(frozen=True)
 class DoneEvent(_Event):
-    """Summary of the run; ``ids`` are cut after the first stop id (kept), ``tpf`` = len(ids) / forwards."""
+    """Summary of the run; ``ids`` are cut after the first stop id (kept), ``tpf`` = len(ids) / forwards.
+
+    ``edits`` counts T2T substitutions; ``inserts`` and ``deletes`` LLaDA2.2's INSERT and DELETE edits.
+    """
 
     kind: ClassVar[str] = "done"
     ids: tuple[int, ...]
@@ -96,6 +109,8 @@ class DoneEvent(_Event):
     tpf: float
     elapsed_s: float
     reused: int = 0
+    inserts: int = 0
+    deletes: int = 0
 
 
 GenerationResult = DoneEvent

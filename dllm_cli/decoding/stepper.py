@@ -91,6 +91,7 @@ class ScriptedModel:
     eos_id: int = 14
     block_length: int = 4
     n_ctx: int = 1024
+    edit_ids: tuple[int, int] | None = None  # LLaDA2.2 (DELETE, SPLIT) ids
     cached: list[int] = field(default_factory=list)
     calls: list[dict[str, Any]] = field(default_factory=list)
     commits: list[tuple[tuple[int, ...], int]] = field(default_factory=list)
@@ -137,8 +138,9 @@ class ReferenceModel:
     """``StepModel`` over the numpy reference (``dllm_cli.reference.RefModel``) with its exact KV cache."""
 
     def __init__(self, ref: Any, *, eos_id: int, mask_id: int | None = None, n_ctx: int = 4096,
-                 block_length: int | None = None) -> None:
+                 block_length: int | None = None, edit_ids: tuple[int, int] | None = None) -> None:
         self.ref = ref
+        self.edit_ids = edit_ids  # LLaDA2.2 (DELETE, SPLIT) ids
         self.cache = ref.new_cache()
         self.n_vocab = int(ref.cfg.n_vocab)
         self.mask_id = int(mask_id if mask_id is not None else ref.cfg.mask_id)

@@ -50,6 +50,7 @@ class ModelMeta:
     presets: dict[str, Preset] | None  # None: the file has none; use the registry's for ``version``
     mask_id: int
     chat_template: str | None
+    edit_ids: tuple[int, int] | None = None  # LLaDA2.2 (DELETE, SPLIT) token ids; None before 2.2
 
 
 class _Keys:
@@ -133,9 +134,22 @@ def validate(reader: GGUFReader, path: Path) -> ModelMeta:
     n_vocab, mask_id = _vocab(k)
     hp = _hparams(k, n_vocab)
     _tensors(reader, path, hp)
+    version = _version(k)
     return ModelMeta(n_vocab=n_vocab, head_dim=hp["head_dim"], block_length=k.u32(K.BLOCK_LENGTH, 32, lo=1,
                                                                                    hi=MAX_BLOCK_LENGTH),
-                     version=_version(k), presets=_presets(k), mask_id=mask_id, chat_template=_template(k))
+                     version=version, presets=_presets(k, version), mask_id=mask_id, chat_template=_template(k),
+                     edit_ids=_edit_ids(k, n_vocab, mask_id) if version == "2.2" else None)
+
+
+def _edit_ids(k: _Keys, n_vocab: int, mask_id: int) -> tuple[int, int]:
+    """LLaDA2.2's DELETE and SPLIT (INSERT) ids: required, inside the vocabulary, distinct, not the mask."""
+    ids = (k.u32(K.DELETE_ID, hi=n_vocab - 1), k.u32(K.SPLIT_ID, hi=n_vocab - 1))
+    for key, i in zip((K.DELETE_ID, K.SPLIT_ID), ids):
+        if i == mask_id:
+            raise k.fail(key, f"is {i}, the mask token's id")
+    if ids[0] == ids[1]:
+        raise k.fail(K.SPLIT_ID, f"is {ids[1]}, the same id as {K.DELETE_ID}")
+    return ids
 
 
 def _hparams(k: _Keys, n_vocab: int) -> dict[str, int]:
@@ -242,8 +256,14 @@ def _version(k: _Keys) -> str:
     return v
 
 
-def _presets(k: _Keys) -> dict[str, Preset] | None:
-    """``dllm.preset.<mode>.*``: all four fields of every mode, or none at all (registry defaults)."""
+def _presets(k: _Keys, version: str) -> dict[str, Preset] | None:
+    """``dllm.preset.<mode>.*``: all four fields of every mode, or none at all (registry defaults).
+
+    A 2.2 file also stores ``indel``; one written before the Levenshtein decoder existed has none and M2T-only
+    presets, so its presets are ignored (None: the registry's 2.2 presets apply).
+    """
+    if version == "2.2" and not any(k.kind(K.preset_key(m, "indel")) is not None for m in MODES):
+        return None
     out: dict[str, Preset] = {}
     for mode in MODES:
         keys = {f: K.preset_key(mode, f) for f in K.PRESET_FIELDS}
@@ -262,7 +282,7 @@ def _presets(k: _Keys) -> dict[str, Preset] | None:
                 raise k.fail(keys[f], f"is {v}, must be in [0, {hi}]")
             values[f] = v
         out[mode] = Preset(values["threshold"], values["editing_threshold"], int(values["max_post_steps"]),
-                           k.boolean(keys["editing"], False))
+                           k.boolean(keys["editing"], False), k.boolean(K.preset_key(mode, "indel"), False))
     if out and len(out) != len(MODES):
         mode = next(m for m in MODES if m not in out)
         raise k.fail(K.preset_key(mode, "threshold"), "is missing (the file has presets for other modes)")

@@ -142,6 +142,11 @@ class Model:
     def version(self) -> str:
         return self.info.version
 
+    @property
+    def edit_ids(self) -> tuple[int, int] | None:
+        """LLaDA2.2's (DELETE, SPLIT) token ids; None for 2.0/2.1 files."""
+        return self.info.edit_ids
+
     @cached_property
     def routing_block(self) -> int:
         """LLaDA2.2 block routing: tokens per routing block (0 = per-token routing)."""

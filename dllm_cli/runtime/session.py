@@ -44,6 +44,7 @@ class Session:
         self.n_vocab = model.n_vocab
         self.mask_id = model.mask_id
         self.eos_id = model.eos_id
+        self.edit_ids = model.edit_ids
         self.block_length = model.block_length
         if opts.kv_type == "q8_0" and model.info.head_dim % 32:  # q8_0 blocks of 32 must tile every cache row
             raise UsageError(f"--kv-type q8_0 needs a head dimension that is a multiple of 32; "
