@@ -38,17 +38,22 @@ def llada22_config(**over) -> dict:
     return cfg
 
 
-def write_llada22(d: Path, seed: int = 3, bias_scale: float = 1.0, **over) -> dict:
-    """A tiny 2.2 checkpoint: DELETE/SPLIT added to tokenizer.json at two padding ids, config pointing at them."""
+def write_llada22(d: Path, seed: int = 3, bias_scale: float = 1.0, edit_boost: float = 1.0, **over) -> dict:
+    """A tiny 2.2 checkpoint: DELETE/SPLIT added to tokenizer.json at two padding ids, config pointing at them.
+
+    ``edit_boost`` scales the output-head rows of DELETE and SPLIT, so that a random model predicts them often
+    enough for the Levenshtein decoder's inserts and deletes to fire.
+    """
     cfg = write_checkpoint(d, llada22_config(**over), seed=seed)  # learn the vocab size
+    tok = json.loads((d / "tokenizer.json").read_text())
+    first = max(t["id"] for t in tok["added_tokens"]) + 1
+    assert first + 1 < cfg["vocab_size"]
     w = random_weights(cfg, seed, head_scale=2.0)
     for name in w:
         if name.endswith("expert_bias"):
             w[name] = w[name] * bias_scale  # the pooled score must matter: biased and unbiased pools differ
+    w["lm_head.weight"][first:first + 2] *= edit_boost
     cfg = write_checkpoint(d, cfg, w)
-    tok = json.loads((d / "tokenizer.json").read_text())
-    first = max(t["id"] for t in tok["added_tokens"]) + 1
-    assert first + 1 < cfg["vocab_size"]
     for i, text in enumerate((DELETE, SPLIT)):
         tok["added_tokens"].append({"id": first + i, "content": text, "single_word": False, "lstrip": False,
                                     "rstrip": False, "normalized": False, "special": True})
