@@ -21,12 +21,12 @@ from dllm_cli import domains, outfiles
 from dllm_cli.errors import UsageError, clip
 from dllm_cli.registry import MODES
 
-# Knobs ``/set`` accepts, with how to read their value. Mode presets own the first four (``/mode`` resets them).
+# Knobs ``/set`` accepts, with how to read their value. Mode presets own the first five (``/mode`` resets them).
 SETTINGS: dict[str, type] = {
-    "threshold": float, "editing_threshold": float, "max_post_steps": int, "editing": bool,
+    "threshold": float, "editing_threshold": float, "max_post_steps": int, "editing": bool, "indel": bool,
     "temperature": float, "top_k": int, "top_p": float, "seed": int, "max_tokens": int, "block_length": int,
 }
-PRESET_KNOBS = ("threshold", "editing_threshold", "max_post_steps", "editing")
+PRESET_KNOBS = ("threshold", "editing_threshold", "max_post_steps", "editing", "indel")
 _TRUE, _FALSE = {"1", "true", "on", "yes"}, {"0", "false", "off", "no"}
 
 

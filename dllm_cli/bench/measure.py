@@ -84,6 +84,7 @@ class Timed:
     def __init__(self, inner: Session, probe: ExpertProbe | None = None) -> None:
         self.inner, self.probe = inner, probe
         self.n_vocab, self.mask_id, self.eos_id = inner.n_vocab, inner.mask_id, inner.eos_id
+        self.edit_ids = getattr(inner, "edit_ids", None)
         self.block_length, self.n_ctx = inner.block_length, inner.n_ctx
         self.step_s: list[float] = []
         self.commit_s: list[float] = []
@@ -127,6 +128,8 @@ class GenRun:
     first_block: float
     step_s: list[float] = field(default_factory=list)
     timed: Timed | None = None
+    inserts: int = 0  # LLaDA2.2 INSERT / DELETE edits
+    deletes: int = 0
 
 
 def generate_once(session: Session, ids: list[int], config: Any, probe: ExpertProbe | None = None) -> GenRun:
@@ -145,7 +148,7 @@ def generate_once(session: Session, ids: list[int], config: Any, probe: ExpertPr
     assert done is not None
     prefill = timed.commit_s[0] if timed.commit_s and len(ids) >= session.block_length else 0.0
     return GenRun(len(done.ids), done.forwards, done.commits + 1, done.edits, done.steps, elapsed, prefill,
-                  first_block or elapsed, timed.step_s, timed)
+                  first_block or elapsed, timed.step_s, timed, done.inserts, done.deletes)
 
 
 def prompt_token_ids(model: Model, text: str) -> list[int]:
@@ -292,6 +295,7 @@ class Bench:
                        forwards_per_block=round(forwards / max(sum(g.blocks for g in last), 1), 3),
                        blocks=sum(g.blocks for g in last), edits=sum(g.edits for g in last),
                        edits_per_token=round(sum(g.edits for g in last) / max(tokens, 1), 4),
+                       **self._indel(config, last, tokens),
                        prompt_tokens=[len(ids) for _, ids in prompts],
                        prefill_tps=round(sum(len(ids) for _, ids in prompts) / max(sum(g.prefill for g in last), 1e-9), 2),
                        first_block_s=stats([g.first_block for g in flat]), step_s=stats(steps),
@@ -299,6 +303,15 @@ class Bench:
         row["experts"] = self._experts(config, prompts) if self.cfg.experts else None
         row["recompute"] = self._recompute(last)
         return row
+
+    @staticmethod
+    def _indel(config: Any, runs: list[GenRun], tokens: int) -> dict[str, Any]:
+        """LLaDA2.2 rows: inserts and deletes per generated token, next to the substitutions (``edits``)."""
+        if config.version != "2.2":
+            return {}
+        ins, dels = sum(g.inserts for g in runs), sum(g.deletes for g in runs)
+        return {"inserts": ins, "deletes": dels, "inserts_per_token": round(ins / max(tokens, 1), 4),
+                "deletes_per_token": round(dels / max(tokens, 1), 4)}
 
     def _experts(self, config: Any, prompts: list[tuple[str, list[int]]]) -> dict[str, Any]:
         """Instrumented replay: per step, per MoE layer, distinct routed experts over the active block."""

@@ -10,7 +10,7 @@ from typing import Any, Iterable
 
 SCHEMA = "dllm-bench/1"
 COLUMNS = ("model", "size", "params", "backend", "threads", "test", "t/s", "tpf", "fwd/blk", "step ms p50/p90",
-           "edits/tok", "experts/step", "ttfb s", "x recompute", "x AR", "roofline %")
+           "edits/tok", "ins/del per tok", "experts/step", "ttfb s", "x recompute", "x AR", "roofline %")
 
 
 def _gib(n: float) -> str:
@@ -41,18 +41,24 @@ def cells(r: dict[str, Any]) -> list[str]:
         str(r["threads"]), r["test"], f"{r['tps']:.2f} ± {r['tps_sd']:.2f}", _fmt(r.get("tpf")),
         _fmt(r.get("forwards_per_block")),
         f"{1e3 * step['p50']:.1f}/{1e3 * step['p90']:.1f}" if step else "", _fmt(r.get("edits_per_token"), ".3f"),
-        f"{ex['mean']:.1f}/{ex['of']}" if ex else "", _fmt((r.get("first_block_s") or {}).get("mean")),
+        _indel(r), f"{ex['mean']:.1f}/{ex['of']}" if ex else "", _fmt((r.get("first_block_s") or {}).get("mean")),
         _fmt(rc), ar_txt, _fmt(roof, ".1f"),
     ]
+
+
+def _indel(r: dict[str, Any]) -> str:
+    """LLaDA2.2's inserts/deletes per generated token (blank for rows of models that cannot insert or delete)."""
+    ins, dels = r.get("inserts_per_token"), r.get("deletes_per_token")
+    return "" if ins is None or dels is None else f"{ins:.3f}/{dels:.3f}"
 
 
 def table(doc: dict[str, Any], markdown: bool = False) -> str:
     rows = [list(COLUMNS)] + [cells(r) for r in doc["results"]]
     rows += [[e["model"], "", "", e["backend"], str(e["threads"]), e["test"], f"{e['tps']:.2f} (est.)", "", "",
-              f"{1e3 * e['step_s']:.1f} (est.)" if e.get("step_s") else "", "", "", "", "", "", ""]
+              f"{1e3 * e['step_s']:.1f} (est.)" if e.get("step_s") else "", "", "", "", "", "", "", ""]
              for e in doc.get("estimates", [])]
     w = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    right = {6, 7, 8, 9, 10, 11, 12, 13, 14, 15}
+    right = set(range(6, len(COLUMNS)))
 
     def line(row: list[str]) -> str:
         return "| " + " | ".join(c.rjust(w[i]) if i in right else c.ljust(w[i]) for i, c in enumerate(row)) + " |"

@@ -136,6 +136,7 @@ def chat(
     editing_threshold: O.EditThreshold = None,
     max_post_steps: O.MaxPostSteps = None,
     edit: O.Edit = None,
+    indel: O.Indel = None,
     block_length: O.BlockLength = None,
     temperature: O.Temperature = 0.0,
     top_k: O.TopK = 0,
@@ -172,7 +173,7 @@ def chat(
                                       exact=exact, threads=threads, n_gpu_layers=n_gpu_layers, ctx_size=ctx_size,
                                       rpc=rpc, tensor_split=runtime_options.parse_split(tensor_split))
     overrides = dict(threshold=threshold, editing_threshold=editing_threshold, max_post_steps=max_post_steps,
-                     editing=edit, block_length=block_length, temperature=temperature, top_k=top_k, top_p=top_p,
+                     editing=edit, indel=indel, block_length=block_length, temperature=temperature, top_k=top_k, top_p=top_p,
                      seed=seed, max_tokens=max_tokens, mbe=mbe)
     loaded = load(model, opts)
     try:
@@ -348,7 +349,7 @@ class Repl:
 
     def _knobs(self, all_: bool = False) -> str:
         s = self.chat.settings()
-        keys = list(s) if all_ else ["threshold", "editing_threshold", "max_post_steps", "editing"]
+        keys = list(s) if all_ else ["threshold", "editing_threshold", "max_post_steps", "editing", "indel"]
         return ", ".join(f"{k}={s[k]}" for k in keys if k != "mode" or all_)
 
     # --- one answer ----------------------------------------------------------------------------

@@ -92,5 +92,8 @@ Mbe = Annotated[int, typer.Option("--mbe", callback=domain("mbe"),
                                   help="Experimental multi-block editing over N earlier blocks (0 = off).",
                                   rich_help_panel=DECODE)]
 System = Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")]
-Edit = Annotated[Optional[bool], typer.Option("--edit/--no-edit", help="Force token editing on or off.",
+Edit = Annotated[Optional[bool], typer.Option("--edit/--no-edit", help="Force token editing on or off (on LLaDA2.2: "
+                                              "--no-edit turns off substitution, delete and insert).",
                                               rich_help_panel=DECODE)]
+Indel = Annotated[Optional[bool], typer.Option("--indel/--no-indel", help="LLaDA2.2: allow DELETE/INSERT edits "
+                                               "(--no-indel keeps substitution only).", rich_help_panel=DECODE)]

@@ -30,7 +30,8 @@ def trace_record(ev: Event, piece: Callable[[int], str] | None, seen: set[int]) 
     """``ev.to_dict()`` plus, for a step, the text of ids not yet in ``seen`` (updated in place)."""
     d = ev.to_dict()
     if piece is not None and isinstance(ev, StepEvent):
-        ids = set(ev.canvas) | {old for _pos, old, _new in ev.edited}
+        ids = set(ev.canvas) | {old for _pos, old, _new in ev.edited} | {old for _b, _a, old in ev.deleted} \
+            | set(ev.truncated)
         fresh = sorted(ids - seen)
         if fresh:
             d["pieces"] = {str(i): piece(i) for i in fresh}
@@ -74,10 +75,11 @@ def _field_problem(name: str, kind: str, v: Any) -> str | None:
         ok = isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
                                          and math.isfinite(x) for x in v)
         return None if ok else f'"{name}" must be a list of numbers'
-    if kind.startswith("tuple[tuple[int, int, int]"):
-        ok = isinstance(v, list) and all(isinstance(e, list) and len(e) == 3 and _ids_problem(name, e) is None
-                                         for e in v)
-        return None if ok else f'"{name}" must be a list of [position, old id, new id] triples'
+    for width in (3, 2):  # edited/deleted triples, inserted pairs: all non-negative integers
+        if kind.startswith("tuple[tuple[" + ", ".join(["int"] * width) + "]"):
+            ok = isinstance(v, list) and all(isinstance(e, list) and len(e) == width and _ids_problem(name, e) is None
+                                             for e in v)
+            return None if ok else f'"{name}" must be a list of {width}-integer lists'
     if kind.startswith("dict"):
         if not isinstance(v, dict):
             return f'"{name}" must be an object'
@@ -105,8 +107,9 @@ def check_event(d: Any) -> str | None:
             return problem
     if cls is StepEvent:  # positions are relative to the canvas
         n = len(d["canvas"])
-        if any(p >= n for p in d["unmasked"]) or any(e[0] >= n for e in d["edited"]):
-            return f'a position in "unmasked" or "edited" is outside the {n}-token canvas'
+        after = [p for p in d["unmasked"]] + [e[0] for e in d["edited"]] + [e[1] for e in d.get("inserted", [])]
+        if any(p >= n for p in after) or any(e[0] >= n or e[1] > n for e in d.get("deleted", [])):
+            return f'a position in "unmasked", "edited", "deleted" or "inserted" is outside the {n}-token canvas'
     pieces = d.get("pieces")
     if pieces is not None and not (isinstance(pieces, dict) and all(
             k.isdigit() and len(k) < 11 and isinstance(v, str) for k, v in pieces.items())):

@@ -130,6 +130,7 @@ def run(
     editing_threshold: O.EditThreshold = None,
     max_post_steps: O.MaxPostSteps = None,
     edit: O.Edit = None,
+    indel: O.Indel = None,
     block_length: O.BlockLength = None,
     temperature: O.Temperature = 0.0,
     top_k: O.TopK = 0,
@@ -162,9 +163,9 @@ def run(
     loaded = load(model_name, opts)
     try:
         config = decode_config(loaded.model, mode.value, threshold=threshold, editing_threshold=editing_threshold,
-                               max_post_steps=max_post_steps, editing=edit, block_length=block_length,
-                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                               max_tokens=max_tokens, mbe=mbe)
+                               max_post_steps=max_post_steps, editing=edit, indel=indel,
+                               block_length=block_length, temperature=temperature, top_k=top_k, top_p=top_p,
+                               seed=seed, max_tokens=max_tokens, mbe=mbe)
         for w in config.warnings:
             output.warn(w)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
@@ -206,6 +207,7 @@ def result_document(done: DoneEvent, prompt: list[int], config, model_path: Path
         "finish_reason": done.finish_reason, "mode": config.mode, "model": str(model_path),
         "params": {k: v for k, v in config.to_dict().items() if k not in ("warnings",)},
         "forwards": done.forwards, "commits": done.commits, "tpf": round(done.tpf, 4), "edits": done.edits,
+        "inserts": done.inserts, "deletes": done.deletes,
         "elapsed_s": round(done.elapsed_s, 4), "tps": round(n / done.elapsed_s, 3) if done.elapsed_s > 0 else None,
         "reused_prompt_tokens": done.reused,
     }

@@ -67,6 +67,8 @@ def _problem(c: DecodeConfig) -> str | None:
         problem = domains.problem(name, v)
         if problem:
             return problem
+    if c.indel and c.version != "2.2":
+        return f"--indel needs a LLaDA2.2 model (DELETE/INSERT tokens); this one is LLaDA{c.version}"
     if c.version == "2.2" and c.editing and c.temperature > 0:
         return ("LLaDA2.2 editing decodes greedily, as its reference decoder: use --temperature 0, or --no-edit "
                 "to sample without editing")
@@ -96,9 +98,6 @@ def make_config(mode: str, version: str, presets: Mapping[str, Any] | None = Non
     values: dict[str, Any] = {name: _preset_value(preset, name) for name in _PRESET_FIELDS}
     values.update(overrides)
     warnings = list(values.pop("warnings", ()))
-    if overrides.get("indel") and version != "2.2":
-        raise UsageError(f"--indel needs a LLaDA2.2 model (DELETE/INSERT tokens); this one is LLaDA{version}",
-                         "drop --indel")
     if version == "2.0" and overrides.get("editing"):
         warnings.append("LLaDA2.0 was not trained for token editing (T2T); editing may degrade the output")
     elif not values["editing"] and {"editing_threshold", "max_post_steps"} & set(overrides):
