@@ -206,3 +206,17 @@ def test_policy_state_resets_per_block():
                             steps=4, mask_id=M, delete_id=DEL, split_id=SPL)
     pol.begin_block(np.array([1, M, M, M]), np.array([True, False, False, False]))
     assert pol.n0 == 3 and pol.is_orig.tolist() == [False, True, True, True] and not pol.seen
+
+
+def test_serve_step_view_and_usage_carry_inserts_and_deletes():
+    from dllm_cli.serve.backend import step_view
+    from dllm_cli.serve.completion import Tally
+
+    m = scripted([f(0, 5, 6, 7), f(0, DEL, SPL, 7), f(0, 9, 9, 9), f(0, 9, 9, 9)])
+    steps, done = decode(m, [1], max_tokens=3)
+    view = step_view(steps[1], 1, M, lambda t: f"t{t}")
+    assert view["deleted"] == [[0, "t5"]] and view["inserted"] == [0] and view["cells"] == [None, "t6", "t7"]
+    tally = Tally()
+    for ev in (*steps, done):
+        tally.update(ev)
+    assert (tally.usage()["dllm"]["inserts"], tally.usage()["dllm"]["deletes"]) == (1, 1)

@@ -45,7 +45,8 @@ def test_chat_and_completion_streaming_and_not(scripted):
     assert r.choices[0].message.content == "Hello world. Bye." and r.choices[0].finish_reason == "stop"
     assert r.object == "chat.completion" and r.model == "scripted"
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (3, 12, 15)
-    assert r.usage.dllm == {"mode": "quality", "forwards": 6, "tokens_per_forward": 2.0, "edits": 3, "steps": 6,
+    assert r.usage.dllm == {"mode": "quality", "forwards": 6, "tokens_per_forward": 2.0, "edits": 3, "inserts": 0,
+                            "deletes": 0, "steps": 6,
                             "reused_prompt_tokens": 0, "elapsed_s": 0.06, "tokens_per_second": 200.0}
     chunks = list(c.chat.completions.create(model="any", messages=USER, stream=True,
                                             stream_options={"include_usage": True}))
@@ -285,8 +286,10 @@ def test_step_events_are_streamed_on_request(scripted):
               for i, line in enumerate(lines) if line.startswith("data: ")]
     steps = [json.loads(d) for e, d in events if e == "event: dllm.step"]
     assert steps == [
-        {"block": 0, "step": 0, "cells": [None], "new": [], "edits": [], "forwards": 1, "masks": 3, "elapsed_s": 0.01},
-        {"block": 0, "step": 1, "cells": ["t4"], "new": [0], "edits": [], "forwards": 2, "masks": 0, "elapsed_s": 0.02}]
+        {"block": 0, "step": 0, "cells": [None], "new": [], "edits": [], "inserted": [], "deleted": [], "forwards": 1,
+         "masks": 3, "elapsed_s": 0.01},
+        {"block": 0, "step": 1, "cells": ["t4"], "new": [0], "edits": [], "inserted": [], "deleted": [], "forwards": 2,
+         "masks": 0, "elapsed_s": 0.02}]
     kinds = [e for e, _ in events]
     assert kinds.index("event: dllm.block") < kinds.index("", 1) and events[-1] == ("", "[DONE]")
     with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "dllm": {}}) as r:

@@ -12,7 +12,7 @@ from typing import Any, Iterator, Protocol
 
 from dllm_cli.decoding.events import Event, StartEvent, StepEvent
 
-PRESET_KNOBS = ("threshold", "editing_threshold", "max_post_steps", "editing")
+PRESET_KNOBS = ("threshold", "editing_threshold", "max_post_steps", "editing", "indel")
 
 
 @dataclass(frozen=True)
@@ -57,13 +57,16 @@ class ServerDefaults:
 def step_view(ev: StepEvent, prompt_tokens: int, mask_id: int, piece: Any) -> dict[str, Any]:
     """A step as the page draws it: the generated cells of the active block (None = mask), what changed.
 
-    Prompt-tail cells of the first block are left out; ``new`` and ``edits`` index the cells shown.
+    Prompt-tail cells of the first block are left out; ``new``, ``edits`` and ``inserted`` (LLaDA2.2's new mask
+    slots) index the cells shown; ``deleted`` holds ``[where the gap closed, old text]``.
     """
     skip = max(0, prompt_tokens - ev.start)
     cells = [None if t == mask_id else piece(t) for t in ev.canvas[skip:]]
     return {"block": ev.block, "step": ev.step, "cells": cells,
             "new": [p - skip for p in ev.unmasked if p >= skip],
             "edits": [[p - skip, piece(old)] for p, old, _new in ev.edited if p >= skip],
+            "inserted": [a - skip for _b, a in ev.inserted if a >= skip],
+            "deleted": [[a - skip, piece(old)] for _b, a, old in ev.deleted if a >= skip],
             "forwards": ev.forwards, "masks": ev.mask_count, "elapsed_s": round(ev.elapsed_s, 4)}
 
 

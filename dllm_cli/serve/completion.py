@@ -76,6 +76,8 @@ class Tally:
     forwards: int = 0
     steps: int = 0
     edits: int = 0
+    inserts: int = 0
+    deletes: int = 0
     reused: int = 0
     elapsed_s: float = 0.0
     finish: str = "length"
@@ -89,12 +91,15 @@ class Tally:
             self.forwards, self.elapsed_s = ev.forwards, ev.elapsed_s
             self.steps += 1
             self.edits += len(ev.edited)
+            self.inserts += len(ev.inserted)
+            self.deletes += len(ev.deleted)
         elif isinstance(ev, BlockEvent):
             self.completion_tokens += len(ev.ids)
             self.forwards, self.elapsed_s = ev.forwards, ev.elapsed_s
         elif isinstance(ev, DoneEvent):
             self.completion_tokens, self.forwards, self.steps = len(ev.ids), ev.forwards, ev.steps
             self.edits, self.elapsed_s, self.reused = ev.edits, ev.elapsed_s, ev.reused
+            self.inserts, self.deletes = ev.inserts, ev.deletes
             self.finish, self.done = FINISH.get(ev.finish_reason, "stop"), True
 
     def usage(self) -> dict[str, Any]:
@@ -103,7 +108,7 @@ class Tally:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens,
                 "dllm": {"mode": self.mode, "forwards": self.forwards, "tokens_per_forward": round(tpf, 4),
-                         "edits": self.edits, "steps": self.steps, "reused_prompt_tokens": self.reused,
+                         "edits": self.edits, "inserts": self.inserts, "deletes": self.deletes, "steps": self.steps, "reused_prompt_tokens": self.reused,
                          "elapsed_s": round(self.elapsed_s, 4), "tokens_per_second": round(tps, 2)}}
 
 

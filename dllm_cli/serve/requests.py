@@ -25,7 +25,7 @@ def _overrides(body: _Sampling, max_tokens: int | None) -> dict[str, Any]:
     d = body.dllm
     values = {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed,
               "threshold": d.threshold, "editing_threshold": d.editing_threshold,
-              "max_post_steps": d.max_post_steps, "editing": d.editing, "block_length": d.block_length,
+              "max_post_steps": d.max_post_steps, "editing": d.editing, "indel": d.indel, "block_length": d.block_length,
               "top_k": d.top_k}
     return {k: v for k, v in values.items() if v is not None}
 

@@ -22,6 +22,7 @@ class DllmOptions(_Body):
     editing_threshold: Optional[float] = Field(default=None, ge=0.0, le=1.0)
     max_post_steps: Optional[int] = Field(default=None, ge=0)
     editing: Optional[bool] = None
+    indel: Optional[bool] = None  # LLaDA2.2 DELETE/INSERT edits
     block_length: Optional[int] = Field(default=None, ge=1)
     top_k: Optional[int] = Field(default=None, ge=0)
     events: bool = False  # stream each decoding step as an ``event: dllm.step`` SSE event
