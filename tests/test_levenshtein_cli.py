@@ -97,3 +97,17 @@ def test_a_22_file_written_before_the_levenshtein_decoder_gets_its_presets(tiny2
                   drop=[K.preset_key(m, "indel") for m in ("speed", "quality")])
     doc = run_json(old, "--mode", "quality")
     assert doc["params"]["indel"] is True and doc["params"]["editing"] is True and doc["params"]["threshold"] == 0.9
+
+
+def test_synthetic_22_files_carry_edit_ids_and_decode_with_the_levenshtein_policy():
+    from dllm_cli.bench.synthetic import build_synthetic
+
+    tiny = dict(hidden_size=64, num_attention_heads=4, head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+                num_experts=16, num_experts_per_tok=2, n_group=4, topk_group=2, vocab_size=512, expert_capacity=4)
+    m = build_synthetic("llada2.2-mini", layers=2, quant="f16", overrides=tiny)
+    assert "-r2-" in m.path.name
+    fields = gguf.GGUFReader(m.path).fields
+    assert (int(fields[K.DELETE_ID].contents()), int(fields[K.SPLIT_ID].contents())) == (510, 511)
+    assert fields[K.preset_key("speed", "indel")].contents() is True
+    doc = run_json(m.path, "--mode", "speed", "--raw")
+    assert doc["params"]["indel"] is True and doc["forwards"] > 0 and {"inserts", "deletes"} <= set(doc)

@@ -40,6 +40,9 @@ SHAPES: dict[str, dict[str, Any]] = {
 SHAPES["llada2.2-mini"] = {**SHAPES["llada2-mini"], "expert_capacity": 48, "block_size": 32,
                            "max_position_embeddings": 131072}
 CHUNK = 1 << 24  # elements generated at a time (64 MiB of float32)
+EDIT_IDS = (156930, 156931)  # LLaDA2.2 DELETE / SPLIT ids of the real config (docs/LLADA22.md)
+# a cached file of an older layout would not open: bump a shape's revision when its keys change
+REVISION = {"llada2.2-mini": "-r2"}  # r2: DELETE/SPLIT ids and the indel presets
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ def synthetic_config(shape: str, layers: int | None = None, **overrides: Any) ->
 def synthetic_path(shape: str, layers: int, quant: str, tag: str = "") -> Path:
     from dllm_cli.registry import dllm_home
 
-    return dllm_home() / "synthetic" / f"{shape}{tag}-L{layers}-{quant}.gguf"
+    return dllm_home() / "synthetic" / f"{shape}{REVISION.get(shape, '')}{tag}-L{layers}-{quant}.gguf"
 
 
 def build_synthetic(shape: str = "llada2-mini", *, layers: int | None = None, quant: str = "q4_k_m",
@@ -151,6 +154,13 @@ def write_random_gguf(path: Path, cfg: dict[str, Any], *, seed: int = 0, name: s
         writer.add_uint32(K.preset_key(mode, "max_post_steps"), preset.max_post_steps)
         writer.add_bool(K.preset_key(mode, "editing"), preset.editing)
     write_vocab(writer, vocab)
+    if version == "2.2":  # after the vocabulary, where the converter writes them
+        n = len(vocab.tokens)  # a shrunk test vocabulary takes its last two padding rows instead
+        edit_ids = EDIT_IDS if n > max(EDIT_IDS) else (n - 2, n - 1)
+        writer.add_uint32(K.DELETE_ID, edit_ids[0])
+        writer.add_uint32(K.SPLIT_ID, edit_ids[1])
+        for mode, preset in version_presets(version).items():
+            writer.add_bool(K.preset_key(mode, "indel"), preset.indel)
     for g, shape, qt in plans:
         writer.add_tensor_info(g, shape, np.dtype(np.float32), tensor_nbytes(shape, qt), raw_dtype=qt)
     rng = np.random.default_rng(seed)
