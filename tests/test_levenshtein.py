@@ -220,3 +220,53 @@ def test_serve_step_view_and_usage_carry_inserts_and_deletes():
     for ev in (*steps, done):
         tally.update(ev)
     assert (tally.usage()["dllm"]["inserts"], tally.usage()["dllm"]["deletes"]) == (1, 1)
+
+
+# --- the chat live view ----------------------------------------------------------------------------------------
+
+def _styled(row) -> list[tuple[str, str]]:
+    """(text, style) pieces of a Rich Text row."""
+    out = []
+    for span in sorted(row.spans, key=lambda s: s.start):
+        out.append((row.plain[span.start:span.end], str(span.style)))
+    return out
+
+
+def test_live_view_strikes_out_a_deleted_token_and_opens_an_inserted_slot():
+    from dllm_cli.cli import live
+
+    m = scripted([f(0, 5, 6, 7), f(0, DEL, SPL, 7), f(0, 9, 9, 9), f(0, 9, 9, 9)])
+    evs = list(generate(m, [1], make_config("speed", "2.2", max_tokens=3)))
+    clock = iter([0.0, 0.1, 0.2, 0.9, 1.0])  # elapsed_s of the steps, then of the block/done
+    view = live.LiveView(piece=lambda t: f" w{t}")
+    rows = []
+    for ev in evs:
+        if isinstance(ev, StepEvent):
+            ev = StepEvent(**{**ev.__dict__, "elapsed_s": next(clock)})
+            view.update(ev)
+            rows.append(_styled(view.block_row()))
+        else:
+            view.update(ev)
+    # step 2: " w5" (deleted, struck out where the row closed up), then the new slot, then the kept tokens
+    assert rows[1][:2] == [(" w5", live.DELETE_STYLE), (live.INSERT_CELL, live.INSERT_STYLE)]
+    assert "".join(t for t, _ in rows[1]) == " w5" + live.INSERT_CELL
+    # step 3 (0.1 s later): both still visible, fainter; the slot is filled (green) and w6, w7 edited
+    assert rows[2][0] == (" w5", live.RECENT_DELETE_STYLE) and (" w9", live.NEW_STYLE) in rows[2]
+    # step 4 (0.7 s after the delete): gone
+    assert all(text != " w5" for text, _ in rows[3])
+    assert "1 ins · 1 del" in view.status_line().plain and "1 ins · 1 del" in live.summary_line(evs[-1])
+
+
+def test_live_view_keeps_a_lingering_edit_on_its_token_across_a_shift():
+    from dllm_cli.cli import live
+
+    # step 1 substitutes position 3 (7 -> 8); step 2 deletes position 1: the edit mark moves left with its token
+    m = scripted([f(0, 5, 6, 7), f(0, 5, 6, 8, p=[0, .9, .9, .6]), f(0, DEL, 6, 8), f(0, 6, 8, 4), f(0, 6, 8, 4)])
+    evs = [e for e in generate(m, [1], make_config("speed", "2.2", max_tokens=3)) if isinstance(e, StepEvent)]
+    view = live.LiveView(piece=lambda t: f" w{t}")
+    for ev in evs[:3]:
+        view.update(ev)
+    assert view.canvas == (1, 6, 8, M)
+    assert view.recent == {2: (7, evs[1].elapsed_s)}  # was position 3 before the delete
+    plain = view.block_row().plain
+    assert plain.index(" w5") < plain.index(" w6") < plain.index(" w7→ w8")

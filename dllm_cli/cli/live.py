@@ -5,7 +5,9 @@
     finalized text of this answer (plain, the tail that fits the screen)
     the active block as a row of cells:  masks ``░`` (dim), tokens unmasked this step (green),
                                          tokens edited this step ``old→new`` (struck red → bold yellow),
-                                         edits of the last ``EDIT_LINGER_S`` fainter
+                                         LLaDA2.2: a deleted token struck out where the row closed up,
+                                         an inserted mask slot ``▓`` (magenta) between its neighbours;
+                                         edits, deletes and inserts of the last ``EDIT_LINGER_S`` fainter
     a status line: mode · block · step · forwards · tokens/forward · edits · tokens/s
 
 Updating is O(block length) per step and rendering is string building, so the view never slows the model;
@@ -27,6 +29,11 @@ EDIT_OLD_STYLE = "strike red"
 EDIT_NEW_STYLE = "bold black on yellow"
 RECENT_OLD_STYLE = "strike grey50"
 RECENT_NEW_STYLE = "yellow"
+DELETE_STYLE = "strike bold red"
+RECENT_DELETE_STYLE = "strike grey50"
+INSERT_CELL = "▓"
+INSERT_STYLE = "bold magenta"
+RECENT_INSERT_STYLE = "magenta"
 EDIT_LINGER_S = 0.5  # an edit stays drawn as old→new this long (decode time), so eyes can catch fast steps
 STATUS_STYLE = "grey62"
 
@@ -84,6 +91,10 @@ class LiveView:
         self.unmasked: frozenset[int] = frozenset()
         self.edited: dict[int, int] = {}  # relative position -> old id (edited this step)
         self.recent: dict[int, tuple[int, float]] = {}  # absolute position -> (old id, elapsed_s of the edit)
+        self.ghosts: list[tuple[int, int, float]] = []  # deleted tokens: (absolute gap position, old id, elapsed_s)
+        self.slots: dict[int, float] = {}  # inserted mask slots: absolute position -> elapsed_s of the insert
+        self.inserts = 0
+        self.deletes = 0
         self.forwards = 0
         self.edits = 0
         self.final_tokens = 0  # tokens in finalized blocks
@@ -108,20 +119,50 @@ class LiveView:
             self.unmasked = frozenset(ev.unmasked)
             self.edited = {pos: old for pos, old, _new in ev.edited}
             self.forwards, self.elapsed_s = ev.forwards, ev.elapsed_s
+            if ev.deleted or ev.inserted:
+                self._shift(ev)
             for pos, old, _new in ev.edited:
                 self.recent[ev.start + pos] = (old, ev.elapsed_s)
             self.edits += len(ev.edited)
+            self.inserts += len(ev.inserted)
+            self.deletes += len(ev.deleted)
         elif isinstance(ev, BlockEvent):
             self.text += ev.text
             self.final_tokens += len(ev.ids)
             self.forwards, self.elapsed_s = ev.forwards, ev.elapsed_s
             self.canvas, self.unmasked, self.edited, self.recent = (), frozenset(), {}, {}
+            self.ghosts, self.slots = [], {}
             self.block = ev.block + 1
             self.step = 0
         elif isinstance(ev, DoneEvent):
             self.done = ev
             self.forwards, self.elapsed_s, self.edits = ev.forwards, ev.elapsed_s, ev.edits
+            self.inserts, self.deletes = ev.inserts, ev.deletes
             self.canvas, self.unmasked, self.edited = (), frozenset(), {}
+
+    def _shift(self, ev: StepEvent) -> None:
+        """Move the lingering marks with the row after a delete/insert, then add this step's own."""
+        deleted = sorted(b for b, _a, _o in ev.deleted)
+        inserted = sorted(b for b, _a in ev.inserted)
+
+        def moved(abs_pos: int) -> int | None:  # where the cell at abs_pos went (None: deleted or pushed out)
+            b = abs_pos - ev.start
+            if not 0 <= b < len(ev.canvas):
+                return abs_pos  # the gap after the last cell stays at the end
+            if b in deleted:
+                return None
+            a = b - sum(d < b for d in deleted) + sum(i <= b for i in inserted)
+            return ev.start + a if a < len(ev.canvas) else None
+
+        self.recent = {q: v for p, v in self.recent.items() if (q := moved(p)) is not None}
+        self.slots = {q: t for p, t in self.slots.items() if (q := moved(p)) is not None}
+        ghosts = [(ev.start + a, old, ev.elapsed_s) for _b, a, old in ev.deleted]
+        for gap, old, t in self.ghosts:  # a gap sits before the cell that followed it; it moves with that cell
+            q = moved(gap)
+            ghosts.append((q if q is not None else gap, old, t))
+        self.ghosts = ghosts
+        for _b, a in ev.inserted:
+            self.slots[ev.start + a] = ev.elapsed_s
 
     def feed(self, events: Iterable[Event]) -> "LiveView":
         for ev in events:
@@ -167,11 +208,21 @@ class LiveView:
         of the first block are left out.
         """
         row = Text(no_wrap=False, overflow="fold")
+        ghosts: dict[int, list[tuple[int, float]]] = {}
+        for gap, gone, t in self.ghosts:
+            if self.elapsed_s - t <= EDIT_LINGER_S:
+                ghosts.setdefault(gap - self.start, []).append((gone, t))
         for i, tok in enumerate(self.canvas):
+            for gone, t in ghosts.get(i, ()):
+                row.append(visible(self.piece(gone)), style=DELETE_STYLE if t == self.elapsed_s else RECENT_DELETE_STYLE)
             if self._is_prompt(i):
                 continue
             if tok == self.mask_id:
-                row.append(MASK_CELL, style=MASK_STYLE)
+                slot = self.slots.get(self.start + i)
+                if slot is not None and self.elapsed_s - slot <= EDIT_LINGER_S:
+                    row.append(INSERT_CELL, style=INSERT_STYLE if slot == self.elapsed_s else RECENT_INSERT_STYLE)
+                else:
+                    row.append(MASK_CELL, style=MASK_STYLE)
                 continue
             cell = visible(self.piece(tok))
             old = self.edited.get(i)
@@ -188,6 +239,8 @@ class LiveView:
                 row.append(cell, style=NEW_STYLE)
             else:
                 row.append(cell)
+        for gone, t in ghosts.get(len(self.canvas), ()):  # deleted at the end of the row
+            row.append(visible(self.piece(gone)), style=DELETE_STYLE if t == self.elapsed_s else RECENT_DELETE_STYLE)
         return row
 
     def status_line(self) -> Text:
@@ -201,7 +254,10 @@ class LiveView:
         if total:
             parts.append(f"block {min(self.block - self.first_block + 1, total)}/{total}")
         parts += [f"step {self.step}", f"{self.forwards} fwd", f"{self.tpf:.2f} tok/fwd",
-                  f"{self.edits} edit{'s' if self.edits != 1 else ''}", f"{self.tps:.1f} tok/s"]
+                  f"{self.edits} edit{'s' if self.edits != 1 else ''}"]
+        if self.inserts or self.deletes:
+            parts.append(f"{self.inserts} ins · {self.deletes} del")
+        parts.append(f"{self.tps:.1f} tok/s")
         if self.reused:
             parts.append(f"{self.reused} cached")
         return Text(" · ".join(parts), style=STATUS_STYLE)
@@ -225,7 +281,10 @@ def summary_line(done: DoneEvent, mode: str = "") -> str:
     tps = len(done.ids) / done.elapsed_s if done.elapsed_s > 0 else 0.0
     bits = [mode] if mode else []
     bits += [f"{len(done.ids)} tokens", f"{done.forwards} fwd", f"{done.tpf:.2f} tok/fwd",
-             f"{done.edits} edit{'s' if done.edits != 1 else ''}", f"{tps:.1f} tok/s", f"{done.elapsed_s:.2f}s"]
+             f"{done.edits} edit{'s' if done.edits != 1 else ''}"]
+    if done.inserts or done.deletes:
+        bits.append(f"{done.inserts} ins · {done.deletes} del")
+    bits += [f"{tps:.1f} tok/s", f"{done.elapsed_s:.2f}s"]
     if done.reused:
         bits.append(f"{done.reused} prompt tokens cached")
     if done.finish_reason == "length":
