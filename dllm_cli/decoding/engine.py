@@ -250,22 +250,23 @@ class _Prediction:
         ids, probs = self.block.copy(), np.zeros(len(self.block))  # [B], [B]
         where = {int(r): i for i, r in enumerate(self.rows)}
         need = []
-        for j in np.flatnonzero(bad):
-            i = where[int(j)]
+        for pos in np.flatnonzero(bad).tolist():
+            i = where[pos]
             if not self.run.sampler.needs_logits and int(self.out.ids[i, 1]) not in self.banned:
-                ids[j], probs[j] = self.out.ids[i, 1], self.out.probs[i, 1]
+                ids[pos], probs[pos] = self.out.ids[i, 1], self.out.probs[i, 1]
             else:
-                need.append((int(j), i))
+                need.append((pos, i))
         if need:
             logits = self._logits()  # [n, V]
             masked = np.array(logits[[i for _, i in need]], dtype=np.float64)  # [m, V]
             masked[:, self.banned] = -np.inf
             out = StepOutput(np.zeros((len(need), 2), np.int32), np.zeros((len(need), 2), np.float32), masked)
             if self.run.sampler.needs_logits:
-                got, got_p = self.run.sampler(out, self.run.rng, self.run.model.mask_id)
+                got, got_p = self.run.sampler(out, self.run.rng, self.run.model.mask_id)  # [m], [m]
             else:
                 top = top2_from_logits(masked, self.run.model.mask_id)
-                got, got_p = top.ids[:, 0], self._prob(logits[[i for _, i in need]], top.ids[:, 0])
+                got = top.ids[:, 0].astype(np.int64)  # [m]
+                got_p = self._prob(logits[[i for _, i in need]], got)  # [m]
             for (j, _), t, q in zip(need, got, got_p):
                 ids[j], probs[j] = t, q
         return ids, probs
