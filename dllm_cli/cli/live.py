@@ -123,6 +123,12 @@ class LiveView:
             self.forwards, self.elapsed_s, self.edits = ev.forwards, ev.elapsed_s, ev.edits
             self.canvas, self.unmasked, self.edited = (), frozenset(), {}
 
+    def picture(self) -> tuple[object, ...]:
+        """What the view draws, less the status line's running numbers: two states with equal pictures look the
+        same but for counters, so chat's pacing (``cli/pace.py``) holds a frame only when this changes."""
+        return (len(self.text), self.block, self.step, self.canvas, self.unmasked,
+                tuple(sorted(self.edited.items())), self.done is not None)
+
     def feed(self, events: Iterable[Event]) -> "LiveView":
         for ev in events:
             self.update(ev)
