@@ -3,6 +3,7 @@ by frame without adding to the decode time; ``--view-pace 0`` draws as fast as t
 The embedded demo model's banner suggests prompts it can answer. Reuses ``test_chat_tmux``'s pane."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -98,6 +99,25 @@ def test_view_pace_0_draws_as_fast_as_the_model_and_set_view_pace_turns_pacing_o
     assert wall > float(stats.group(3)) + 1.0, (stats.group(0), wall)
     pane.line("/exit")
     pane.wait_for("EXIT=0")
+
+
+@needs_runtime
+@needs_tmux
+def test_ctrl_c_while_the_paced_view_catches_up_prints_the_finished_answer(start, fast_model, tmp_path: Path):
+    """The model finished long before the slow view: Ctrl-C skips the rest of the view, the answer and its stats
+    are printed as usual and the transcript keeps it whole (not interrupted)."""
+    pane = start(str(fast_model), "--view-pace", "400", "--max-tokens", "16")
+    pane.line("hello")
+    pane.wait(lambda t: MASK_CELL in t and "block" in t, timeout=60, every=0.01, history=False)
+    pane.send("C-c")
+    final = pane.wait(lambda t: t.count(PROMPT) >= 2 and STATS.search(t) is not None, timeout=10)
+    assert "interrupted" not in final and MASK_CELL not in final, final
+    pane.line(f"/save {tmp_path / 'chat.json'}")
+    pane.wait_for("saved ")
+    turn = json.loads((tmp_path / "chat.json").read_text())["turns"][-1]
+    assert turn["interrupted"] is False and turn["stats"]["forwards"] >= 8 and turn["content"]
+    pane.line("hello again")  # the session goes on
+    pane.wait(lambda t: len(STATS.findall(t)) >= 2, timeout=60)
 
 
 @needs_runtime
