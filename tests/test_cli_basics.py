@@ -40,7 +40,8 @@ def test_models_lists_every_known_checkpoint_as_json():
             "llada2.1-mini", "llada2.1-flash"} <= set(aliases)
     mini = aliases["llada2.1-mini"]
     assert mini["repo"] == "inclusionAI/LLaDA2.1-mini" and mini["version"] == "2.1"
-    assert mini["presets"]["speed"] == {"threshold": 0.5, "editing_threshold": 0.0, "max_post_steps": 16, "editing": True}
+    assert mini["presets"]["speed"] == {"threshold": 0.5, "editing_threshold": 0.0, "max_post_steps": 16, "editing": True,
+                                        "indel": False}  # DELETE/INSERT only in the 2.2 presets
     assert mini["presets"]["quality"]["threshold"] == 0.7 and mini["presets"]["quality"]["editing_threshold"] == 0.5
     assert aliases["llada2.0-mini"]["presets"]["quality"]["editing"] is False
     r = dllm("models", "show", "llada2.0-flash")
