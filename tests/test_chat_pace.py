@@ -18,7 +18,7 @@ from dllm_cli.cli.screen import Screen
 from dllm_cli.decoding.events import BlockEvent, DoneEvent, StepEvent
 from dllm_cli.errors import UsageError
 from dllm_cli.registry import embedded_model_path
-from test_chat import ScriptedChat, events, piece
+from test_chat import M, ScriptedChat, events, piece
 
 
 class FakeClock:
@@ -342,3 +342,16 @@ def test_block_events_fold_into_text_while_paced():
     P.show_paced(iter(evs), view.update, view.picture, lambda: None,
                  P.Pacer(50, max_lag_frames=1, clock=clock, sleep=clock.sleep))
     assert view.text == "".join(e.text for e in evs if isinstance(e, BlockEvent)) and view.done == evs[-1]
+
+
+def test_levenshtein_steps_are_paced_like_any_other():
+    """Pacing knows no event kinds: a LLaDA2.2 step that deletes and inserts changes the canvas, so it is a frame."""
+    ev = events()
+    lev = StepEvent(block=2, step=2, start=8, canvas=(3, 6, M, 4), unmasked=(), edited=(), probs=(0.9, 0.8),
+                    forwards=5, commits=1, mask_count=1, elapsed_s=0.45, deleted=((1, 1, 4),), inserted=((2, 2),))
+    clock = FakeClock()
+    view = L.LiveView(piece)
+    drawn: list[tuple] = []
+    P.show_paced(iter([*ev[:5], lev, *ev[5:]]), view.update, view.picture, lambda: drawn.append(view.canvas),
+                 P.Pacer(50, clock=clock, sleep=clock.sleep))
+    assert (3, 6, M, 4) in drawn and len(clock.sleeps) == len(ev)
