@@ -95,8 +95,10 @@ DOMAINS: dict[str, Domain] = {d.flag.lstrip("-").replace("-", "_"): d for d in (
     Domain("--threads", int, 1, 512),  # GGML_MAX_N_THREADS
     Domain("--n-gpu-layers", int, 0, INT32_MAX),
     Domain("--ctx-size", int, 32, 1 << 20),  # llama.cpp's n_ctx is 32-bit; 16M tokens is beyond any LLaDA2
-    # chat --replay
+    # chat: --replay's speed factor; the live view's hold per step in ms (beyond 5 s a step it is no longer live:
+    # slow motion is --replay with a small --speed)
     Domain("--speed", float, 0.0),
+    Domain("--view-pace", int, 0, 5000),
     # bench
     Domain("--reps", int, 1, 1_000_000),
     Domain("--warmup", int, 0, 1_000_000),

@@ -318,13 +318,13 @@ def test_replay_without_a_tty_prints_plain_answer_text_only(tmp_path: Path):
 
 def test_replay_live_view_on_a_terminal(tmp_path: Path, monkeypatch):
     """With a terminal on stderr the view is drawn there (frames with masks), the answer lands on stdout."""
-    from dllm_cli.cli import chat_cmd, output
+    from dllm_cli.cli import chat_cmd, output, screen as screen_mod
 
     err = io.StringIO()
     monkeypatch.setattr(output, "err", Console(file=err, force_terminal=True, width=60, height=20))
     screen = chat_cmd.Screen(live=True, plain=True, piece=piece)
     frames: list[str] = []
-    monkeypatch.setattr(chat_cmd, "FRAME_S", 0.0)
+    monkeypatch.setattr(screen_mod, "FRAME_S", 0.0)
     real_update = screen.view.update
 
     def spy(ev):

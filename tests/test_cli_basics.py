@@ -3,12 +3,14 @@ and the wheel carrying models.toml, the demo model and the patches."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+from rich.cells import cell_len
 
 from dllm_cli import __version__, registry
 from dllm_cli.errors import ModelError, RegistryError
@@ -38,13 +40,61 @@ def test_models_lists_every_known_checkpoint_as_json():
             "llada2.1-mini", "llada2.1-flash"} <= set(aliases)
     mini = aliases["llada2.1-mini"]
     assert mini["repo"] == "inclusionAI/LLaDA2.1-mini" and mini["version"] == "2.1"
-    assert mini["presets"]["speed"] == {"threshold": 0.5, "editing_threshold": 0.0, "max_post_steps": 16, "editing": True}
+    assert mini["presets"]["speed"] == {"threshold": 0.5, "editing_threshold": 0.0, "max_post_steps": 16, "editing": True,
+                                        "indel": False}  # DELETE/INSERT only in the 2.2 presets
     assert mini["presets"]["quality"]["threshold"] == 0.7 and mini["presets"]["quality"]["editing_threshold"] == 0.5
     assert aliases["llada2.0-mini"]["presets"]["quality"]["editing"] is False
     r = dllm("models", "show", "llada2.0-flash")
     assert r.returncode == 0 and "inclusionAI/LLaDA2.0-flash" in r.stdout
     r = dllm("models", "show", "nope")
     assert r.returncode == 1 and "unknown model alias 'nope'" in r.stderr and r.stdout == ""
+
+
+def models_table(columns: int) -> str:
+    r = subprocess.run([DLLM, "models"], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                       env={**os.environ, "COLUMNS": str(columns)})
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    return r.stdout
+
+
+def row_cells(out: str) -> dict[str, list[str]]:
+    """alias -> the cells of its row (rows are the lines between │ borders)."""
+    rows = [[c.strip() for c in ln.strip("│").split("│")] for ln in out.splitlines() if ln.startswith("│")]
+    return {r[0]: r[1:] for r in rows}
+
+
+@pytest.mark.parametrize("columns,shown,left_out", [
+    (120, ["repo", "version", "params", "quant", "size GB", "local"], []),
+    (80, ["version", "params", "quant", "size GB", "local"], ["repo"]),
+    (60, ["version", "params", "local"], ["repo", "quant", "size GB"]),
+])
+def test_models_never_cuts_an_alias_and_leaves_out_columns_instead(columns, shown, left_out):
+    out = models_table(columns)
+    assert "…" not in out  # no cell is cut, aliases least of all
+    assert all(cell_len(ln) <= columns for ln in out.splitlines()), out
+    header = next(ln for ln in out.splitlines() if ln.startswith("┃"))
+    assert [c.strip() for c in header.strip("┃").split("┃")] == ["alias", *shown], out
+    rows = row_cells(out)
+    assert list(rows) == list(registry.load_registry()), out  # every alias whole, in registry order
+    assert rows["llada2.1-mini"][shown.index("version")] == "2.1" and rows["demo"][shown.index("params")] == "embedded"
+    if left_out:
+        assert f"not shown at this width: {', '.join(left_out)}" in " ".join(out.split()), out
+    else:
+        assert "not shown" not in out and rows["llada2.0-flash-cap"][0] == "inclusionAI/LLaDA2.0-flash-CAP"
+
+
+def test_models_in_a_very_narrow_terminal_lists_the_aliases_alone():
+    assert models_table(20).splitlines() == list(registry.load_registry())
+
+
+def test_models_local_column_names_each_file_under_its_own_alias():
+    store = registry.models_dir()
+    store.mkdir(parents=True)
+    for name in ("llada2.0-mini-q4_k_m.gguf", "llada2.0-mini-cap-bf16.gguf", "llada2.0-mini-cap-q8_0.gguf"):
+        (store / name).write_bytes(b"GGUF")
+    rows = row_cells(models_table(120))
+    assert rows["llada2.0-mini"][-1] == "q4_k_m" and rows["llada2.0-mini-cap"][-1] == "bf16, q8_0"
+    assert rows["llada2.1-mini"][-1] == "-" and rows["demo"][-1] == "embedded"
 
 
 @pytest.mark.parametrize("edit,needle", [

@@ -61,6 +61,21 @@ def test_run_and_chat_refuse_out_of_domain_values_before_loading(command, opt, v
     assert_usage(code, out, err, opt)
 
 
+@pytest.mark.parametrize("value", ["-1", "5001", "1000000000", "-0"])
+def test_chat_view_pace_out_of_domain_is_a_usage_error(value, monkeypatch, capsys, tmp_path):
+    code, out, err = run_cli(monkeypatch, capsys, "chat", str(tmp_path / "never-loaded.gguf"), f"--view-pace={value}")
+    if value == "-0":  # int("-0") is 0: pacing off, a valid value; the model is looked up next
+        assert code == 1 and "never-loaded.gguf" in err
+        return
+    assert_usage(code, out, err, "--view-pace must be an integer in [0, 5000]")
+
+
+@pytest.mark.parametrize("value", ["1.5", "abc", "", "nan", "50ms"])
+def test_chat_view_pace_takes_whole_milliseconds(value, monkeypatch, capsys, tmp_path):
+    code, out, err = run_cli(monkeypatch, capsys, "chat", str(tmp_path / "never-loaded.gguf"), f"--view-pace={value}")
+    assert_usage(code, out, err, "--view-pace")
+
+
 @pytest.mark.parametrize("opt,value", NOT_A_NUMBER)
 def test_unreadable_numbers_are_usage_errors(opt, value, monkeypatch, capsys):
     code, out, err = run_cli(monkeypatch, capsys, "run", "hi", f"{opt}={value}")
@@ -99,6 +114,7 @@ def test_decode_config_refuses_the_same_values(opt, value):
     ("seed", 0), ("seed", 2**64 - 1), ("threshold", 0.0), ("threshold", 1.0), ("top_p", 1.0), ("top_p", 1e-9),
     ("temperature", 0.0), ("temperature", 100.0), ("max_tokens", 1), ("ctx_size", 32), ("threads", 1),
     ("mbe", 0), ("block_length", 1), ("max_post_steps", 0), ("prefix", 0), ("prefill", 1), ("speed", 0.0),
+    ("view_pace", 0), ("view_pace", 5000),
 ])
 def test_domain_edges_are_accepted(name, value):
     assert domains.check(name, value) == value

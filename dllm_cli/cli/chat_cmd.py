@@ -1,35 +1,35 @@
 """``dllm chat``: interactive multi-turn chat with a live view of unmasking and editing.
 
-The live view (``cli/live.py``) is drawn on stderr's terminal; finished answers go to stdout (Markdown unless
-``--plain``). Without a terminal on stderr, or with ``--no-live``, only the finalized answer text is printed,
-block by block. ``--replay TRACE`` plays a ``dllm run --trace`` file through the same view, without a model.
+The live view (``cli/live.py``) is drawn on stderr's terminal, each step held at least ``--view-pace``
+milliseconds (``cli/pace.py``: the decoder runs ahead in a thread, only the drawing is paced); finished answers go
+to stdout (Markdown unless ``--plain``). Without a terminal on stderr, or with ``--no-live``, only the finalized
+answer text is printed, block by block (``cli/screen.py``). ``--replay TRACE`` plays a ``dllm run --trace`` file
+through the same view, without a model.
 """
 from __future__ import annotations
 
 import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import Annotated, Callable, Iterable, Iterator, Optional
+from typing import Annotated, Iterable, Optional
 
 import typer
-from rich.live import Live
-from rich.markdown import Markdown
 from rich.markup import escape
 
+from dllm_cli import domains
 from dllm_cli.chat import SETTINGS, Chat
 from dllm_cli.cli import options as O
 from dllm_cli.cli import output
 from dllm_cli.cli.app import app
-from dllm_cli.cli.live import LiveView, PieceCache, summary_line
+from dllm_cli.cli.live import PieceCache
+from dllm_cli.cli.pace import DEFAULT_PACE_MS
 from dllm_cli.cli.replay import paced, read_trace
-from dllm_cli.decoding.events import BlockEvent, DoneEvent, Event, StepEvent
+from dllm_cli.cli.screen import Screen
+from dllm_cli.decoding.events import DoneEvent, Event
 from dllm_cli.errors import ContextFullError, DllmError, OutputError, StdoutClosed, UsageError, clip
 from dllm_cli.registry import dllm_home
 from dllm_cli.signals import Terminated
 
-FRAME_S = 1 / 30  # at most this many redraws per second; steps in between only update the view's state
 HELP = """[bold]commands[/]
   /mode speed|quality     switch decode preset (resets thresholds set by hand)
   /set [NAME VALUE]       show settings, or set one: {names}
@@ -40,85 +40,26 @@ HELP = """[bold]commands[/]
   /exit                   leave (also Ctrl-D, or Ctrl-C at an empty prompt)
   \"\"\"                     start / end a multi-line message
 Ctrl-C while an answer is being written stops it."""
+VIEW_SETTINGS = ("view_pace",)  # /set names of the screen, not of the decoder (Chat.set owns the others)
+
+# The embedded demo model knows only a few toy task families (docs/DEMO_MODEL.md): say what to type.
+DEMO_PROMPTS = (
+    ("Sort: 9 3 7 1", "a short task: filled in a forward or two"),
+    ("Tell me about the banana.", "an open question: one word choice unmasked per forward"),
+    ("/mode speed", "then ask it again: several choices per forward, mixed words edited"),
+)
+DEMO_EXAMPLES = "[grey50]the demo model knows a few toy tasks; try:[/]\n" + "\n".join(
+    f"  [bold]{escape(p)}[/]{' ' * (27 - len(p))}[grey50]{escape(why)}[/]" for p, why in DEMO_PROMPTS)
 
 
-@contextmanager
-def keys_unechoed() -> Iterator[None]:
-    """Keys typed while the live view is drawn are not echoed over it (they would scroll the terminal under the
-    view and leave stale frames behind); they stay in the input buffer and readline shows them at the next prompt."""
+def is_demo(path: Path) -> bool:
+    """Is ``path`` the embedded demo model (the default when no model is given)?"""
+    from dllm_cli.registry import embedded_model_path
+
     try:
-        import termios
-    except ImportError:  # Windows: no termios
-        yield
-        return
-    try:
-        fd = sys.stdin.fileno()
-        saved = termios.tcgetattr(fd)
-    except (termios.error, OSError, ValueError):  # stdin is not a terminal (or closed)
-        yield
-        return
-    quiet = list(saved)
-    quiet[3] &= ~termios.ECHO
-    termios.tcsetattr(fd, termios.TCSANOW, quiet)
-    try:
-        yield
-    finally:
-        termios.tcsetattr(fd, termios.TCSANOW, saved)
-
-
-class Screen:
-    """How a turn is shown: the live view on stderr's terminal, or plain finalized text on stdout."""
-
-    def __init__(self, *, live: bool, plain: bool, piece: Callable[[int], str] | None = None) -> None:
-        self.live = live
-        self.plain = plain or not output.out.is_terminal
-        self.view = LiveView(piece)
-
-    def show(self, events: Iterable[Event], mode: str = "") -> DoneEvent | None:
-        """Consume one answer's events; returns its DoneEvent (KeyboardInterrupt propagates)."""
-        self.view.mode = mode
-        self.view.reset()
-        if not self.live:
-            for ev in events:
-                self.view.update(ev)
-                if isinstance(ev, BlockEvent) and ev.text:
-                    output.answer(ev.text, end="")
-            if self.view.text and not self.view.text.endswith("\n"):
-                output.answer("")
-            return self.view.done
-        with keys_unechoed(), Live(self.view, console=output.err, auto_refresh=False, transient=True,
-                                   redirect_stdout=False, redirect_stderr=False) as live:
-            last = 0.0
-            for ev in events:
-                self.view.update(ev)
-                now = time.monotonic()
-                if isinstance(ev, (StepEvent, BlockEvent)) and now - last >= FRAME_S:
-                    live.refresh()
-                    last = now
-        self.finish()
-        return self.view.done
-
-    def finish(self, interrupted: bool = False) -> None:
-        """Print the answer for good (after the transient live view is gone) and its stats line."""
-        if not self.live:
-            if interrupted:
-                if self.view.text and not self.view.text.endswith("\n"):
-                    output.answer("")
-                output.err.print("interrupted")
-            return
-        text = self.view.text
-        if text.strip():
-            if self.plain:
-                output.answer(text.rstrip("\n"))
-            else:
-                output.rendered(Markdown(text))
-        done = self.view.done
-        if interrupted:
-            output.err.print("[yellow]⏹ interrupted[/] [grey50](partial answer kept in the transcript)[/]")
-        elif done is not None:
-            if not text.strip():
-                output.err.print("[grey50](empty answer)[/]")
-            output.err.print(f"[grey50]{escape(summary_line(done, self.view.mode))}[/]")
+        return Path(path).resolve() == embedded_model_path().resolve()
+    except OSError:
+        return False
 
 
 @app.command("chat")
@@ -131,6 +72,10 @@ def chat(
     replay: Annotated[Optional[Path], typer.Option("--replay", help="Replay a `dllm run --trace` file (no model needed).",
                                                    show_default=False)] = None,
     speed: Annotated[float, typer.Option("--speed", callback=O.domain("speed"), help="Replay speed factor (0 = no pauses).")] = 1.0,
+    view_pace: Annotated[int, typer.Option(
+        "--view-pace", metavar="MS", callback=O.domain("view_pace"),
+        help="Live view: hold each step on screen at least MS milliseconds (0 = draw as fast as the model decodes); "
+             "decoding is not slowed, only the drawing. Also /set view_pace MS.")] = DEFAULT_PACE_MS,
     max_tokens: O.MaxTokens = 512,
     threshold: O.Threshold = None,
     editing_threshold: O.EditThreshold = None,
@@ -159,6 +104,7 @@ def chat(
     Examples:
       dllm chat
       dllm chat model.gguf --mode speed --system "Answer briefly."
+      dllm chat --view-pace 200          # slow motion: each step of the live view stays 0.2 s
       dllm run "Write a haiku" --trace t.jsonl && dllm chat --replay t.jsonl --speed 0.5
     """
     live = not no_live and output.err.is_terminal
@@ -181,7 +127,7 @@ def chat(
         for w in config.warnings:
             output.warn(w)
         session = Chat(loaded, config, system=system, overrides=overrides)
-        Repl(session, Screen(live=live, plain=plain, piece=loaded.model.piece)).loop()
+        Repl(session, Screen(live=live, plain=plain, piece=loaded.model.piece, pace_ms=view_pace)).loop()
     finally:
         loaded.close()
 
@@ -212,6 +158,8 @@ class Repl:
         if self.interactive:
             output.err.print(f"[grey50]dllm chat · {self.chat.loaded.model.path.name} · mode {self.chat.config.mode}"
                              " · /help for commands, Ctrl-D to exit[/]")
+            if is_demo(self.chat.loaded.model.path):
+                output.err.print(DEMO_EXAMPLES)
         try:
             while True:
                 text = self.read()
@@ -317,18 +265,13 @@ class Repl:
             if name in ("/exit", "/quit", "/bye"):
                 return False
             if name == "/help":
-                output.err.print(HELP.format(names=", ".join(SETTINGS)))
+                output.err.print(HELP.format(names=", ".join([*SETTINGS, *VIEW_SETTINGS])))
             elif name == "/mode":
                 if arg:
                     self.chat.set_mode(arg)
                 output.err.print(f"mode {self.chat.config.mode}: {self._knobs()}")
             elif name == "/set":
-                if arg:
-                    key, _, value = arg.partition(" ")
-                    if not value.strip():
-                        raise UsageError(f"/set {key} needs a value", "for example: /set threshold 0.6")
-                    self.chat.set(key, value)
-                output.err.print(self._knobs(all_=not arg))
+                output.err.print(self._set(arg))
             elif name == "/clear":
                 self.chat.clear()
                 output.err.print("conversation cleared")
@@ -347,10 +290,27 @@ class Repl:
             output.err.print(f"[red]{escape(output.one_line(str(e)))}[/]")
         return None
 
+    def _set(self, arg: str) -> str:
+        """``/set`` lists every setting; ``/set NAME VALUE`` sets one (validated) and says what is in force."""
+        if not arg:
+            return self._knobs(all_=True)
+        key, _, value = arg.partition(" ")
+        if not value.strip():
+            raise UsageError(f"/set {key} needs a value", "for example: /set threshold 0.6")
+        name = key.strip().lower().replace("-", "_")
+        if name not in SETTINGS and name not in VIEW_SETTINGS:
+            raise UsageError(f"unknown setting {clip(key)}", "settings: " + ", ".join([*SETTINGS, *VIEW_SETTINGS]))
+        if name == "view_pace":
+            self.screen.pace_ms = domains.parse("view_pace", value)
+            return f"view_pace={self.screen.pace_ms} ms"
+        self.chat.set(key, value)
+        return self._knobs()
+
     def _knobs(self, all_: bool = False) -> str:
         s = self.chat.settings()
         keys = list(s) if all_ else ["threshold", "editing_threshold", "max_post_steps", "editing", "indel"]
-        return ", ".join(f"{k}={s[k]}" for k in keys if k != "mode" or all_)
+        knobs = ", ".join(f"{k}={s[k]}" for k in keys if k != "mode" or all_)
+        return knobs + f", view_pace={self.screen.pace_ms}" if all_ else knobs
 
     # --- one answer ----------------------------------------------------------------------------
     def turn(self, events: Iterable[Event]) -> None:

@@ -164,6 +164,13 @@ class LiveView:
         for _b, a in ev.inserted:
             self.slots[ev.start + a] = ev.elapsed_s
 
+    def picture(self) -> tuple[object, ...]:
+        """What the view draws, less the status line's running numbers: two states with equal pictures look the
+        same but for counters, so chat's pacing (``cli/pace.py``) holds a frame only when this changes."""
+        return (len(self.text), self.block, self.step, self.canvas, self.unmasked,
+                tuple(sorted(self.edited.items())), tuple(self.ghosts), tuple(sorted(self.slots.items())),
+                self.done is not None)
+
     def feed(self, events: Iterable[Event]) -> "LiveView":
         for ev in events:
             self.update(ev)

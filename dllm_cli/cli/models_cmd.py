@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.cells import cell_len
 from rich.table import Table
 
 from dllm_cli import registry
@@ -15,16 +16,62 @@ models_app = typer.Typer(help="List known LLaDA2.x checkpoints (models.toml).", 
 app.add_typer(models_app, name="models")
 
 
-def _local(alias: str) -> str:
-    p = registry.models_dir()
-    found = sorted(p.glob(f"{alias}*.gguf")) if p.is_dir() else []
-    return ", ".join(f.name for f in found) or "-"
+COLUMNS = ("alias", "repo", "version", "params", "quant", "size GB", "local")
+DROP_ORDER = ("repo", "quant", "size GB", "local", "params", "version")  # left out first to last; alias never
+WRAPS = ("local",)  # the one column whose cells (lists) may wrap; every other cell is shown whole
+
+
+def _local_quants(aliases: list[str]) -> dict[str, list[str]]:
+    """alias -> what is converted in the local store (``llada2.1-mini-q4_k_m.gguf`` -> ``q4_k_m``). A file
+    belongs to the longest alias it is named after: ``llada2.0-mini-cap-bf16.gguf`` is llada2.0-mini-cap's."""
+    store = registry.models_dir()
+    found: dict[str, list[str]] = {a: [] for a in aliases}
+    for name in sorted(f.name for f in store.glob("*.gguf")) if store.is_dir() else []:
+        owners = [a for a in aliases if name == f"{a}.gguf" or name.startswith(f"{a}-")]
+        if owners:
+            alias = max(owners, key=len)
+            found[alias].append(name[len(alias) + 1:-len(".gguf")] or name)
+    return found
+
+
+def _rows(specs: dict[str, registry.ModelSpec]) -> list[dict[str, str]]:
+    local = _local_quants(list(specs))
+    rows = []
+    for s in specs.values():
+        params = s.params_total if s.params_total == s.params_active else f"{s.params_total}/{s.params_active}"
+        rows.append({"alias": s.alias, "repo": s.repo or "(embedded)", "version": s.version, "params": params,
+                     "quant": s.recommended_quant, "size GB": str(s.sizes_gb.get(s.recommended_quant, "")),
+                     "local": "embedded" if s.embedded else ", ".join(local[s.alias]) or "-"})
+    return rows
+
+
+def _min_width(rows: list[dict[str, str]], col: str) -> int:
+    """Terminal cells ``col`` needs: its whole text, or for a list column its longest item (the list wraps)."""
+    texts = [col] + [r[col] for r in rows]
+    if col in WRAPS:
+        texts = [item for t in texts for item in t.split(" ")]
+    return max(cell_len(t) for t in texts)
+
+
+def fit_columns(rows: list[dict[str, str]], width: int) -> list[str]:
+    """The columns that fit ``width`` terminal cells with no cell cut, leaving out ``DROP_ORDER`` in turn; empty
+    when even the aliases alone do not fit in a box. A rich table of n columns takes 3n + 1 cells for its
+    borders and padding."""
+    kept = list(COLUMNS)
+    for drop in (None, *DROP_ORDER):
+        if drop is not None:
+            kept.remove(drop)
+        if sum(_min_width(rows, c) for c in kept) + 3 * len(kept) + 1 <= width:
+            return kept
+    return []
 
 
 @models_app.callback()
 def models_list(ctx: typer.Context,
                 as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False) -> None:
-    """List every known model with its repo, version and recommended quantization.
+    """List every known model with its repo, version, parameters (total/active), recommended quantization and
+    what is converted locally. Aliases are never cut: in a narrow terminal less important columns are left out
+    (the caption says which; `dllm models show ALIAS` and --json have everything).
 
     Example: dllm models
     """
@@ -34,13 +81,19 @@ def models_list(ctx: typer.Context,
     if as_json:
         output.document([_spec_dict(s) for s in specs.values()])
         return
-    table = Table(title="known models (models.toml)")
-    for col in ("alias", "repo", "version", "params", "quant", "size GB", "local"):
-        table.add_column(col)
-    for s in specs.values():
-        size = s.sizes_gb.get(s.recommended_quant, "")
-        table.add_row(s.alias, s.repo or "(embedded)", s.version, f"{s.params_total}/{s.params_active}",
-                      s.recommended_quant, str(size), "embedded" if s.embedded else _local(s.alias))
+    rows = _rows(specs)
+    kept = fit_columns(rows, output.out.width)
+    if not kept:  # narrower than the longest alias in a box: the aliases alone, one per line
+        for r in rows:
+            output.answer(r["alias"])
+        return
+    left_out = [c for c in COLUMNS if c not in kept]
+    caption = f"not shown at this width: {', '.join(left_out)} (see dllm models show ALIAS)" if left_out else None
+    table = Table(title="known models (models.toml)", caption=caption)
+    for col in kept:
+        table.add_column(col, no_wrap=col not in WRAPS, overflow="fold")
+    for r in rows:
+        table.add_row(*(r[c] for c in kept))
     output.rendered(table)
 
 
