@@ -178,6 +178,18 @@ def names_model(text: str) -> bool:
     return text in load_registry() or is_file(as_path(text))
 
 
+def local_files(aliases: list[str]) -> dict[str, list[Path]]:
+    """alias -> its converted GGUFs in the local store, sorted. A file belongs to the longest alias it is named
+    after: ``llada2.0-mini-cap-bf16.gguf`` is llada2.0-mini-cap's, not llada2.0-mini's."""
+    store = models_dir()
+    found: dict[str, list[Path]] = {a: [] for a in aliases}
+    for f in sorted(store.glob("*.gguf")) if store.is_dir() else []:
+        owners = [a for a in aliases if f.name == f"{a}.gguf" or f.name.startswith(f"{a}-")]
+        if owners:
+            found[max(owners, key=len)].append(f)
+    return found
+
+
 def resolve_model(name: str | None) -> Path:
     """A GGUF path from a path, a registry alias converted into the local store, ``$DLLM_MODEL``,
     or the embedded demo model when nothing is given."""
@@ -197,8 +209,7 @@ def resolve_model(name: str | None) -> Path:
             if not path.is_file():
                 raise ModelError("the embedded demo model is missing from this install", "reinstall dllm-cli")
             return path
-        store = models_dir()
-        found = sorted(store.glob(f"{name}-*.gguf")) + sorted(store.glob(f"{name}.gguf")) if store.is_dir() else []
+        found = local_files(list(specs))[name]
         preferred = [f for f in found if spec.recommended_quant in f.name]
         if preferred or found:
             return (preferred or found)[0]

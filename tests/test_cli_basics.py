@@ -124,6 +124,10 @@ def test_model_resolution(tmp_path, monkeypatch):
     (store / "llada2.1-mini-q8_0.gguf").write_bytes(b"GGUF")
     (store / "llada2.1-mini-q4_k_m.gguf").write_bytes(b"GGUF")
     assert registry.resolve_model("llada2.1-mini").name == "llada2.1-mini-q4_k_m.gguf"  # the recommended quant
+    (store / "llada2.0-mini-cap-q4_k_m.gguf").write_bytes(b"GGUF")  # another alias's file, named with a longer alias
+    with pytest.raises(ModelError, match="dllm convert llada2.0-mini"):
+        registry.resolve_model("llada2.0-mini")
+    assert registry.resolve_model("llada2.0-mini-cap").name == "llada2.0-mini-cap-q4_k_m.gguf"
     with pytest.raises(ModelError, match="model file not found"):
         registry.resolve_model(str(tmp_path / "missing.gguf"))
     with pytest.raises(ModelError, match="unknown model"):

@@ -24,14 +24,8 @@ WRAPS = ("local",)  # the one column whose cells (lists) may wrap; every other c
 def _local_quants(aliases: list[str]) -> dict[str, list[str]]:
     """alias -> what is converted in the local store (``llada2.1-mini-q4_k_m.gguf`` -> ``q4_k_m``). A file
     belongs to the longest alias it is named after: ``llada2.0-mini-cap-bf16.gguf`` is llada2.0-mini-cap's."""
-    store = registry.models_dir()
-    found: dict[str, list[str]] = {a: [] for a in aliases}
-    for name in sorted(f.name for f in store.glob("*.gguf")) if store.is_dir() else []:
-        owners = [a for a in aliases if name == f"{a}.gguf" or name.startswith(f"{a}-")]
-        if owners:
-            alias = max(owners, key=len)
-            found[alias].append(name[len(alias) + 1:-len(".gguf")] or name)
-    return found
+    return {alias: [f.name[len(alias) + 1:-len(".gguf")] or f.name for f in files]
+            for alias, files in registry.local_files(aliases).items()}
 
 
 def _rows(specs: dict[str, registry.ModelSpec]) -> list[dict[str, str]]:
