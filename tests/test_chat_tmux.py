@@ -89,18 +89,22 @@ class Pane:
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=30)
 
 
+def chat_pane(dllm_home: Path, cwd: Path, *args: str) -> Pane:
+    """``dllm chat ARGS`` in a new pane, once its prompt is up."""
+    env = {"DLLM_HOME": str(dllm_home), "DLLM_RUNTIME_DIR": os.environ["DLLM_RUNTIME_DIR"],
+           "TERM": "xterm-256color", "PYTHONUNBUFFERED": "1"}
+    pane = Pane(" ".join(shlex.quote(a) for a in [str(DLLM), "chat", *args]), env, cwd)
+    pane.wait_for(PROMPT, timeout=120)
+    return pane
+
+
 @pytest.fixture
 def chat(model: Path, dllm_home: Path, tmp_path: Path):
     panes: list[Pane] = []
 
     def start(*args: str) -> Pane:
-        env = {"DLLM_HOME": str(dllm_home), "DLLM_RUNTIME_DIR": os.environ["DLLM_RUNTIME_DIR"],
-               "TERM": "xterm-256color", "PYTHONUNBUFFERED": "1"}
-        cmd = " ".join(shlex.quote(a) for a in [str(DLLM), "chat", str(model), "--threads", "1", *args])
-        pane = Pane(cmd, env, tmp_path)
-        panes.append(pane)
-        pane.wait_for(PROMPT, timeout=120)
-        return pane
+        panes.append(chat_pane(dllm_home, tmp_path, str(model), "--threads", "1", *args))
+        return panes[-1]
 
     yield start
     for p in panes:

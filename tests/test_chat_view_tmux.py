@@ -4,9 +4,7 @@ The embedded demo model's banner suggests prompts it can answer. Reuses ``test_c
 from __future__ import annotations
 
 import json
-import os
 import re
-import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -15,7 +13,7 @@ import pytest
 
 from dllm_cli.cli.chat_cmd import DEMO_PROMPTS
 from dllm_cli.cli.live import MASK_CELL
-from test_chat_tmux import DLLM, PROMPT, Pane, needs_runtime, needs_tmux
+from test_chat_tmux import DLLM, PROMPT, Pane, chat_pane, needs_runtime, needs_tmux
 
 STATS = re.compile(r"(\d+) tokens · (\d+) fwd · .* · (\d+\.\d+)s")
 
@@ -38,13 +36,8 @@ def start(dllm_home: Path, tmp_path: Path):
     panes: list[Pane] = []
 
     def run(*args: str) -> Pane:
-        env = {"DLLM_HOME": str(dllm_home), "DLLM_RUNTIME_DIR": os.environ["DLLM_RUNTIME_DIR"],
-               "TERM": "xterm-256color", "PYTHONUNBUFFERED": "1"}
-        cmd = " ".join(shlex.quote(a) for a in [str(DLLM), "chat", "--threads", "1", "--plain", *args])
-        pane = Pane(cmd, env, tmp_path)
-        panes.append(pane)
-        pane.wait_for(PROMPT, timeout=120)
-        return pane
+        panes.append(chat_pane(dllm_home, tmp_path, "--threads", "1", "--plain", *args))
+        return panes[-1]
 
     yield run
     for p in panes:
