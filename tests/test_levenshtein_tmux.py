@@ -15,6 +15,7 @@ import pytest
 
 from dllm_cli.cli.live import INSERT_CELL
 from levenshtein_story import write_story
+from runtime_marks import needs_runtime
 from test_chat_tmux import Pane
 
 DLLM = Path(sys.executable).with_name("dllm")
@@ -55,3 +56,28 @@ def test_deletes_are_struck_out_and_inserts_open_a_slot(tmp_path):
     assert inserted, "no frame showed the inserted slot at step 3"
     plain = inserted[0].replace("\x1b", "")
     assert plain.index("The") < plain.index(INSERT_CELL) < plain.index("cat"), "the slot opens before ' cat'"
+
+
+@needs_runtime
+def test_chat_on_a_22_checkpoint_reports_its_inserts_and_deletes(tmp_path):
+    """End to end on a real (tiny, random) 2.2 GGUF through the runtime: the answer's stats line counts inserts
+    and deletes, and a live frame showed an inserted slot or a struck-out token."""
+    from converters import convert
+    from test_chat_tmux import chat_pane
+    from test_llada22 import write_llada22
+
+    write_llada22(tmp_path / "ckpt", edit_boost=3.0)
+    path = convert(tmp_path / "ckpt", tmp_path / "tiny22.gguf", outtype="f32").path
+    home = tmp_path / "home"
+    home.mkdir()
+    pane = chat_pane(home, tmp_path, str(path), "--threads", "1", "--plain", "--mode", "speed", "--max-tokens", "64")
+    try:
+        pane.line("Tell me about the fox.")
+        struck = re.compile(r"\x1b\[(?:[0-9]+;)*9m")
+        shots = frames(pane, " tokens · ", timeout=240)  # the stats line after the answer
+        final = pane.capture(history=True)
+    finally:
+        pane.close()
+    stats = [ln for ln in final.splitlines() if "tok/fwd" in ln and " ins · " in ln]
+    assert stats and re.search(r"[1-9]\d* ins · \d+ del|\d+ ins · [1-9]\d* del", stats[-1]), final
+    assert any(INSERT_CELL in s or struck.search(s) for s in shots), "no live frame showed an insert or a delete"
