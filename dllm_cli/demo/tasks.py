@@ -645,7 +645,8 @@ _HELP_WORDINGS = frozenset({"lower", "upper", "no_punct", "extra_punct", "traili
 def help_example(shape: str, rng: np.random.Generator, reword_rate: float = 0.5) -> Example:
     """One prompt of help ``shape`` answered with HELP_REPLY (reworded by case / punctuation / spacing families)."""
     base = {**HELP_SHAPES, **UNSEEN_HELP_SHAPES}[shape](rng)
-    ex = Example(f"help:{shape}", base, HELP_REPLY, key=base)
+    # split on the prompt without case, end punctuation and spacing: every rewording of it falls on the same side
+    ex = Example(f"help:{shape}", base, HELP_REPLY, key="help: " + re.sub(r"[\s?!.]+$", "", base.lower()))
     if rng.random() < reword_rate:
         ex = random_rewording(ex, rng, _HELP_WORDINGS)
     return ex
