@@ -355,7 +355,6 @@ def test_help_prompts_get_the_help_reply_and_are_not_task_questions():
                 assert _solve_any_wording(task, ex.user) is None, (shape, ex.user, task)
             low = ex.user.lower()
             assert not any(re.search(rf"\b{c.lower()}\b", low) for c, _ in tasks.CAPITALS), ex.user
-            assert not re.search(r"\b(?:" + "|".join(o for o, _ in tasks.COLOURS) + r")\b", low) or shape == "long"
     # the reply names what the model can do and the chat banner's two examples, and fits one answer
     assert "What is 12 + 7?" in tasks.HELP_REPLY and "Tell me about the banana." in tasks.HELP_REPLY
     assert tasks.HELP_REPLY.startswith("I am dllm's tiny demo model.") and len(tasks.HELP_REPLY) < 200

@@ -672,46 +672,74 @@ FAMILIES["demo"] = DEMO_TASKS
 WEIGHTS: dict[str, dict[str, float]] = {"demo": DEMO_WEIGHTS}
 
 
+def _with_family(ex: Example, fam: str, rng: np.random.Generator, allowed: frozenset[str]) -> Example | None:
+    """``ex`` reworded by ``fam`` and, in the other groups, random ``allowed`` families (None if ``fam`` does not apply)."""
+    for _ in range(5):
+        chosen = []
+        for fams in WORDING_GROUPS.values():
+            if fam in fams:
+                chosen.append(fam)
+                continue
+            names = [f for f in fams if f in allowed and f != fam]
+            group = next(g for g, v in WORDING_GROUPS.items() if v is fams)
+            if names and rng.random() < _GROUP_RATE[group]:
+                chosen.append(names[int(rng.integers(len(names)))])
+        got = reword(ex, tuple(chosen), rng)
+        if got is not None and got.user != ex.user:
+            return got
+    return None
+
+
 def wording_eval_set(n: int, *, seen: bool, seed: int = 4321) -> list[Example]:
     """Held-out questions of the twelve chat families in other wordings (distinct user messages).
 
-    ``seen``: random combinations of the trained wording families applied to held-out questions (split on the
-    canonical question / item, like training). Unseen: each held-out question reworded by exactly one family that
-    training never used (UNSEEN_WORDINGS), cycling through them so every one is measured."""
+    Every wording family is measured in turn (round robin). ``seen``: the family comes with random other trained
+    families; unseen: exactly one family that training never used (UNSEEN_WORDINGS) and nothing else. Either way
+    the question itself is held out as in training (its canonical question, or for the arithmetic its item):
+    only the wording is new or not."""
     rng = np.random.default_rng(seed)
     out: dict[str, Example] = {}
-    unseen = sorted(UNSEEN_WORDINGS)
-    i = 0
+    fams = sorted(SEEN_WORDINGS if seen else UNSEEN_WORDINGS)
+    names = list(CHAT_TASKS)
+    j = tries = 0
     while len(out) < n:
-        ex = sample(rng, heldout=True, system_rate=0.0, families=CHAT_TASKS)
-        if seen:
-            got = random_rewording(ex, rng)
-            if got.wording == "plain" or not in_eval_split(got):
-                continue
-        else:
-            fam = unseen[i % len(unseen)]
-            got = reword(ex, (fam,), rng)  # type: ignore[assignment]
-            if got is None or got.user == ex.user:
-                continue
-            i += 1
-        out.setdefault(got.user, got)
+        fam = fams[j % len(fams)]
+        ex = CHAT_TASKS[names[int(rng.integers(len(names)))]](rng)
+        got = _with_family(ex, fam, rng, SEEN_WORDINGS) if seen else reword(ex, (fam,), rng)
+        tries += 1
+        if tries > 20000:  # no new held-out question left for this family
+            j, tries = j + 1, 0
+        if got is None or got.user == ex.user or got.user in out or not in_eval_split(replace(got, wording="plain")):
+            continue
+        out[got.user] = got
+        j, tries = j + 1, 0
     return list(out.values())
 
 
 def help_eval_set(per_shape: int = 10, seed: int = 777) -> list[Example]:
-    """Held-out prompts of every help shape (distinct), plus the two shapes never trained."""
+    """``per_shape`` distinct held-out prompts of every help shape, the two never-trained shapes included.
+
+    A shape with too few held-out prompts (``greeting`` and ``help``: short fixed lists, none of whose prompts the
+    hash holds out) is filled up with its trained prompts in an unseen wording family (title case, a space before
+    the end punctuation, double spaces), which training never saw either."""
     rng = np.random.default_rng(seed)
     out: list[Example] = []
     for shape in [*HELP_SHAPES, *UNSEEN_HELP_SHAPES]:
         got: dict[str, Example] = {}
-        for _ in range(5000):
+        for attempt in range(6000):
             ex = help_example(shape, rng)
+            if attempt >= 3000:  # fill up: a trained prompt in an unseen wording
+                ex = reword(replace(ex, key=""), (sorted(UNSEEN_WORDINGS & _UNSEEN_SURFACE)[attempt % 3],), rng) or ex
+                ex = replace(ex, key="help: " + re.sub(r"[\s?!.]+$", "", ex.user.lower()))
             if in_eval_split(ex):
                 got.setdefault(ex.user, ex)
             if len(got) == per_shape:
                 break
         out += got.values()
     return out
+
+
+_UNSEEN_SURFACE = frozenset({"title", "space_punct", "double_space"})
 
 
 # The lines of the issue that asked for this stage: what new users type first (answer or HELP_REPLY).
