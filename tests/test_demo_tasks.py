@@ -247,6 +247,8 @@ def _solve_any_wording(task: str, user: str) -> str | None:
         if m is None:
             return None
         g = m.groups()
+        if any(v.isdigit() and int(v) > 99 for v in g if v):  # operands outside 0-99: not a question it answers
+            return None
         if g[0] == "add":
             return str(int(g[1]) + int(g[2]))
         if g[0] == "subtract":
@@ -258,6 +260,10 @@ def _solve_any_wording(task: str, user: str) -> str | None:
         if m is None:
             return None
         items = m.group(2).replace(",", " ").split()
+        domain = {"sort": [str(d) for d in range(10)], "reverse": [str(d) for d in range(10)] + list(tasks.LETTERS),
+                  "copy": list(tasks.WORDS)}[task]
+        if not all(i in domain for i in items):  # outside the task's vocabulary: not a question it answers
+            return None
         if task == "sort":
             return " ".join(sorted(items, key=int))
         return " ".join(items[::-1] if task == "reverse" else items)

@@ -443,7 +443,7 @@ def reword(ex: Example, families: tuple[str, ...], rng: np.random.Generator) -> 
         if out is None:
             return None
         user = out
-    p = _arith(ex.user)
+    p = _arith(ex.user)  # a sum (also one out of range, of the help family) is split on its item
     key = f"{ex.task} {p[0]} {p[2]}" if p is not None and families else ex.key or ex.user
     return replace(ex, user=user, key=key, wording="+".join(families) if families else "plain")
 
