@@ -229,7 +229,7 @@ def help_table(mode: str, answers: Sequence[Answer]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m dllm_cli.demo.evaluate GGUF [N] [--runtime] [--history] [--families short|chat|all]``: score a demo GGUF on the held-out set.
+    """``python -m dllm_cli.demo.evaluate GGUF [N] [--runtime] [--history] [--families F] [--suite S] [--mode M]``: score a demo GGUF.
 
     Through the numpy reference by default; ``--runtime`` uses the patched llama.cpp session instead
     (one thread: more threads only add synchronisation on a model this small).
@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runtime", action="store_true", help="decode on the patched llama.cpp runtime")
     ap.add_argument("--history", action="store_true", help="ask each question after one or two earlier turns")
     ap.add_argument("--families", choices=sorted(tasks.FAMILIES), default="chat", help="task mixture (default: chat)")
+    ap.add_argument("--mode", choices=("both", *MODES), default="both", help="decode in both modes (default) or one")
     ap.add_argument("--suite", choices=SUITES, default="chat",
                     help="chat: N held-out questions of --families (default); wordings: N held-out questions in seen "
                          "and N in unseen wordings, per wording family; help: N prompts per help shape; arith: every "
@@ -272,14 +273,15 @@ def main(argv: list[str] | None = None) -> None:
                                    mask_id=bpe.token_id("<|mask|>"))
     except (DllmError, OSError, ValueError, KeyError) as e:
         raise SystemExit(f"error: {path} is not a demo-model GGUF ({e}); pass the GGUF that train.py --gguf wrote")
+    modes = list(MODES) if a.mode == "both" else [a.mode]
     if a.suite == "chat":
         examples = tasks.eval_set(a.n, families=families)
         if a.history:  # the same questions as the next turn of a conversation
             examples = tasks.with_history(examples, families=families)
-        for mode in MODES:
+        for mode in modes:
             print(format_score(evaluate_engine(model, bpe, examples, mode)), flush=True)
         return
-    for mode in MODES:
+    for mode in modes:
         if a.suite == "wordings":
             for seen in (True, False):
                 exs = tasks.wording_eval_set(a.n, seen=seen)

@@ -70,7 +70,8 @@ def load_init(ckpt: Path) -> tuple[list[tuple[str, str]], dict, dict]:
 
 
 def train(out: Path, *, steps: int, minutes: float, seed: int, batch: int, lr: float, init: Path | None = None,
-          extra_weight: float = 1.0, families: str = "short", history_rate: float = 0.0, log_every: int = 50):
+          extra_weight: float = 1.0, families: str = "short", history_rate: float = 0.0, log_every: int = 50,
+          weights: dict[str, float] | None = None):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     if init is None:
@@ -90,7 +91,10 @@ def train(out: Path, *, steps: int, minutes: float, seed: int, batch: int, lr: f
     noiser = Noiser(bpe, np.empty(0, dtype=np.int64))
     mix = tasks.FAMILIES[families]
     noiser.answer_ids = answer_pool(noiser, seed + 1, mix)
-    stream = tasks.stream(seed + 2, extra_weight, mix, history_rate, tasks.WEIGHTS.get(families))
+    mix_weights = tasks.WEIGHTS.get(families)
+    if weights:  # --weights overrides some families' sampling weights
+        mix_weights = {**(mix_weights or {}), **weights}
+    stream = tasks.stream(seed + 2, extra_weight, mix, history_rate, mix_weights)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     other = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
@@ -125,7 +129,7 @@ def train(out: Path, *, steps: int, minutes: float, seed: int, batch: int, lr: f
     model.eval()
     ckpt = out / CHECKPOINT_DIR
     written = write_checkpoint(ckpt, cfg, model.numpy_weights(), merges=merges)
-    meta = {"init": str(init) if init else None, "seed": seed, "steps": step + 1, "batch": batch, "lr": lr, "families": families, "extra_weight": extra_weight, "history_rate": history_rate, "train_seconds": round(train_s),
+    meta = {"init": str(init) if init else None, "seed": seed, "steps": step + 1, "batch": batch, "lr": lr, "families": families, "extra_weight": extra_weight, "history_rate": history_rate, "weights": mix_weights, "train_seconds": round(train_s),
             "threads": torch.get_num_threads(), "params": n_params}
     (out / "train_meta.json").write_text(json.dumps(meta, indent=1))
     print(f"saved {ckpt} ({written['vocab_size']} vocab) in {train_s:.0f}s", file=sys.stderr)
@@ -169,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="sampling weight of the families beyond the eight short ones (training only)")
     ap.add_argument("--history-rate", type=float, default=0.0,
                     help="share of training questions asked after one or two earlier turns (multi-turn chat)")
+    ap.add_argument("--weights", default="",
+                    help="sampling weights of some families, e.g. add=5,sub=3.5 (over the mixture's own: tasks.WEIGHTS)")
     ap.add_argument("--eval", type=int, default=100, help="held-out examples scored at the end (0 = skip)")
     ap.add_argument("--gguf", action="store_true", help="also convert to DIR/demo.gguf (f32)")
     a = ap.parse_args(argv)
@@ -178,12 +184,19 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--extra-weight must be > 0, got {a.extra_weight}")
     if not 0 <= a.history_rate <= 1:
         ap.error(f"--history-rate must be in [0, 1], got {a.history_rate}")
+    try:
+        weights = {k: float(v) for k, v in (kv.split("=", 1) for kv in a.weights.split(",") if kv)}
+    except ValueError:
+        ap.error(f"--weights must look like add=5,sub=3.5, got {a.weights!r}")
+    if any(k not in tasks.FAMILIES[a.families] or not v > 0 for k, v in weights.items()):
+        ap.error(f"--weights names families of --families {a.families} with weights > 0, got {a.weights!r}")
     if a.steps < 1 or a.batch < 1 or a.threads < 1:
         ap.error("--steps, --batch and --threads must be at least 1")
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     model, bpe = train(a.out, steps=a.steps, minutes=a.minutes, seed=a.seed, batch=a.batch, lr=a.lr,
-                       init=a.init, extra_weight=a.extra_weight, families=a.families, history_rate=a.history_rate)
+                       init=a.init, extra_weight=a.extra_weight, families=a.families, history_rate=a.history_rate,
+                       weights=weights or None)
     check_parity(model, a.out / CHECKPOINT_DIR)
     if a.eval:
         ex = tasks.eval_set(a.eval, families=tasks.CHAT_TASKS if a.families == "demo" else tasks.FAMILIES[a.families])
