@@ -27,8 +27,8 @@ PINNED = {
     "What do you think of the cloud?": "The cloud is white. It is a very nice colour.",
     "What do you think of the number 41?": "Well, 41 is an odd number. It is a very nice number.",
 }
-# of 24 in quality mode, asked alone and as the next turn of a conversation: the shipped model answers all 24
-# both ways (one miss is allowed for float differences between CPUs; over the whole set it misses 42 % of additions)
+# of 24 in quality mode, asked alone and as the next turn of a conversation: the shipped model answers 23 both ways
+# (over all 10,000 sums in 0-99 it misses 17 %: docs/DEMO_MODEL.md)
 MIN_CORRECT = 23
 # unseen / seen wording samples answered right (of 14 / 12) and help prompts answered with the help answer (of 14):
 # the shipped model answers 7, 7 and 13 (one less allowed for float differences between CPUs; docs/DEMO_MODEL.md)
