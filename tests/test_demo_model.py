@@ -27,9 +27,14 @@ PINNED = {
     "What do you think of the cloud?": "The cloud is white. It is a very nice colour.",
     "What do you think of the number 41?": "Well, 41 is an odd number. It is a very nice number.",
 }
-# of 24 in quality mode, asked alone and as the next turn of a conversation: the shipped model answers all 24
-# both ways (one miss is allowed for float differences between CPUs; over the whole set it misses 42 % of additions)
+# of 24 in quality mode, asked alone and as the next turn of a conversation: the shipped model answers 23 both ways
+# (over all 10,000 sums in 0-99 it misses 17 %: docs/DEMO_MODEL.md)
 MIN_CORRECT = 23
+# unseen / seen wording samples answered right (of 14 / 12) and help prompts answered with the help answer (of 14):
+# the shipped model answers 7, 7 and 13 (one less allowed for float differences between CPUs; docs/DEMO_MODEL.md)
+MIN_UNSEEN = 6
+MIN_SEEN = 6
+MIN_HELP = 12
 
 
 def subset() -> list[tasks.Example]:
@@ -37,18 +42,47 @@ def subset() -> list[tasks.Example]:
     return [e for family in tasks.CHAT_TASKS for e in [e for e in held if e.task == family][:2]]
 
 
+def first_messages() -> list[tasks.Example]:
+    """The first messages of new users that asked for the retrained model (right answer or the help answer)."""
+    return [tasks.Example("first", u, a) for u, a in tasks.FIRST_MESSAGES]
+
+
+def unseen_wordings() -> list[tasks.Example]:
+    """Two held-out questions in each wording family that training never used (title case, ``How much is``, ...)."""
+    return tasks.wording_eval_set(2 * len(tasks.UNSEEN_WORDINGS), seen=False)
+
+
+def seen_wordings() -> list[tasks.Example]:
+    """Held-out questions in trained wording families (one per family, with random others)."""
+    return tasks.wording_eval_set(len(tasks.SEEN_WORDINGS), seen=True)
+
+
+def help_prompts() -> list[tasks.Example]:
+    """One held-out prompt of every help shape (greetings, jokes, code, other languages, gibberish, ...)."""
+    return tasks.help_eval_set(1)
+
+
+RUNS = {
+    "quality": subset, "speed": subset, "quality-history": lambda: tasks.with_history(subset()),
+    "quality-first": first_messages, "speed-first": first_messages, "quality-unseen": unseen_wordings,
+    "quality-seen": seen_wordings, "quality-help": help_prompts, "speed-help": help_prompts,
+}
+
+
 @pytest.fixture(scope="module")
 def runs() -> dict[str, dict[str, tuple[tasks.Example, str, int, int, int]]]:
     """run -> question -> (example, answer, generated tokens, forwards, edits); runs: quality, speed, and
-    quality-history (the same questions after one or two earlier turns)."""
+    quality-history (the same questions after one or two earlier turns); the first messages of new users, wording
+    variants and help prompts."""
     loaded = load(str(embedded_model_path()), RuntimeOptions(threads=1))
     try:
         out: dict[str, dict[str, tuple[tasks.Example, str, int, int, int]]] = {}
-        for run, exs in (("quality", subset()), ("speed", subset()), ("quality-history", tasks.with_history(subset()))):
+        for run, make in RUNS.items():
+            exs = make()
             mode = run.split("-")[0]
             threshold, editing_threshold = MODES[mode]
             config = decode_config(loaded.model, mode, threshold=threshold, editing_threshold=editing_threshold,
-                                   editing=True, max_post_steps=16, max_tokens=64)
+                                   editing=True, max_post_steps=16, max_tokens=64 if run in ("quality", "speed", "quality-history") else 128)
             out[run] = {}
             for ex in exs:
                 loaded.session.rollback(0)
@@ -121,3 +155,48 @@ def test_evaluation_script_rejects_bad_input_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as corrupt:
         main([str(bad), "3", "--runtime"])
     assert str(corrupt.value.code).startswith("error: ") and "\n" not in str(corrupt.value.code)
+
+
+# The first messages the shipped model still gets wrong (a made-up number): arithmetic in some reworded forms is
+# not learnt yet (docs/DEMO_MODEL.md). Strict: a model that fixes one of them fails here until the list is updated.
+KNOWN_WRONG = {(m, u) for m in ("quality", "speed") for u in ("What is 3+4?", "what is 25 + 9", "3 plus 4")}
+KNOWN_WRONG |= {("speed", "sort 9 3 7 1")}
+HELP_LINES = ("hello", "Hi, who are you?", "What can you do?", "help", "Tell me a joke")
+
+
+@pytest.mark.parametrize("mode,user", [
+    pytest.param(m, u, marks=[pytest.mark.xfail(strict=True, reason="known wrong: see KNOWN_WRONG")] if (m, u) in KNOWN_WRONG else [])
+    for m in ("quality", "speed") for u, _ in tasks.FIRST_MESSAGES])
+def test_first_messages_get_the_answer_or_the_help_answer(runs, mode, user):
+    """Each line of the issue that asked for this model: the right answer or the help answer (never a made-up fact
+    or number); greetings, "who are you", "what can you do", "help" and a joke request get the help answer."""
+    want = dict(tasks.FIRST_MESSAGES)[user]
+    got = runs[f"{mode}-first"][user][1]
+    assert got in (want, tasks.HELP_REPLY), got
+    if user in HELP_LINES:
+        assert got == tasks.HELP_REPLY
+
+
+@pytest.mark.parametrize("run,minimum", [("quality-unseen", "MIN_UNSEEN"), ("quality-seen", "MIN_SEEN")])
+def test_wordings(runs, run, minimum):
+    """Held-out questions reworded by families training never used, and by trained ones (docs/DEMO_MODEL.md has
+    the full figures)."""
+    rows = runs[run].values()
+    wrong = {u: (ex.answer, got) for u, (ex, got, *_) in runs[run].items() if not tasks.check(ex, got)}
+    assert len(rows) - len(wrong) >= globals()[minimum], wrong
+
+
+@pytest.mark.parametrize("mode", ["quality", "speed"])
+def test_out_of_scope_prompts_get_the_help_answer(runs, mode):
+    rows = runs[f"{mode}-help"]
+    assert len(rows) == len(tasks.HELP_SHAPES) + len(tasks.UNSEEN_HELP_SHAPES)
+    other = {u: got for u, (_, got, *_) in rows.items() if got != tasks.HELP_REPLY}
+    assert len(rows) - len(other) >= MIN_HELP, other
+
+
+def test_speed_mode_is_faster_overall(runs):
+    """Tokens per forward over the 24 questions and the help prompts: speed mode above quality mode."""
+    def tpf(*names: str) -> float:
+        rows = [r for n in names for r in runs[n].values()]
+        return sum(r[2] for r in rows) / sum(r[3] for r in rows)
+    assert tpf("speed", "speed-help") > tpf("quality", "quality-help")

@@ -229,3 +229,152 @@ def test_history_turns_come_from_the_training_split():
     assert 0.25 < np.mean([bool(e.history) for e in drawn]) < 0.35
     plain = tasks.stream(0, 2.0, tasks.CHAT_TASKS)
     assert not any(next(plain).history for _ in range(200))
+
+
+# ---- stage 4: wording families, the help family, wide-operand arithmetic ----
+
+_NUM = r"(\d+)"
+
+
+def _solve_any_wording(task: str, user: str) -> str | None:
+    """An independent solver for the reworded questions: normalise case, spacing and punctuation, then parse the
+    question's content (operands and operator, the list after the task word, the counted word, the named fact)."""
+    u = " ".join(user.lower().split())
+    u = re.sub(r"\s*[?!.=]+\s*$", "", u).strip()
+    if task in ("add", "sub"):
+        m = (re.fullmatch(rf"(?:what(?:'s| is|s)|how much is|calculate|compute)?\s*{_NUM}\s*(\+|-|plus|minus)\s*{_NUM}\s*=?", u)
+             or re.fullmatch(rf"(add) {_NUM} and {_NUM}", u) or re.fullmatch(rf"(subtract) {_NUM} from {_NUM}", u))
+        if m is None:
+            return None
+        g = m.groups()
+        if any(v.isdigit() and int(v) > 99 for v in g if v):  # operands outside 0-99: not a question it answers
+            return None
+        if g[0] == "add":
+            return str(int(g[1]) + int(g[2]))
+        if g[0] == "subtract":
+            return str(int(g[2]) - int(g[1]))
+        a, op, b = int(g[0]), g[1], int(g[2])
+        return str(a + b if op in ("+", "plus") else a - b)
+    if task in ("sort", "reverse", "copy"):
+        m = re.fullmatch(r"(sort|reverse|repeat|copy this|copy):? (.+)", u)
+        if m is None:
+            return None
+        items = m.group(2).replace(",", " ").split()
+        domain = {"sort": [str(d) for d in range(10)], "reverse": [str(d) for d in range(10)] + list(tasks.LETTERS),
+                  "copy": list(tasks.WORDS)}[task]
+        if not all(i in domain for i in items):  # outside the task's vocabulary: not a question it answers
+            return None
+        if task == "sort":
+            return " ".join(sorted(items, key=int))
+        return " ".join(items[::-1] if task == "reverse" else items)
+    if task == "count":
+        m = re.fullmatch(r"how many times does (\w+) appear: (.+)", u)
+        return None if m is None else str(m.group(2).split().count(m.group(1)))
+    table = {k.lower(): v for k, v in (tasks.CAPITALS if task in ("capital", "country") else tasks.COLOURS)}
+    hits = [v for k, v in table.items() if re.search(rf"\b{k}\b", u)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def test_reworded_questions_keep_their_answers():
+    """Every wording family, seen and unseen, on every chat family: the answer is still the canonical one (checked
+    by an independent solver for the short families, by the grammar for the phrasing ones)."""
+    rng = np.random.default_rng(11)
+    used: set[str] = set()
+    for name, gen in tasks.CHAT_TASKS.items():
+        for _ in range(40):
+            ex = gen(rng)
+            for group in tasks.WORDING_GROUPS.values():
+                for fam in group:
+                    got = tasks.reword(ex, (fam,), rng)
+                    if got is None:
+                        continue
+                    used.add(fam)
+                    assert got.answer == ex.answer and got.accept == ex.accept and got.wording == fam
+                    if name in tasks.PHRASING_TASKS:
+                        assert all(_phrasing_ok(ex, a) for a in got.accept)
+                    else:
+                        assert _solve_any_wording(name, got.user) == ex.answer, (fam, ex.user, got.user)
+            combo = tasks.random_rewording(ex, rng)
+            if name not in tasks.PHRASING_TASKS:
+                assert _solve_any_wording(name, combo.user) == ex.answer, (ex.user, combo.user, combo.wording)
+            assert not set(combo.wording.split("+")) & tasks.UNSEEN_WORDINGS
+    assert used == set(tasks.SEEN_WORDINGS | tasks.UNSEEN_WORDINGS)
+
+
+@pytest.mark.parametrize("user,family,want", [
+    ("What is 3 + 4?", "compact", "What is 3+4?"), ("What is 3 plus 4?", "verb", "Add 3 and 4."),
+    ("What is 9 minus 4?", "verb", "Subtract 4 from 9."), ("Sort: 9 3 7 1", "nocolon", "Sort 9 3 7 1"),
+    ("Copy this: cat dog", "nocolon", "Copy cat dog"), ("What is the capital of Peru?", "upper", "WHAT IS THE CAPITAL OF PERU?"),
+    ("What is the capital of France?", "contraction", "What's the capital of France?"),
+    ("What is the capital of France?", "lower_names", "What is the capital of france?"),
+    ("Reverse: a b c", "upper", None), ("Copy this: cat dog", "title", None), ("Sort: 1 2 3", "contraction", None),
+    ("Reverse: 1 2 3", "commas", "Reverse: 1, 2, 3"), ("What is 3 + 4?", "whats", "Whats 3 + 4?"),
+])
+def test_wording_families_by_example(user, family, want):
+    task = "add" if "+" in user or "plus" in user else "sub" if "minus" in user else user.split()[0].lower().rstrip(":")
+    task = {"what": "capital", "copy": "copy"}.get(task, task)
+    got = tasks.reword(tasks.Example(task, user, "x"), (family,), np.random.default_rng(0))
+    assert (got.user if got else None) == want
+
+
+def test_wording_split_holds_out_items_and_unseen_families():
+    """Training (the ``demo`` stream) never sees a held-out question or sum in any wording, nor any unseen wording
+    family or help shape; the seen / unseen evaluation sets are held out and cover every family."""
+    stream = tasks.stream(0, families=tasks.DEMO_TASKS, history_rate=0.3, weights=tasks.DEMO_WEIGHTS)
+    train = [next(stream) for _ in range(4000)]
+    assert not any(tasks.in_eval_split(e) for e in train)
+    fams = {f for e in train for f in e.wording.split("+")}
+    assert fams == set(tasks.SEEN_WORDINGS) | {"plain"}
+    assert {e.task for e in train if tasks.is_help(e)} == {f"help:{s}" for s in tasks.HELP_SHAPES}
+    counts = {t: sum(e.task.split(":")[0] == t for e in train) / len(train) for t in ("add", "sub", "help")}
+    assert 0.12 < counts["add"] < 0.18 and 0.07 < counts["sub"] < 0.13 and 0.12 < counts["help"] < 0.18, counts
+    reworded = np.mean([e.wording != "plain" for e in train if not tasks.is_help(e)])
+    assert 0.45 < reworded < 0.65
+    # arithmetic wordings are split on the item: no sum is trained in another wording if it is held out
+    for e in train:
+        if e.task in ("add", "sub") and e.wording != "plain":
+            a, b = map(int, re.findall(r"\d+", e.user))
+            if e.user.lower().startswith("subtract"):
+                a, b = b, a
+            assert e.key == f"{e.task} {a} {b}" and not tasks.is_heldout(e.key)
+    train_users = {e.user for e in train} | {u for e in train for u, _ in e.history}
+    seen, unseen = tasks.wording_eval_set(150, seen=True), tasks.wording_eval_set(150, seen=False)
+    helps = tasks.help_eval_set(5)
+    for held in (seen, unseen, helps):
+        assert all(tasks.in_eval_split(e) for e in held) and not {e.user for e in held} & train_users
+    assert {f for e in seen for f in e.wording.split("+")} == set(tasks.SEEN_WORDINGS)
+    assert all(len(e.wording.split("+")) == 1 and e.wording in tasks.UNSEEN_WORDINGS for e in unseen)
+    assert {e.wording for e in unseen} == set(tasks.UNSEEN_WORDINGS)
+    assert {e.task for e in helps} == {f"help:{s}" for s in [*tasks.HELP_SHAPES, *tasks.UNSEEN_HELP_SHAPES]}
+    assert tasks.wording_eval_set(40, seen=False) == tasks.wording_eval_set(40, seen=False)
+
+
+def test_help_prompts_get_the_help_reply_and_are_not_task_questions():
+    rng = np.random.default_rng(2)
+    shapes = {**tasks.HELP_SHAPES, **tasks.UNSEEN_HELP_SHAPES}
+    for shape in shapes:
+        for _ in range(60):
+            ex = tasks.help_example(shape, rng)
+            assert ex.answer == tasks.HELP_REPLY and ex.task == f"help:{shape}" and not ex.accept
+            # none of them is a question the model can answer: no known task solves it
+            for task in ("add", "sub", "sort", "reverse", "copy", "count"):
+                assert _solve_any_wording(task, ex.user) is None, (shape, ex.user, task)
+            low = ex.user.lower()
+            assert not any(re.search(rf"\b{c.lower()}\b", low) for c, _ in tasks.CAPITALS), ex.user
+    # the reply names what the model can do and the chat banner's two examples, and fits one answer
+    assert "What is 12 + 7?" in tasks.HELP_REPLY and "Tell me about the banana." in tasks.HELP_REPLY
+    assert tasks.HELP_REPLY.startswith("I am dllm's tiny demo model.") and len(tasks.HELP_REPLY) < 200
+
+
+def test_first_messages_and_wide_operands():
+    for user, want in tasks.FIRST_MESSAGES:
+        if want != tasks.HELP_REPLY:
+            task = "capital" if "capital" in user.lower() else "sort" if "sort" in user else "add"
+            assert _solve_any_wording(task, user) == want, user
+    rng = np.random.default_rng(0)
+    adds = [tasks.gen_add_wide(rng) for _ in range(3000)]
+    ops = np.array([list(map(int, re.findall(r"\d+", e.user))) for e in adds])
+    assert all(e.answer == str(a + b) for e, (a, b) in zip(adds, ops))
+    assert 0.25 < np.mean(ops < 10) < 0.35 and ops.max() == 99 and ops.min() == 0
+    subs = [tasks.gen_sub_wide(rng) for _ in range(500)]
+    assert all(e.answer == str(a - b) and a >= b for e in subs for a, b in [map(int, re.findall(r"\d+", e.user))])

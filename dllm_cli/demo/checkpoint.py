@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from converters.safetensors import save_file
-from dllm_cli.demo.tokenizer import SPECIAL_TOKENS, train_bpe, write_tokenizer
+from dllm_cli.demo.tokenizer import SPECIAL_TOKENS, build_vocab, train_bpe, write_tokenizer
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.", "What is 12 plus 7? The answer is 19.",
@@ -116,3 +116,43 @@ def write_checkpoint(directory: str | Path, cfg: dict, weights: dict[str, np.nda
 
 
 __all__ = ["SPECIAL_TOKENS", "tiny_config", "tensor_shapes", "random_weights", "write_checkpoint"]
+
+
+def checkpoint_from_gguf(gguf_path: str | Path, directory: str | Path, model_cfg: dict) -> dict:
+    """Rebuild the HF checkpoint a demo GGUF (f32) was converted from: the inverse of ``converters.llada2``.
+
+    ``model_cfg`` is the architecture the GGUF was trained with (``train.MODEL``); the vocabulary size comes
+    from the GGUF. Every tensor is copied exactly (f32), the merges come from ``tokenizer.ggml.merges``, so a
+    later stage can continue the shipped model (``train.py --init demo.gguf``) without its training directory.
+    """
+    from gguf import GGUFReader
+
+    from converters.llada2 import EXPERT_MAP, GLOBAL_MAP, LAYER_MAP
+
+    reader = GGUFReader(str(gguf_path))
+    merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"].contents()]
+    gguf_w = {}
+    for t in reader.tensors:
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+        if t.tensor_type.name != "F32":
+            raise ValueError(f"{gguf_path}: tensor {t.name} is {t.tensor_type.name}; only f32 demo GGUFs can be continued")
+        gguf_w[t.name] = np.array(t.data, dtype=np.float32).reshape(shape)
+    weights: dict[str, np.ndarray] = {hf: gguf_w.pop(g) for hf, g in GLOBAL_MAP.items()}
+    cfg = tiny_config(**model_cfg, vocab_size=int(weights["model.word_embeddings.weight"].shape[0]))
+    for i in range(cfg["num_hidden_layers"]):
+        for hf, g in LAYER_MAP.items():
+            if f"blk.{i}.{g}" in gguf_w:
+                weights[f"model.layers.{i}.{hf}"] = gguf_w.pop(f"blk.{i}.{g}")
+        for proj, g in EXPERT_MAP.items():
+            if f"blk.{i}.{g}" in gguf_w:
+                stacked = gguf_w.pop(f"blk.{i}.{g}")
+                for e in range(stacked.shape[0]):
+                    weights[f"model.layers.{i}.mlp.experts.{e}.{proj}"] = np.ascontiguousarray(stacked[e])
+    if gguf_w:
+        raise ValueError(f"{gguf_path}: unmapped tensors {sorted(gguf_w)[:3]}")
+    expected = tensor_shapes(cfg)
+    if {n: w.shape for n, w in weights.items()} != expected:
+        raise ValueError(f"{gguf_path} does not match the demo architecture")
+    vocab = build_vocab(merges)
+    cfg["pad_token_id"] = vocab["<|endoftext|>"]
+    return write_checkpoint(directory, cfg, {n: weights[n] for n in expected}, merges=merges)

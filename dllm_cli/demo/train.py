@@ -70,7 +70,8 @@ def load_init(ckpt: Path) -> tuple[list[tuple[str, str]], dict, dict]:
 
 
 def train(out: Path, *, steps: int, minutes: float, seed: int, batch: int, lr: float, init: Path | None = None,
-          extra_weight: float = 1.0, families: str = "short", history_rate: float = 0.0, log_every: int = 50):
+          extra_weight: float = 1.0, families: str = "short", history_rate: float = 0.0, log_every: int = 50,
+          weights: dict[str, float] | None = None):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     if init is None:
@@ -79,6 +80,10 @@ def train(out: Path, *, steps: int, minutes: float, seed: int, batch: int, lr: f
         cfg = tiny_config(**MODEL, vocab_size=len(bpe.vocab) + VOCAB_PAD, pad_token_id=bpe.token_id("<|endoftext|>"))
         model = LLaDA2({**cfg, "block_length": B})
     else:  # continue a previous stage: its tokenizer, config and weights (expert bias included)
+        if init.suffix == ".gguf":  # a shipped f32 GGUF: rebuild the checkpoint it was converted from (exact)
+            from dllm_cli.demo.checkpoint import checkpoint_from_gguf
+            checkpoint_from_gguf(init, out / "init", MODEL)
+            init = out / "init"
         merges, cfg, state = load_init(init)
         bpe = BPE(merges)
         model = LLaDA2({**cfg, "block_length": B})
@@ -86,7 +91,10 @@ def train(out: Path, *, steps: int, minutes: float, seed: int, batch: int, lr: f
     noiser = Noiser(bpe, np.empty(0, dtype=np.int64))
     mix = tasks.FAMILIES[families]
     noiser.answer_ids = answer_pool(noiser, seed + 1, mix)
-    stream = tasks.stream(seed + 2, extra_weight, mix, history_rate)
+    mix_weights = tasks.WEIGHTS.get(families)
+    if weights:  # --weights overrides some families' sampling weights
+        mix_weights = {**(mix_weights or {}), **weights}
+    stream = tasks.stream(seed + 2, extra_weight, mix, history_rate, mix_weights)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     other = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
@@ -121,7 +129,7 @@ def train(out: Path, *, steps: int, minutes: float, seed: int, batch: int, lr: f
     model.eval()
     ckpt = out / CHECKPOINT_DIR
     written = write_checkpoint(ckpt, cfg, model.numpy_weights(), merges=merges)
-    meta = {"init": str(init) if init else None, "seed": seed, "steps": step + 1, "batch": batch, "lr": lr, "families": families, "extra_weight": extra_weight, "history_rate": history_rate, "train_seconds": round(train_s),
+    meta = {"init": str(init) if init else None, "seed": seed, "steps": step + 1, "batch": batch, "lr": lr, "families": families, "extra_weight": extra_weight, "history_rate": history_rate, "weights": mix_weights, "train_seconds": round(train_s),
             "threads": torch.get_num_threads(), "params": n_params}
     (out / "train_meta.json").write_text(json.dumps(meta, indent=1))
     print(f"saved {ckpt} ({written['vocab_size']} vocab) in {train_s:.0f}s", file=sys.stderr)
@@ -155,32 +163,43 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--init", type=Path, default=None, help="continue from this checkpoint (a previous stage)")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="continue from this checkpoint (a previous stage's directory, or an f32 demo GGUF)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--families", choices=sorted(tasks.FAMILIES), default="short",
-                    help="task mixture: short (eight families), chat (short + phrasing: the shipped model), all (short + long answers)")
+                    help="task mixture: short (eight families), chat (short + phrasing), all (short + long answers), "
+                         "demo (chat reworded + wide-operand arithmetic + the help answer: the shipped model, stage 4)")
     ap.add_argument("--extra-weight", type=float, default=1.0,
                     help="sampling weight of the families beyond the eight short ones (training only)")
     ap.add_argument("--history-rate", type=float, default=0.0,
                     help="share of training questions asked after one or two earlier turns (multi-turn chat)")
+    ap.add_argument("--weights", default="",
+                    help="sampling weights of some families, e.g. add=5,sub=3.5 (over the mixture's own: tasks.WEIGHTS)")
     ap.add_argument("--eval", type=int, default=100, help="held-out examples scored at the end (0 = skip)")
     ap.add_argument("--gguf", action="store_true", help="also convert to DIR/demo.gguf (f32)")
     a = ap.parse_args(argv)
-    if a.init is not None and not (a.init / "config.json").is_file():
+    if a.init is not None and not (a.init / "config.json").is_file() and not (a.init.suffix == ".gguf" and a.init.is_file()):
         ap.error(f"--init {a.init} is not a checkpoint written by a previous stage (no config.json)")
     if not a.extra_weight > 0:
         ap.error(f"--extra-weight must be > 0, got {a.extra_weight}")
     if not 0 <= a.history_rate <= 1:
         ap.error(f"--history-rate must be in [0, 1], got {a.history_rate}")
+    try:
+        weights = {k: float(v) for k, v in (kv.split("=", 1) for kv in a.weights.split(",") if kv)}
+    except ValueError:
+        ap.error(f"--weights must look like add=5,sub=3.5, got {a.weights!r}")
+    if any(k not in tasks.FAMILIES[a.families] or not v > 0 for k, v in weights.items()):
+        ap.error(f"--weights names families of --families {a.families} with weights > 0, got {a.weights!r}")
     if a.steps < 1 or a.batch < 1 or a.threads < 1:
         ap.error("--steps, --batch and --threads must be at least 1")
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     model, bpe = train(a.out, steps=a.steps, minutes=a.minutes, seed=a.seed, batch=a.batch, lr=a.lr,
-                       init=a.init, extra_weight=a.extra_weight, families=a.families, history_rate=a.history_rate)
+                       init=a.init, extra_weight=a.extra_weight, families=a.families, history_rate=a.history_rate,
+                       weights=weights or None)
     check_parity(model, a.out / CHECKPOINT_DIR)
     if a.eval:
-        ex = tasks.eval_set(a.eval, families=tasks.FAMILIES[a.families])
+        ex = tasks.eval_set(a.eval, families=tasks.CHAT_TASKS if a.families == "demo" else tasks.FAMILIES[a.families])
         for mode in ("quality", "speed"):
             print(format_score(evaluate(torch_logits_fn(model), bpe, ex, mode)), file=sys.stderr, flush=True)
     if a.gguf:
