@@ -669,7 +669,13 @@ DEMO_TASKS: dict[str, Generator] = {
 # sampling weights of the stage-4 stream (add / sub over-weighted; everything else as in stage 3)
 DEMO_WEIGHTS: dict[str, float] = {"add": 3.0, "sub": 2.0, **{n: 1.5 for n in PHRASING_TASKS}, "help": 3.0}
 FAMILIES["demo"] = DEMO_TASKS
-WEIGHTS: dict[str, dict[str, float]] = {"demo": DEMO_WEIGHTS}
+# The stage-6 variant (tried, not shipped: docs/DEMO_MODEL.md "Variants tried"): the same mixture plus add / sub
+# questions that are always reworded (``add_rw``, ``sub_rw``), so that the reworded arithmetic can be over-weighted
+# with ``--weights`` without over-weighting the canonical sums.
+DEMO6_TASKS: dict[str, Generator] = {**DEMO_TASKS, "add_rw": varied(gen_add_wide, 1.0),
+                                     "sub_rw": varied(gen_sub_wide, 1.0)}
+FAMILIES["demo6"] = DEMO6_TASKS
+WEIGHTS: dict[str, dict[str, float]] = {"demo": DEMO_WEIGHTS, "demo6": DEMO_WEIGHTS}
 
 
 def _with_family(ex: Example, fam: str, rng: np.random.Generator, allowed: frozenset[str]) -> Example | None:

@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> None:
                        weights=weights or None)
     check_parity(model, a.out / CHECKPOINT_DIR)
     if a.eval:
-        ex = tasks.eval_set(a.eval, families=tasks.CHAT_TASKS if a.families == "demo" else tasks.FAMILIES[a.families])
+        chat = a.families in ("demo", "demo6")
+        ex = tasks.eval_set(a.eval, families=tasks.CHAT_TASKS if chat else tasks.FAMILIES[a.families])
         for mode in ("quality", "speed"):
             print(format_score(evaluate(torch_logits_fn(model), bpe, ex, mode)), file=sys.stderr, flush=True)
     if a.gguf:
