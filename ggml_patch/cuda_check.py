@@ -1,0 +1,147 @@
+"""Compile check of the patched runtime for CUDA, on a machine without a GPU (``make cuda-check``).
+
+    python -m ggml_patch.cuda_check [--arch 80-real;90-real] [--only REGEX] [--jobs N] [--toolkit auto|system|pip]
+                                    [--list]
+
+Configures the patched llama.cpp exactly as ``dllm runtime build --backend cuda --cuda-arch ARCH`` would (same
+``build.cmake_flags``, same toolkit discovery: a system toolkit or the ``[cuda]`` extra's pip wheels) in
+``$DLLM_HOME/build/cuda-check-<key>/`` and compiles either everything (libggml-cuda and libllama) or, with
+``--only``, the ggml-cuda objects whose source path matches REGEX (``--only 'mmq|fattn-mma'``, ``--only
+'/(argsort|softmax|getrows)\\.cu'``). Nothing is installed: the library could not be loaded without a GPU anyway.
+
+It prints, and writes to ``cuda-check.json`` in the build directory: the toolkit (origin, version), the
+architectures, how many of the ggml-cuda objects are built, per-object compile times from ``.ninja_log``, the wall
+time and the sizes of the libraries built. A rerun compiles only what is missing (ninja), so an interrupted check
+resumes. Exit 0 when everything asked for compiled, 1 on a compile error, 2 on bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ggml_patch import build as B
+from ggml_patch import cuda_toolkit
+
+DEFAULT_CHECK_ARCHS = "80-real;90-real"  # one Ampere, one Hopper: machine code only, no PTX (half the work of "80;90")
+
+
+def cu_objects(bdir: Path) -> list[str]:
+    """The ggml-cuda object files of the configured build (``...ggml-cuda.dir/<source>.cu.o``), from ninja."""
+    res = subprocess.run(["ninja", "-C", str(bdir), "-t", "targets", "all"], capture_output=True, text=True)
+    objs = [line.split(":")[0] for line in res.stdout.splitlines()]
+    return sorted(o for o in objs if o.endswith(".cu.o") and "ggml-cuda" in o)
+
+
+def ninja_times(bdir: Path) -> dict[str, float]:
+    """Seconds each output took in its latest build, from ``.ninja_log`` (``start end mtime output hash``, ms)."""
+    times: dict[str, float] = {}
+    log = bdir / ".ninja_log"
+    for line in log.read_text().splitlines()[1:] if log.is_file() else []:
+        parts = line.split("\t")
+        if len(parts) >= 4 and parts[0].isdigit() and parts[1].isdigit():
+            times[parts[3]] = (int(parts[1]) - int(parts[0])) / 1000
+    return times
+
+
+def library_sizes(bdir: Path) -> dict[str, int]:
+    """Bytes of each shared library built (real files; the versioned-soname symlinks are skipped)."""
+    out = {}
+    for d in (bdir / "bin", bdir):
+        for p in sorted(d.glob("lib*.so*")) if d.is_dir() else []:
+            if p.is_file() and not p.is_symlink():
+                out[p.name] = p.stat().st_size
+    return out
+
+
+def _args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m ggml_patch.cuda_check", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", default=DEFAULT_CHECK_ARCHS, help=f"CUDA architectures (default {DEFAULT_CHECK_ARCHS})")
+    ap.add_argument("--only", metavar="REGEX", help="compile only the ggml-cuda objects whose path matches REGEX")
+    ap.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--toolkit", choices=cuda_toolkit.TOOLKIT_CHOICES, default="auto")
+    ap.add_argument("--list", action="store_true", help="configure, list the ggml-cuda objects and exit")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    a = _args(argv)
+    if a.jobs < 1:
+        print("error: --jobs must be at least 1", file=sys.stderr)
+        return 2
+    if not shutil.which("ninja"):
+        print("error: the CUDA check needs ninja (apt install ninja-build)", file=sys.stderr)
+        return 1
+    only = None
+    if a.only:
+        try:
+            only = re.compile(a.only)
+        except re.error as e:
+            print(f"error: --only {a.only!r} is not a regular expression: {e}", file=sys.stderr)
+            return 2
+    status = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    t0 = time.monotonic()
+    try:
+        setup = B.cuda_setup(a.arch, a.toolkit, status)
+        flags = B.cmake_flags("cuda", cuda=setup)
+        patches = B.patch_files()
+        key = B.cache_key("cuda", flags, patches)
+        work, bdir, log_path = B.prepare(f"cuda-check-{key}", key, flags, patches, False, status)
+    except Exception as e:
+        if type(e).__name__ not in ("BuildError", "UsageError", "RuntimeError"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if type(e).__name__ == "UsageError" else 1
+    objs = cu_objects(bdir)
+    chosen = [o for o in objs if only.search(o)] if only else objs
+    if a.list:
+        print("\n".join(chosen))
+        return 0
+    if only and not chosen:
+        print(f"error: --only {a.only!r} matches none of the {len(objs)} ggml-cuda objects (see --list)",
+              file=sys.stderr)
+        return 2
+    targets = chosen if only else ["llama"]
+    status(f"compiling {len(chosen)} of {len(objs)} ggml-cuda objects for {setup.archs} with "
+           f"{setup.toolkit.origin} CUDA {setup.toolkit.version}, {a.jobs} jobs; log: {log_path}")
+    t1 = time.monotonic()
+    rc = 0
+    try:
+        B._run(["ninja", "-C", str(bdir), "-j", str(a.jobs), *targets], work, log_path, status, "compiling")
+    except Exception as e:
+        if type(e).__name__ not in ("BuildError", "RuntimeError"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        rc = 1
+    wall = time.monotonic() - t1
+    times = ninja_times(bdir)
+    done = {o: times[o] for o in objs if o in times and (bdir / o).is_file()}
+    report = {
+        "toolkit": setup.toolkit.describe(), "archs": setup.archs, "key": key, "build_dir": str(bdir),
+        "objects_total": len(objs), "objects_built": len(done), "objects_asked": len(chosen),
+        "object_seconds": dict(sorted(done.items(), key=lambda kv: -kv[1])),
+        "object_seconds_sum": round(sum(done.values()), 1), "wall_seconds": round(wall, 1),
+        "setup_seconds": round(t1 - t0, 1), "libraries": library_sizes(bdir), "jobs": a.jobs,
+        "load_after": os.getloadavg(), "ok": rc == 0,
+    }
+    (work / "cuda-check.json").write_text(json.dumps(report, indent=1) + "\n")
+    slow = ", ".join(f"{Path(o).name.removesuffix('.cu.o')} {s:.0f}s" for o, s in list(report["object_seconds"].items())[:5])
+    print(f"CUDA {setup.toolkit.version} ({setup.toolkit.origin}), archs {setup.archs}: "
+          f"{len(done)}/{len(objs)} ggml-cuda objects built, {wall:.0f} s wall this run, "
+          f"{report['object_seconds_sum']:.0f} s of object compiles in all")
+    if slow:
+        print(f"slowest: {slow}")
+    for name, size in report["libraries"].items():
+        print(f"{name:28} {size / 2**20:8.1f} MiB")
+    print(f"report: {work / 'cuda-check.json'}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
