@@ -1,13 +1,15 @@
 """Compile check of the patched runtime for CUDA, on a machine without a GPU (``make cuda-check``).
 
-    python -m ggml_patch.cuda_check [--arch 80-real;90-real] [--only REGEX] [--jobs N] [--toolkit auto|system|pip]
-                                    [--list]
+    python -m ggml_patch.cuda_check [--arch 80-real;90-real] [--only REGEX]... [--jobs N]
+                                    [--toolkit auto|system|pip] [--list]
 
 Configures the patched llama.cpp exactly as ``dllm runtime build --backend cuda --cuda-arch ARCH`` would (same
 ``build.cmake_flags``, same toolkit discovery: a system toolkit or the ``[cuda]`` extra's pip wheels) in
 ``$DLLM_HOME/build/cuda-check-<key>/`` and compiles either everything (libggml-cuda and libllama) or, with
 ``--only``, the ggml-cuda objects whose source path matches REGEX (``--only 'mmq|fattn-mma'``, ``--only
-'/(argsort|softmax|getrows)\\.cu'``). Nothing is installed: the library could not be loaded without a GPU anyway.
+'/(argsort|softmax|getrows)\\.cu'``). Several ``--only`` are compiled group after group in the order given (ninja
+itself starts ready objects in manifest order), so the objects that matter most can go first on a slow machine
+(``make cuda-check-llada2``). Nothing is installed: the library could not be loaded without a GPU anyway.
 
 It prints, and writes to ``cuda-check.json`` in the build directory: the toolkit (origin, version), the
 architectures, how many of the ggml-cuda objects are built, per-object compile times from ``.ninja_log``, the wall
@@ -50,6 +52,18 @@ def ninja_times(bdir: Path) -> dict[str, float]:
     return times
 
 
+def ordered_groups(objs: list[str], patterns: list[re.Pattern[str]]) -> list[list[str]]:
+    """The objects matching each pattern, minus those of earlier patterns; empty groups dropped."""
+    seen: set[str] = set()
+    groups = []
+    for pat in patterns:
+        group = [o for o in objs if pat.search(o) and o not in seen]
+        seen.update(group)
+        if group:
+            groups.append(group)
+    return groups
+
+
 def library_sizes(bdir: Path) -> dict[str, int]:
     """Bytes of each shared library built (real files; the versioned-soname symlinks are skipped)."""
     out = {}
@@ -63,7 +77,8 @@ def library_sizes(bdir: Path) -> dict[str, int]:
 def _args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m ggml_patch.cuda_check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default=DEFAULT_CHECK_ARCHS, help=f"CUDA architectures (default {DEFAULT_CHECK_ARCHS})")
-    ap.add_argument("--only", metavar="REGEX", help="compile only the ggml-cuda objects whose path matches REGEX")
+    ap.add_argument("--only", metavar="REGEX", action="append", default=[],
+                    help="compile only the ggml-cuda objects whose path matches REGEX; repeat for ordered groups")
     ap.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--toolkit", choices=cuda_toolkit.TOOLKIT_CHOICES, default="auto")
     ap.add_argument("--list", action="store_true", help="configure, list the ggml-cuda objects and exit")
@@ -78,12 +93,12 @@ def main(argv: list[str]) -> int:
     if not shutil.which("ninja"):
         print("error: the CUDA check needs ninja (apt install ninja-build)", file=sys.stderr)
         return 1
-    only = None
-    if a.only:
+    patterns = []
+    for text in a.only:
         try:
-            only = re.compile(a.only)
+            patterns.append(re.compile(text))
         except re.error as e:
-            print(f"error: --only {a.only!r} is not a regular expression: {e}", file=sys.stderr)
+            print(f"error: --only {text!r} is not a regular expression: {e}", file=sys.stderr)
             return 2
     status = lambda m: print(m, file=sys.stderr)  # noqa: E731
     t0 = time.monotonic()
@@ -99,21 +114,23 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2 if type(e).__name__ == "UsageError" else 1
     objs = cu_objects(bdir)
-    chosen = [o for o in objs if only.search(o)] if only else objs
+    groups = ordered_groups(objs, patterns) if patterns else [["llama"]]
+    chosen = [o for g in groups for o in g] if patterns else objs
     if a.list:
         print("\n".join(chosen))
         return 0
-    if only and not chosen:
-        print(f"error: --only {a.only!r} matches none of the {len(objs)} ggml-cuda objects (see --list)",
+    if patterns and not chosen:
+        print(f"error: --only {' '.join(a.only)!r} matches none of the {len(objs)} ggml-cuda objects (see --list)",
               file=sys.stderr)
         return 2
-    targets = chosen if only else ["llama"]
     status(f"compiling {len(chosen)} of {len(objs)} ggml-cuda objects for {setup.archs} with "
            f"{setup.toolkit.origin} CUDA {setup.toolkit.version}, {a.jobs} jobs; log: {log_path}")
     t1 = time.monotonic()
     rc = 0
     try:
-        B._run(["ninja", "-C", str(bdir), "-j", str(a.jobs), *targets], work, log_path, status, "compiling")
+        for i, group in enumerate(groups, 1):
+            B._run(["ninja", "-C", str(bdir), "-j", str(a.jobs), *group], work, log_path, status,
+                   f"compiling (group {i}/{len(groups)})")
     except Exception as e:
         if type(e).__name__ not in ("BuildError", "RuntimeError"):
             raise
