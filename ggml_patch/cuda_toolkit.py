@@ -163,12 +163,55 @@ def _executable(p: Path) -> bool:
     return p.is_file() and os.access(p, os.X_OK)
 
 
-def find_system() -> Toolkit | None:
-    """The system toolkit (no subprocess: the version is probed by ``probe_version`` when building)."""
+def _system_home(nvcc: Path) -> Path:
+    """The toolkit root of a system ``nvcc``: ``bin/..`` of the real file, or of the nvcc a wrapper script execs
+    (``/usr/local/bin/nvcc`` containing ``exec /usr/local/cuda-13.0/bin/nvcc "$@"``)."""
+    real = nvcc.resolve()
+    home = real.parent.parent
+    if not (home / "include" / "cuda_runtime.h").is_file() and real.stat().st_size < 4096:
+        try:
+            text = real.read_text(errors="replace")
+        except OSError:
+            text = ""
+        m = re.search(r"(/\S+)/bin/nvcc\b", text) if text.startswith("#!") else None
+        if m:
+            return Path(m.group(1)).resolve()
+    return home
+
+
+def _system_include_dirs(home: Path) -> list[Path]:
+    return [home / "include", *sorted(home.glob("targets/*/include"))]
+
+
+def _check_system(tk: Toolkit) -> str | None:
+    """What a system toolkit lacks to build ggml-cuda (None when complete): the CUDA runtime and cuBLAS headers.
+    (Seen: images with only the compiler packages, e.g. a CUDA 13.0 nvcc without cuBLAS.)"""
+    inc = _system_include_dirs(tk.home)
+    missing = [what for header, what in (("cuda_runtime.h", "the CUDA runtime headers"), ("cublas_v2.h", "cuBLAS"))
+               if not any((d / header).is_file() for d in inc)]
+    return f"the system toolkit {tk.home} (nvcc {tk.nvcc}) has no {' and no '.join(missing)}" if missing else None
+
+
+def _system_candidates() -> list[Toolkit]:
+    out: list[Toolkit] = []
     for nvcc in _system_nvcc_candidates():
         if _executable(nvcc):
-            return Toolkit("system", nvcc, nvcc.resolve().parent.parent)
-    return None
+            home = _system_home(nvcc)
+            if all(t.home != home for t in out):
+                out.append(Toolkit("system", nvcc, home))
+    return out
+
+
+def find_system() -> tuple[Toolkit | None, str | None]:
+    """(the first complete system toolkit, None) or (None, why the ones found cannot build, or None if none).
+    No subprocess: the version is probed by ``probe_version`` when building."""
+    why = None
+    for tk in _system_candidates():
+        problem = _check_system(tk)
+        if problem is None:
+            return tk, None
+        why = why or problem
+    return None, why
 
 
 def probe_version(tk: Toolkit) -> Toolkit:
@@ -270,7 +313,7 @@ def find(prefer: str = "auto", dirs: list[Path] | None = None) -> Toolkit | None
     if prefer not in TOOLKIT_CHOICES:
         raise _error("UsageError", f"--cuda-toolkit must be one of {', '.join(TOOLKIT_CHOICES)}, got {prefer!r}")
     if prefer in ("auto", "system"):
-        tk = find_system()
+        tk = find_system()[0]
         if tk is not None or prefer == "system":
             return tk
     return find_wheels(dirs)[0]
@@ -281,12 +324,19 @@ def require(prefer: str = "auto", dirs: list[Path] | None = None) -> Toolkit:
     tk = find(prefer, dirs)
     if tk is not None:
         return tk
-    _, why = find_wheels(dirs) if prefer != "system" else (None, None)
+    why_system = find_system()[1] if prefer != "pip" else None
+    why_wheels = find_wheels(dirs)[1] if prefer != "system" else None
     where = {"system": "on PATH, in $CUDA_HOME or /usr/local/cuda",
              "pip": "in the nvidia pip wheels",
              "auto": "on PATH, in $CUDA_HOME, /usr/local/cuda or the nvidia pip wheels"}[prefer]
-    msg = f"no CUDA compiler (nvcc) {where}" + (f" ({why})" if why else "")
-    hint = "install a CUDA toolkit, or use --cuda-toolkit auto" if prefer == "system" else EXTRA_HINT
+    whys = "; ".join(w for w in (why_system, why_wheels) if w)
+    if why_system:  # an nvcc exists, but its toolkit cannot build ggml-cuda
+        msg = f"no complete CUDA toolkit: {whys}" + (", and no nvidia pip wheels" if prefer == "auto" and
+                                                      not why_wheels else "")
+    else:
+        msg = f"no CUDA compiler (nvcc) {where}" + (f" ({whys})" if whys else "")
+    hint = "install the full CUDA toolkit (with cuBLAS), or use --cuda-toolkit pip" if prefer == "system" \
+        else EXTRA_HINT
     raise _error("BuildError", msg, hint)
 
 
@@ -381,8 +431,10 @@ def assemble_root(tk: Toolkit, parent: Path, cc: str | None = None) -> Path:
 def cmake_flags(tk: Toolkit, root: Path, archs: str) -> list[str]:
     """CUDA options for CMake: the architectures, the compiler and the toolkit root (``root``: the assembled one for
     the wheels, the toolkit itself for a system install)."""
-    return [f"-DCMAKE_CUDA_ARCHITECTURES={archs}", f"-DCMAKE_CUDA_COMPILER={root / 'bin' / 'nvcc'}"
-            if tk.origin == "pip" else f"-DCMAKE_CUDA_COMPILER={tk.nvcc}", f"-DCUDAToolkit_ROOT={root}"]
+    nvcc = root / "bin" / "nvcc"  # the toolkit's own nvcc rather than a wrapper script found on PATH
+    if tk.origin != "pip" and not _executable(nvcc):
+        nvcc = tk.nvcc
+    return [f"-DCMAKE_CUDA_ARCHITECTURES={archs}", f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCUDAToolkit_ROOT={root}"]
 
 
 def rpath(tk: Toolkit) -> str:

@@ -107,11 +107,36 @@ def test_system_toolkit_comes_first_in_auto(tmp_path, no_system_cuda, monkeypatc
     monkeypatch.setenv("DLLM_CUDA_WHEELS", str(tmp_path / "site"))
     nvcc = tmp_path / "usr-local-cuda" / "bin" / "nvcc"
     _exe(nvcc, "#!/bin/sh\necho 'Cuda compilation tools, release 12.4, V12.4.131'\n")
+    _touch(nvcc.parent.parent / "include" / "cuda_runtime.h")
+    _touch(nvcc.parent.parent / "targets" / "x86_64-linux" / "include" / "cublas_v2.h")
     monkeypatch.setattr(C, "_system_nvcc_candidates", lambda: [nvcc])
     tk = C.find("auto")
     assert tk is not None and tk.origin == "system" and tk.home == nvcc.parent.parent
     assert C.probe_version(tk).version == "12.4.131"
     assert C.find("pip").origin == "pip"  # type: ignore[union-attr]
+    flags = B.cmake_flags("cuda", cuda=B.CudaSetup(tk, tk.home, "86"))
+    assert f"-DCMAKE_CUDA_COMPILER={nvcc}" in flags and f"-DCUDAToolkit_ROOT={tk.home}" in flags
+
+
+def test_a_system_nvcc_without_cublas_falls_back_to_the_wheels(tmp_path, no_system_cuda, monkeypatch):
+    """Like this project's machine image: /usr/local/bin/nvcc execs /usr/local/cuda-13.0/bin/nvcc, whose toolkit
+    has the compiler and the runtime but no cuBLAS."""
+    cuda = tmp_path / "cuda-13.0"
+    _exe(cuda / "bin" / "nvcc")
+    _touch(cuda / "include" / "cuda_runtime.h")
+    wrapper = tmp_path / "local-bin" / "nvcc"
+    _exe(wrapper, f'#!/bin/sh\nexec {cuda}/bin/nvcc "$@"\n')
+    monkeypatch.setattr(C, "_system_nvcc_candidates", lambda: [wrapper])
+    tk, why = C.find_system()
+    assert tk is None and why == f"the system toolkit {cuda} (nvcc {wrapper}) has no cuBLAS"
+    with pytest.raises(BuildError, match=r"no complete CUDA toolkit: .*has no cuBLAS, and no nvidia pip wheels "
+                                         r"\(pip install 'dllm-cli\[cuda\]'\)"):
+        C.require("auto")
+    with pytest.raises(BuildError, match=r"has no cuBLAS \(install the full CUDA toolkit .*--cuda-toolkit pip\)"):
+        C.require("system")
+    fake_cu13(tmp_path / "site")
+    monkeypatch.setenv("DLLM_CUDA_WHEELS", str(tmp_path / "site"))
+    assert C.require("auto").origin == "pip"
 
 
 def test_cu12_wheels_without_nvcc_are_named_and_with_one_are_used(tmp_path, no_system_cuda):
