@@ -34,6 +34,60 @@ from ggml_patch import cuda_toolkit
 DEFAULT_CHECK_ARCHS = "80-real;90-real"  # one Ampere, one Hopper: machine code only, no PTX (half the work of "80;90")
 
 
+PROBE_CMAKE = """cmake_minimum_required(VERSION 3.18)
+project(dllm_link_probe CXX)
+find_package(CUDAToolkit REQUIRED)
+enable_language(CUDA)
+add_library(probe SHARED probe.cu)
+target_link_libraries(probe PRIVATE CUDA::cudart CUDA::cublas CUDA::cuda_driver)  # what ggml-cuda links
+"""
+PROBE_CU = """#include <cuda.h>
+#include <cublas_v2.h>
+__global__ void twice(float * x) { x[threadIdx.x] *= 2.0f; }
+extern "C" int probe(void) {
+    CUdevice d; if (cuDeviceGet(&d, 0) != CUDA_SUCCESS) return 1;  // driver API, as ggml-cuda's VMM pool
+    cublasHandle_t h; if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) return 2;
+    float * x; if (cudaMalloc(&x, 64) != cudaSuccess) return 3;
+    twice<<<1, 16>>>(x);
+    return 0;
+}
+"""
+PROBE_FLAGS = ("-DCMAKE_CUDA_ARCHITECTURES=", "-DCMAKE_CUDA_COMPILER=", "-DCUDAToolkit_ROOT=", "-DCMAKE_INSTALL_RPATH=",
+               "-DCMAKE_BUILD_WITH_INSTALL_RPATH=", "-DCMAKE_BUILD_TYPE=")
+
+
+def dynamic_section(lib: Path) -> tuple[list[str], list[str]]:
+    """(NEEDED sonames, RUNPATH/RPATH entries) of ``lib`` from ``readelf -d``; ([], []) without readelf."""
+    if not shutil.which("readelf"):
+        return [], []
+    out = subprocess.run(["readelf", "-d", str(lib)], capture_output=True, text=True).stdout
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", out)
+    paths = [p for m in re.findall(r"\((?:RUNPATH|RPATH)\)\s+Library r(?:un)?path: \[(.*?)\]", out)
+             for p in m.split(":") if p]
+    return needed, paths
+
+
+def link_probe(flags: list[str], work: Path, log_path: Path, status) -> dict:
+    """Compile and link a one-kernel shared library against cudart, cuBLAS and the driver with the build's CUDA flags
+    (compiler, toolkit root, architectures, RPATH), then say where each CUDA library it needs is found: libcudart
+    and libcublas through the RUNPATH, libcuda.so.1 only from a driver (not found on a machine without one)."""
+    d = work / "link-probe"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    (d / "CMakeLists.txt").write_text(PROBE_CMAKE)
+    (d / "probe.cu").write_text(PROBE_CU)
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    B._run(["cmake", "-S", str(d), "-B", str(d / "build"), *gen, *(f for f in flags if f.startswith(PROBE_FLAGS))],
+           d, log_path, status, "link probe: configuring")
+    B._run(["cmake", "--build", str(d / "build")], d, log_path, status, "link probe: compiling")
+    lib = d / "build" / "libprobe.so"
+    needed, runpath = dynamic_section(lib)
+    dirs = [Path(p.replace("$ORIGIN", str(lib.parent))) for p in runpath]
+    found = {n: next((str(x / n) for x in dirs if (x / n).exists()), None) for n in needed
+             if n.startswith(("libcudart", "libcublas", "libcuda."))}
+    return {"library": str(lib), "needed": needed, "runpath": runpath, "found_in_runpath": found}
+
+
 def cu_objects(bdir: Path) -> list[str]:
     """The ggml-cuda object files of the configured build (``...ggml-cuda.dir/<source>.cu.o``), from ninja."""
     res = subprocess.run(["ninja", "-C", str(bdir), "-t", "targets", "all"], capture_output=True, text=True)
@@ -108,11 +162,20 @@ def main(argv: list[str]) -> int:
         patches = B.patch_files()
         key = B.cache_key("cuda", flags, patches)
         work, bdir, log_path = B.prepare(f"cuda-check-{key}", key, flags, patches, False, status)
+        probe = link_probe(flags, work, log_path, status)
     except Exception as e:
         if type(e).__name__ not in ("BuildError", "UsageError", "RuntimeError"):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2 if type(e).__name__ == "UsageError" else 1
+    runtime_libs = [n for n in probe["found_in_runpath"] if not n.startswith("libcuda.")]
+    unresolved = [n for n in runtime_libs if probe["found_in_runpath"][n] is None]
+    print(f"link probe: needs {', '.join(probe['found_in_runpath']) or '(readelf missing)'}; "
+          + ", ".join(f"{n} -> {v or 'NOT in the RUNPATH'}" for n, v in probe["found_in_runpath"].items()
+                      if not n.startswith("libcuda.")) + "; libcuda.so.1 comes from the driver")
+    if setup.toolkit.origin == "pip" and unresolved:
+        print(f"error: the RUNPATH {probe['runpath']} does not lead to {', '.join(unresolved)}", file=sys.stderr)
+        return 1
     objs = cu_objects(bdir)
     groups = ordered_groups(objs, patterns) if patterns else [["llama"]]
     chosen = [o for g in groups for o in g] if patterns else objs
@@ -145,7 +208,7 @@ def main(argv: list[str]) -> int:
         "object_seconds": dict(sorted(done.items(), key=lambda kv: -kv[1])),
         "object_seconds_sum": round(sum(done.values()), 1), "wall_seconds": round(wall, 1),
         "setup_seconds": round(t1 - t0, 1), "libraries": library_sizes(bdir), "jobs": a.jobs,
-        "load_after": os.getloadavg(), "ok": rc == 0,
+        "load_after": os.getloadavg(), "ok": rc == 0, "link_probe": probe,
     }
     (work / "cuda-check.json").write_text(json.dumps(report, indent=1) + "\n")
     slow = ", ".join(f"{Path(o).name.removesuffix('.cu.o')} {s:.0f}s" for o, s in list(report["object_seconds"].items())[:5])

@@ -254,6 +254,8 @@ def test_assembled_root_has_unversioned_libs_and_a_driver_stub(tmp_path, no_syst
     assert dll.cuInit(0) == 999 and dll.cuMemGetInfo_v2(0, 0) == 999  # the versioned name, as cuda.h exports it
     if shutil.which("readelf"):
         assert "libcuda.so.1" in subprocess.run(["readelf", "-d", str(stub)], capture_output=True, text=True).stdout
+        needed, runpath = cuda_check.dynamic_section(stub)
+        assert "libc.so.6" in needed and runpath == []
     assert C.assemble_root(setup.toolkit, root.parent) == root  # built once
 
 
