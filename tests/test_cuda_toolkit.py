@@ -254,8 +254,12 @@ def test_assembled_root_has_unversioned_libs_and_a_driver_stub(tmp_path, no_syst
     assert dll.cuInit(0) == 999 and dll.cuMemGetInfo_v2(0, 0) == 999  # the versioned name, as cuda.h exports it
     if shutil.which("readelf"):
         assert "libcuda.so.1" in subprocess.run(["readelf", "-d", str(stub)], capture_output=True, text=True).stdout
-        needed, runpath = cuda_check.dynamic_section(stub)
-        assert "libc.so.6" in needed and runpath == []
+        lib = tmp_path / "libx.so"
+        (tmp_path / "x.c").write_text("int x(void) { return 1; }\n")
+        subprocess.run([CC, "-shared", "-fPIC", "-o", str(lib), str(tmp_path / "x.c"), "-Wl,--no-as-needed", "-lm",
+                        "-Wl,--enable-new-dtags,-rpath,$ORIGIN:/opt/x"], check=True)
+        needed, runpath = cuda_check.dynamic_section(lib)
+        assert "libm.so.6" in needed and runpath == ["$ORIGIN", "/opt/x"]
     assert C.assemble_root(setup.toolkit, root.parent) == root  # built once
 
 
