@@ -7,7 +7,7 @@ DLLM_HOME ?= $(HOME)/.cache/dllm
 BACKEND  ?= auto
 export DLLM_HOME
 
-.PHONY: setup runtime test chat clean cuda-wheels cuda-check cuda-check-llada2
+.PHONY: setup runtime test chat clean cuda-wheels cuda-check cuda-check-llada2 cuda-check-smoke
 setup: runtime
 
 $(BIN)/python:
@@ -59,6 +59,9 @@ cuda-check: cuda-wheels          # everything: libggml-cuda and libllama for CUD
 
 cuda-check-llada2: cuda-wheels   # only the ggml-cuda objects the llada2 graph needs, in priority order
 	$(CUDA_CHECK) $(LLADA2_CUDA_OBJECTS) $(CUDA_CHECK_ARGS)
+
+cuda-check-smoke: cuda-wheels    # CI: toolkit discovery, configure, link probe, the confidence-head ops' kernels
+	$(CUDA_CHECK) --only '/(top-k|softmax|getrows)\.cu\.o$$' $(CUDA_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
