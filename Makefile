@@ -40,11 +40,12 @@ CUDA_JOBS   ?= $(shell nproc 2>/dev/null || echo 2)
 CUDA_CHECK  = DLLM_CUDA_WHEELS=$(abspath $(CUDA_WHEELS)) $(BIN)/python -m ggml_patch.cuda_check --toolkit pip \
               --arch '$(CUDA_ARCH)' -j $(CUDA_JOBS)
 # the objects the llada2 graph runs, most important first (backend and confidence-head ops, matmul and attention
-# kernels, then the Q4_K/Q6_K/Q8_0 mmq and f16/q8_0 flash-attention instances, the mma/tile attention, mmf)
+# kernels, then the Q4_K/Q6_K/Q8_0 mmq and f16/q8_0 flash-attention instances, the mma attention, mmf, and
+# last the tile attention, which sm_80/sm_90 use only for head sizes 40 and 72)
 LLADA2_CUDA_OBJECTS = \
   --only 'dir/(ggml-cuda|softmax|getrows|top-k|argsort|norm|rope|unary|binbcast|fattn|mmq|mmvq|mmf|mmvf|mmid|cpy|set-rows|fill|topk-moe|convert|quantize|scale|sumrows|sum|concat|diagmask|fattn-tile|moe-weighted-reduction)\.cu\.o$$' \
   --only 'mmq-instance-(q4_k|q8_0|q6_k)\.cu|fattn-vec-instance-(f16-f16|q8_0-q8_0)\.cu|fattn-tile-instance-dkq128-dv128\.cu' \
-  --only 'fattn-mma-f16-instance' --only 'fattn-tile-instance' --only 'mmf-instance'
+  --only 'fattn-mma-f16-instance' --only 'mmf-instance' --only 'fattn-tile-instance'
 
 $(CUDA_WHEELS)/.installed: pyproject.toml | $(VENV)/.installed
 	$(BIN)/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['cuda']))" > $(CUDA_WHEELS).txt
