@@ -222,8 +222,8 @@ def probe_version(tk: Toolkit) -> Toolkit:
         out = subprocess.run([str(tk.nvcc), "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError):
         out = ""
-    m = re.search(r"release (\d+\.\d+), V(\d+(?:\.\d+)*)", out) or re.search(r"release (\d+\.\d+)", out)
-    version = (m.group(2) if m and m.lastindex and m.lastindex >= 2 else m.group(1)) if m else ""
+    m = re.search(r"release (\d+\.\d+)(?:, V(\d+(?:\.\d+)*))?", out)
+    version = (m.group(2) or m.group(1)) if m else ""
     return Toolkit(tk.origin, tk.nvcc, tk.home, version, tk.include_dirs, tk.lib_dirs, tk.nvvm, tk.packages)
 
 
