@@ -7,7 +7,7 @@ DLLM_HOME ?= $(HOME)/.cache/dllm
 BACKEND  ?= auto
 export DLLM_HOME
 
-.PHONY: setup runtime test chat clean
+.PHONY: setup runtime test chat clean cuda-wheels cuda-check cuda-check-llada2 cuda-check-smoke
 setup: runtime
 
 $(BIN)/python:
@@ -30,6 +30,39 @@ test: setup
 
 chat: setup
 	$(BIN)/dllm chat
+
+# CUDA compile check without a GPU or a system toolkit (ggml_patch/cuda_check.py): the [cuda] extra's wheels go to
+# .cuda-wheels/ (pip --target, ~1.1 GB) rather than into the venv, and the patched runtime is compiled for
+# CUDA_ARCH in $(DLLM_HOME)/build/cuda-check-<key>/. Interrupted runs resume. Hours on 2 cores: see ggml_patch/README.md.
+CUDA_WHEELS ?= .cuda-wheels
+CUDA_ARCH   ?= 80-real;90-real
+CUDA_JOBS   ?= $(shell nproc 2>/dev/null || echo 2)
+CUDA_CHECK  = DLLM_CUDA_WHEELS=$(abspath $(CUDA_WHEELS)) $(BIN)/python -m ggml_patch.cuda_check --toolkit pip \
+              --arch '$(CUDA_ARCH)' -j $(CUDA_JOBS)
+# the objects the llada2 graph runs, most important first (backend and confidence-head ops, matmul and attention
+# kernels, then the Q4_K/Q6_K/Q8_0 mmq and f16/q8_0 flash-attention instances, the mma attention, mmf, and
+# last the tile attention, which sm_80/sm_90 use only for head sizes 40 and 72)
+LLADA2_CUDA_OBJECTS = \
+  --only 'dir/(ggml-cuda|softmax|getrows|top-k|argsort|norm|rope|unary|binbcast|fattn|mmq|mmvq|mmf|mmvf|mmid|cpy|set-rows|fill|topk-moe|convert|quantize|scale|sumrows|sum|concat|diagmask|fattn-tile|moe-weighted-reduction)\.cu\.o$$' \
+  --only 'mmq-instance-(q4_k|q8_0|q6_k)\.cu|fattn-vec-instance-(f16-f16|q8_0-q8_0)\.cu|fattn-tile-instance-dkq128-dv128\.cu' \
+  --only 'fattn-mma-f16-instance' --only 'mmf-instance' --only 'fattn-tile-instance'
+
+$(CUDA_WHEELS)/.installed: pyproject.toml | $(VENV)/.installed
+	$(BIN)/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['cuda']))" > $(CUDA_WHEELS).txt
+	$(BIN)/python -m pip install -q --upgrade --target $(CUDA_WHEELS) -r $(CUDA_WHEELS).txt
+	rm -f $(CUDA_WHEELS).txt
+	touch $@
+
+cuda-wheels: $(CUDA_WHEELS)/.installed
+
+cuda-check: cuda-wheels          # everything: libggml-cuda and libllama for CUDA_ARCH
+	$(CUDA_CHECK) $(CUDA_CHECK_ARGS)
+
+cuda-check-llada2: cuda-wheels   # only the ggml-cuda objects the llada2 graph needs, in priority order
+	$(CUDA_CHECK) $(LLADA2_CUDA_OBJECTS) $(CUDA_CHECK_ARGS)
+
+cuda-check-smoke: cuda-wheels    # CI: toolkit discovery, configure, link probe, the confidence-head ops' kernels
+	$(CUDA_CHECK) --only '/(top-k|softmax|getrows)\.cu\.o$$' $(CUDA_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -4,7 +4,8 @@ the shared libraries with CMake and install them into ``<runtime root>/<backend>
 Run as ``python -m ggml_patch.build fetch|sdist-path|build [--backend B] [--force]`` (the Makefile uses the
 first two before dllm is installed); ``dllm runtime build`` drives ``build()``.
 
-The key is a hash of the sdist checksum, the patch files, the backend and the CMake flags; it is also
+The key is a hash of the sdist checksum, the patch files, the backend and the CMake flags (for CUDA these hold the
+architecture list and the toolkit, see ``cuda_toolkit``); it is also
 compiled into the library (``DLLM_PATCHSET``) and read back by ``llama_dllm_version()``, so Python can
 tell a library built from the current patches from a stale one.
 """
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from ggml_patch import cpu_features
+from ggml_patch import cuda_toolkit
 
 PACKAGE = "llama-cpp-python"
 VERSION = "0.3.36"
@@ -88,16 +90,17 @@ BASE_FLAGS = (
     "-DGGML_RPC=ON",  # libggml-rpc: remote devices (`--rpc`) and the worker behind `dllm rpc-server`
 )
 BACKEND_FLAGS = {"cpu": (), "cuda": ("-DGGML_CUDA=ON",), "metal": ("-DGGML_METAL=ON",)}
+# Flags that differ between builds of one backend (compiler-probed -mno-amx-*, the CUDA architectures and toolkit,
+# the wheel RPATH). Loading compares a build's other flags with today's and recomputes its key from all of them.
+VARIABLE_FLAGS = ("-DCMAKE_C_FLAGS=", "-DCMAKE_CXX_FLAGS=", "-DCMAKE_CUDA_ARCHITECTURES=", "-DCMAKE_CUDA_COMPILER=",
+                  "-DCUDAToolkit_ROOT=", "-DCMAKE_INSTALL_RPATH=")
 LIB_PREFIXES = ("libllama", "libggml", "llama", "ggml")
 LIB_SUFFIXES = (".so", ".dylib", ".dll")
 
 
 def _build_error(message: str, hint: str | None = None) -> Exception:
-    try:  # dllm's typed error when the package is importable (it always is once installed)
-        from dllm_cli.errors import BuildError
-        return BuildError(message, hint)
-    except ImportError:  # pragma: no cover - only before dllm is installed
-        return RuntimeError(f"{message} ({hint})" if hint else message)
+    # dllm's typed error when the package is importable (it always is once installed)
+    return cuda_toolkit._error("BuildError", message, hint)
 
 
 def runtime_root() -> Path:
@@ -116,13 +119,14 @@ def _nvidia_driver() -> bool:
 
 
 def resolve_backend(backend: str = "auto") -> str:
-    """``auto`` -> cuda when ``nvcc`` is on PATH and an NVIDIA driver is present, metal on macOS, else cpu.
+    """``auto`` -> cuda when an NVIDIA driver is present and an ``nvcc`` exists (on PATH, in ``$CUDA_HOME`` or
+    ``/usr/local/cuda``, or from the ``[cuda]`` extra's pip wheels), metal on macOS, else cpu.
 
     The driver check matters: a CUDA toolkit without a GPU (CI images, build boxes) would otherwise get an
     hour-long CUDA compile of a library that cannot load there.
     """
     if backend == "auto":
-        if shutil.which("nvcc") and _nvidia_driver():
+        if _nvidia_driver() and (shutil.which("nvcc") or cuda_toolkit.find("auto") is not None):
             return "cuda"
         return "metal" if sys.platform == "darwin" else "cpu"
     if backend not in BACKENDS:
@@ -130,14 +134,56 @@ def resolve_backend(backend: str = "auto") -> str:
     return backend
 
 
-def cmake_flags(backend: str, amx: bool = False) -> list[str]:
+@dataclass(frozen=True)
+class CudaSetup:
+    """What a CUDA build compiles with: the toolkit, the CMake toolkit root (assembled for the wheels) and the
+    architectures (``80-real;90`` ...), with where they came from (option | native | default)."""
+    toolkit: cuda_toolkit.Toolkit
+    root: Path
+    archs: str
+    arch_source: str = "option"
+
+    def describe(self) -> dict:
+        return {"archs": self.archs, "arch_source": self.arch_source, "toolkit": self.toolkit.describe()}
+
+
+def cmake_flags(backend: str, amx: bool = False, cuda: CudaSetup | None = None) -> list[str]:
     """CMake options for ``backend``. Unless ``amx``, x86 builds add ``-mno-amx-*`` to the C and C++ flags so
-    ``-march=native`` cannot compile ggml's AMX kernels, which crash quantized matmuls (see ``cpu_features``)."""
+    ``-march=native`` cannot compile ggml's AMX kernels, which crash quantized matmuls (see ``cpu_features``).
+    ``cuda`` adds the architectures, compiler and toolkit root, and the wheel library directories to the RPATH."""
     flags = [*BASE_FLAGS, *BACKEND_FLAGS[backend]]
+    if cuda is not None:
+        flags = [f"-DCMAKE_INSTALL_RPATH={cuda_toolkit.rpath(cuda.toolkit)}"
+                 if f.startswith("-DCMAKE_INSTALL_RPATH=") else f for f in flags]
+        flags += cuda_toolkit.cmake_flags(cuda.toolkit, cuda.root, cuda.archs)
     off = [] if amx else cpu_features.amx_off_flags()
     if off:
         flags += [f"-DCMAKE_C_FLAGS={' '.join(off)}", f"-DCMAKE_CXX_FLAGS={' '.join(off)}"]
     return flags
+
+
+def fixed_flags(flags: list[str]) -> list[str]:
+    """``flags`` without the ones that vary between builds of a backend (``VARIABLE_FLAGS``)."""
+    return [f for f in flags if not f.startswith(VARIABLE_FLAGS)]
+
+
+def cuda_setup(cuda_arch: str | None = None, toolkit: str = "auto", status: Callable[[str], None] | None = None,
+               dirs: list[Path] | None = None) -> CudaSetup:
+    """Validate ``cuda_arch`` (UsageError), find the toolkit (BuildError naming ``pip install 'dllm-cli[cuda]'``),
+    assemble a CMake root for wheels under ``$DLLM_HOME/cuda-toolkit`` and check the architectures against it."""
+    archs, source = cuda_toolkit.resolve_archs(cuda_arch)
+    tk = cuda_toolkit.probe_version(cuda_toolkit.require(toolkit, dirs))
+    low = [a for a in cuda_toolkit.arch_numbers(archs) if a < cuda_toolkit.MIN_ARCH_CUDA13]
+    if (tk.major or 0) >= 13 and low:
+        raise _build_error(f"CUDA {tk.version} ({tk.origin}) cannot compile for architecture "
+                           f"{', '.join(map(str, low))} (CUDA 13 starts at 75)",
+                           "drop it from --cuda-arch, or build with a CUDA 12 system toolkit")
+    root = tk.home
+    if tk.origin == "pip":
+        if status:
+            status(f"assembling a CUDA toolkit root from the pip wheels ({tk.version})")
+        root = cuda_toolkit.assemble_root(tk, home() / "cuda-toolkit")
+    return CudaSetup(tk, root, archs, source)
 
 
 def cache_key(backend: str, flags: list[str] | None = None, patches: list[Path] | None = None,
@@ -284,29 +330,18 @@ def installed(backend: str, key: str) -> bool:
     return info.get("key") == key and (install_dir(backend, key) / "lib").is_dir()
 
 
-def build(backend: str = "auto", force: bool = False, status: Status | None = None,
-          jobs: int | None = None, amx: bool = False) -> BuildResult:
-    """Build and install the patched runtime for ``backend`` unless the same key is already installed.
-
-    ``amx`` compiles ggml's AMX kernels (off by default: they crash quantized models upstream).
-    """
-    t0 = time.monotonic()
-    status = status or (lambda msg: None)
-    backend = resolve_backend(backend)
-    flags = cmake_flags(backend, amx=amx)
-    patches = patch_files()
-    key = cache_key(backend, flags, patches)
-    target = install_dir(backend, key)
-    if not force and installed(backend, key):
-        return BuildResult(target, backend, key, False, time.monotonic() - t0)
+def prepare(name: str, key: str, flags: list[str], patches: list[Path], force: bool,
+            status: Status) -> tuple[Path, Path, Path]:
+    """Fetch the sdist, extract and patch it under ``$DLLM_HOME/build/<name>`` (unless already done for ``key``)
+    and configure it with CMake. Returns (work dir, CMake build dir, log file)."""
     for tool in ("cmake",):
         if not shutil.which(tool):
             raise _build_error(f"{tool} is not on PATH", "install CMake >= 3.14 and a C++17 compiler")
 
-    work = home() / "build" / f"{backend}-{key}"
+    work = home() / "build" / name
     work.mkdir(parents=True, exist_ok=True)
     log_path = work / "build.log"
-    log_path.write_text(f"dllm runtime build {backend}-{key} {time.ctime()}\n")
+    log_path.write_text(f"dllm runtime build {name} {time.ctime()}\n")
     status("fetching the llama-cpp-python sdist")
     try:
         sdist = fetch(log=status)
@@ -326,6 +361,34 @@ def build(backend: str = "auto", force: bool = False, status: Status | None = No
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     _run(["cmake", "-S", str(src), "-B", str(bdir), *gen, *flags, f"-DDLLM_PATCHSET={key}"], work, log_path,
          status, "configuring (cmake)")
+    return work, bdir, log_path
+
+
+def build(backend: str = "auto", force: bool = False, status: Status | None = None,
+          jobs: int | None = None, amx: bool = False, cuda_arch: str | None = None,
+          cuda_toolkit_source: str = "auto") -> BuildResult:
+    """Build and install the patched runtime for ``backend`` unless the same key is already installed.
+
+    ``amx`` compiles ggml's AMX kernels (off by default: they crash quantized models upstream). ``cuda_arch`` is
+    ``--cuda-arch`` (None: the visible GPUs, else ``cuda_toolkit.DEFAULT_ARCHS``); ``cuda_toolkit_source`` is
+    auto | system | pip.
+    """
+    t0 = time.monotonic()
+    status = status or (lambda msg: None)
+    if cuda_arch is not None:
+        cuda_toolkit.parse_archs(cuda_arch)  # a bad value is a usage error whatever the backend
+    backend = resolve_backend(backend)
+    if cuda_arch is not None and backend != "cuda":
+        raise cuda_toolkit._error("UsageError", f"--cuda-arch applies to the cuda backend, not {backend}",
+                                  "add --backend cuda")
+    cuda = cuda_setup(cuda_arch, cuda_toolkit_source, status) if backend == "cuda" else None
+    flags = cmake_flags(backend, amx=amx, cuda=cuda)
+    patches = patch_files()
+    key = cache_key(backend, flags, patches)
+    target = install_dir(backend, key)
+    if not force and installed(backend, key):
+        return BuildResult(target, backend, key, False, time.monotonic() - t0)
+    work, bdir, log_path = prepare(f"{backend}-{key}", key, flags, patches, force, status)
     n = jobs or os.cpu_count() or 2
     _run(["cmake", "--build", str(bdir), "--target", "llama", "-j", str(n)], work, log_path, status,
          f"compiling libllama ({backend}, {n} jobs)")
@@ -339,8 +402,23 @@ def build(backend: str = "auto", force: bool = False, status: Status | None = No
         "build_seconds": round(time.monotonic() - t0, 1), "amx": amx,
         "cpu_fingerprint": cpu_features.fingerprint(), "cpu_features": sorted(cpu_features.host_features()),
     }
+    if cuda is not None:
+        info["cuda"] = cuda.describe()
     _install(bin_dir if bin_dir.is_dir() else bdir, target, info)
     return BuildResult(target, backend, key, True, time.monotonic() - t0)
+
+
+USAGE = ("usage: python -m ggml_patch.build fetch|sdist-path|build [--backend B] [--force] [--amx] "
+         "[--cuda-arch LIST] [--cuda-toolkit auto|system|pip]")
+
+
+def _opt(argv: list[str], name: str) -> str | None:
+    if name not in argv:
+        return None
+    i = argv.index(name)
+    if i + 1 >= len(argv):
+        raise cuda_toolkit._error("UsageError", f"{name} needs a value")
+    return argv[i + 1]
 
 
 def main(argv: list[str]) -> int:
@@ -351,22 +429,21 @@ def main(argv: list[str]) -> int:
         elif cmd == "sdist-path":
             print(sdist_path())
         elif cmd == "build":
-            backend = argv[argv.index("--backend") + 1] if "--backend" in argv else "auto"
-            res = build(backend, force="--force" in argv, status=lambda m: print(m, file=sys.stderr),
-                        amx="--amx" in argv)
+            res = build(_opt(argv, "--backend") or "auto", force="--force" in argv,
+                        status=lambda m: print(m, file=sys.stderr), amx="--amx" in argv,
+                        cuda_arch=_opt(argv, "--cuda-arch"), cuda_toolkit_source=_opt(argv, "--cuda-toolkit") or "auto")
             print(res.path)
         else:
-            print("usage: python -m ggml_patch.build fetch|sdist-path|build [--backend B] [--force] [--amx]",
-                  file=sys.stderr)
+            print(USAGE, file=sys.stderr)
             return 2
     except FetchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except Exception as e:  # BuildError (or RuntimeError before dllm is installed)
-        if type(e).__name__ not in ("BuildError", "RuntimeError"):
+    except Exception as e:  # BuildError, UsageError (or RuntimeError before dllm is installed)
+        if type(e).__name__ not in ("BuildError", "UsageError", "RuntimeError"):
             raise
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2 if type(e).__name__ == "UsageError" else 1
     return 0
 
 

@@ -21,8 +21,15 @@ class Backend(str, Enum):
     metal = "metal"
 
 
+class CudaToolkit(str, Enum):
+    auto = "auto"
+    system = "system"
+    pip = "pip"
+
+
 BackendOpt = Annotated[Backend, typer.Option("--backend", "-b",
-                                             help="auto: cuda with nvcc and an NVIDIA driver, metal on macOS, else cpu.")]
+                                             help="auto: cuda with an NVIDIA driver and nvcc (system or the [cuda] "
+                                                  "extra's pip wheels), metal on macOS, else cpu.")]
 
 
 @runtime_app.command("build")
@@ -31,20 +38,32 @@ def runtime_build(
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if an up-to-date build is installed.")] = False,
     amx: Annotated[bool, typer.Option("--amx", help="UNSAFE: compile ggml's Intel AMX kernels. Upstream they crash "
                                       "quantized models on Sapphire Rapids class CPUs (llama.cpp #20824); off by default.")] = False,
+    cuda_arch: Annotated[str | None, typer.Option(
+        "--cuda-arch", metavar="LIST",
+        help="CUDA architectures, e.g. 80;86;90 or 90-real;75-virtual, or native. Default: the visible GPUs, "
+             "else 75-virtual;80-real;86-real;89-real;90.")] = None,
+    cuda_toolkit: Annotated[CudaToolkit, typer.Option(
+        "--cuda-toolkit", help="Where nvcc comes from: auto (system, then the pip wheels of "
+                               "pip install 'dllm-cli[cuda]'), system or pip.")] = CudaToolkit.auto,
 ) -> None:
     """Apply ggml_patch/patches to the pinned llama.cpp and build libllama (only when patches, flags or the CPU changed).
 
     The library is tuned for this machine's CPU (-march=native) without the AMX kernels; a build is kept per CPU
     class, so a DLLM_HOME shared between machines never loads a library built for another CPU.
 
+    CUDA without a system toolkit: pip install 'dllm-cli[cuda]' brings nvcc, cudart and cuBLAS as pip wheels
+    (CUDA 13: NVIDIA driver 580 or newer at run time).
+
     Example: dllm runtime build --backend cpu
+    Example: dllm runtime build --backend cuda --cuda-arch 86
     """
     from ggml_patch import build as B
 
     if amx:
         output.warn("--amx compiles ggml's AMX kernels, which crash quantized models upstream (llama.cpp #20824)")
     with output.err.status("preparing the runtime build", spinner="dots") as st:
-        res = B.build(backend.value, force=force, status=lambda msg: st.update(msg), amx=amx)
+        res = B.build(backend.value, force=force, status=lambda msg: st.update(msg), amx=amx, cuda_arch=cuda_arch,
+                      cuda_toolkit_source=cuda_toolkit.value)
     if res.built:
         output.info(f"built {res.backend} runtime {res.key} in {res.seconds:.0f} s")
     else:
@@ -82,6 +101,22 @@ def runtime_info(
     output.answer(f"{'amx kernels':17} {'on (unsafe, --amx)' if info['amx'] else 'off'}")
     output.answer(f"{'cpu compiled':17} {' '.join(info['cpu_compiled'])}")
     output.answer(f"{'cpu host':17} {' '.join(info['cpu_host'])}")
+    for line in cuda_lines(info.get("cuda")):
+        output.answer(line)
     for d in info["devices"]:
         mem = f", {d['memory_total'] / 2**30:.1f} GiB" if d["memory_total"] else ""
         output.answer(f"{'device':17} {d['name']} ({d['type']}: {d['description']}{mem})")
+
+
+def cuda_lines(cuda: dict | None) -> list[str]:
+    """``cuda archs`` and ``cuda toolkit`` lines of ``dllm runtime info`` (none for other backends)."""
+    if not cuda:
+        return []
+    tk = cuda["toolkit"]
+    origin = {"pip": "pip wheels", "system": "system"}.get(tk["origin"], tk["origin"])
+    where = f", {tk['nvcc']}" if tk.get("nvcc") else ""
+    pkgs = tk.get("packages") or {}
+    shown = ", ".join(f"{n} {v}" for n, v in pkgs.items() if n in ("nvidia-cuda-runtime", "nvidia-cublas",
+                                                                  "nvidia-cuda-runtime-cu12", "nvidia-cublas-cu12"))
+    return [f"{'cuda archs':17} {cuda['archs']} ({cuda['arch_source']})",
+            f"{'cuda toolkit':17} {origin} {tk['version']}{where}" + (f" ({shown})" if shown else "")]

@@ -49,7 +49,27 @@ class Runtime:
             "devices": bindings.devices(self), "amx": bool(self.build.get("amx")),
             "cpu_compiled": bindings.compiled_cpu_features(self),
             "cpu_host": sorted(cpu_features.host_features()),
+            "cuda": cuda_info(self.build),
         }
+
+
+def _cuda_record(build: dict) -> tuple[dict, dict]:
+    """build.json's ``cuda`` and ``cuda.toolkit`` objects ({} when absent or malformed)."""
+    raw = build.get("cuda")
+    cuda: dict = raw if isinstance(raw, dict) else {}
+    raw_tk = cuda.get("toolkit")
+    return cuda, (raw_tk if isinstance(raw_tk, dict) else {})
+
+
+def cuda_info(build: dict) -> dict[str, Any] | None:
+    """The architectures and toolkit a CUDA build recorded (None for other backends; builds made before they were
+    recorded show ``unknown``)."""
+    if build.get("backend") != "cuda":
+        return None
+    cuda, tk = _cuda_record(build)
+    return {"archs": cuda.get("archs", "unknown"), "arch_source": cuda.get("arch_source", "unknown"),
+            "toolkit": {"origin": tk.get("origin", "unknown"), "version": tk.get("version", "unknown"),
+                        **{k: tk[k] for k in ("nvcc", "packages", "lib_dirs") if k in tk}}}
 
 
 def candidates(backend: str = "auto") -> list[tuple[str, str, Path]]:
@@ -77,9 +97,10 @@ def _current_builds(backend: str) -> list[tuple[str, Path]]:
         if not info or info.get("key") != key or not (d / "lib").is_dir():
             continue
         flags = [str(f) for f in info["flags"]] if isinstance(info.get("flags"), list) else []
-        # the flags must be today's, apart from the compiler-probed -mno-amx-* ones (amx=True adds none)
-        fixed = [f for f in flags if not f.startswith(("-DCMAKE_C_FLAGS=", "-DCMAKE_CXX_FLAGS="))]
-        if fixed == B.cmake_flags(backend, amx=True) and key == B.cache_key(backend, flags):
+        # the flags must be today's, apart from those that vary between builds (the compiler-probed -mno-amx-*,
+        # the CUDA architectures and toolkit): those are in the key, recomputed here
+        if B.fixed_flags(flags) == B.fixed_flags(B.cmake_flags(backend, amx=True)) \
+                and key == B.cache_key(backend, flags):
             out.append((key, d))
     return out
 
@@ -138,6 +159,7 @@ def _import(backend: str, key: str, path: Path) -> Runtime:
                                       "import dllm_cli.runtime.library.load() before llama_cpp")
     info = B.read_build_info(path) or {}
     check_cpu(info, libdir)
+    preload_cuda_wheels(info)
     os.environ["LLAMA_CPP_LIB_PATH"] = str(libdir)
     try:
         import llama_cpp  # noqa: F401  (binds every symbol of our libllama now)
@@ -152,6 +174,38 @@ def _import(backend: str, key: str, path: Path) -> Runtime:
     aborts.install(libdir)
     llama_cpp.llama_backend_init()
     return Runtime(lib=llama_cpp, cdll=cdll, path=path, backend=backend, key=key, build=info)
+
+
+_CUDA_LIBS = ("libcudart.so", "libcublasLt.so", "libcublas.so")  # dependency order
+_preloaded: list[ctypes.CDLL] = []
+
+
+def preload_cuda_wheels(info: dict) -> list[Path]:
+    """For a CUDA build made with the pip wheels, load libcudart / libcublasLt / libcublas (RTLD_GLOBAL) before
+    libggml-cuda, so it finds them even when the wheels moved since the build (a venv rebuilt elsewhere) and the
+    RPATH recorded then points nowhere. Recorded directories first, then the wheels of this environment."""
+    _, tk = _cuda_record(info)
+    if info.get("backend") != "cuda" or tk.get("origin") != "pip":
+        return []
+    from ggml_patch import cuda_toolkit
+
+    dirs = [Path(d) for d in tk.get("lib_dirs", []) if isinstance(d, str)]
+    found, _ = cuda_toolkit.find_wheels()
+    dirs += list(found.lib_dirs) if found else []
+    loaded = []
+    for name in _CUDA_LIBS:
+        path = next((p for d in dirs if d.is_dir() for p in sorted(d.glob(name + ".*"))
+                     if cuda_toolkit.SONAME_RE.match(p.name)), None)
+        if path is None:
+            raise RuntimeMissingError(f"this CUDA runtime was built with the pip CUDA wheels, but {name}.* is in "
+                                      f"none of {', '.join(map(str, dirs)) or 'their directories'}",
+                                      cuda_toolkit.EXTRA_HINT)
+        try:
+            _preloaded.append(ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL))
+        except OSError as e:
+            raise RuntimeMissingError(f"cannot load {path}: {e}", cuda_toolkit.EXTRA_HINT) from None
+        loaded.append(path)
+    return loaded
 
 
 _log_callback: Any = None  # kept alive for the process: llama.cpp holds the pointer
