@@ -20,7 +20,7 @@ from dllm_cli.decoding.editing import make_policy
 from dllm_cli.decoding.events import BlockEvent, DoneEvent, Event, StartEvent, StepEvent
 from dllm_cli.decoding.levenshtein import LevenshteinPolicy
 from dllm_cli.decoding.mbe import Window
-from dllm_cli.decoding.sampling import Sampler, make_sampler
+from dllm_cli.decoding.sampling import Sampler, filtered_probs, make_sampler
 from dllm_cli.decoding.stepper import StepModel, StepOutput, top2_from_logits
 from dllm_cli.decoding.threshold import Policy
 from dllm_cli.errors import ContextFullError, DecodeError, UsageError
@@ -195,7 +195,7 @@ def _decode_block_indel(run: _Run, policy: LevenshteinPolicy, k: int) -> Iterato
         out = model.step(old.tolist(), s0, rows.tolist(), want_logits=run.sampler.needs_logits)
         run.forwards += 1
         pred = _Prediction(run, out, rows, old, s0, banned)
-        x0, p = pred.top1(allow_edits=not policy.banned(False))  # [B], [B]
+        x0, p = pred.top1(allow_edits=policy.indel)  # [B], [B]
         d = policy.decide(old, x0, p, pred.x1, pred.scrub)
         run.canvas[s0:we] = d.ops.block
         after = d.ops.after  # [B]
@@ -266,7 +266,8 @@ class _Prediction:
             else:
                 top = top2_from_logits(masked, self.run.model.mask_id)
                 got = top.ids[:, 0].astype(np.int64)  # [m]
-                got_p = self._prob(logits[[i for _, i in need]], got)  # [m]
+                full = filtered_probs(logits[[i for _, i in need]], self.run.model.mask_id, temperature=1.0)  # [m, V]
+                got_p = full[np.arange(len(got)), got]  # the head's p: softmax without the mask only
             for (j, _), t, q in zip(need, got, got_p):
                 ids[j], probs[j] = t, q
         return ids, probs
@@ -277,17 +278,6 @@ class _Prediction:
             self.run.forwards += 1
         assert self.out.logits is not None
         return self.out.logits
-
-    def _prob(self, logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """Probability of ``ids`` [m] under the softmax of ``logits`` [m, V] without the mask (the head's p)."""
-        return np.array([_softmax_prob(row, int(t), self.run.model.mask_id) for row, t in zip(logits, ids)])
-
-
-def _softmax_prob(logits: np.ndarray, token: int, mask_id: int) -> float:
-    e = np.array(logits, dtype=np.float64)  # [V]
-    e[mask_id] = -np.inf
-    e = np.exp(e - e.max())
-    return float(e[token] / e.sum())
 
 
 def _output(canvas: np.ndarray, P: int, upto: int, max_tokens: int, stops: set[int]) -> tuple[list[int], bool]:

@@ -105,9 +105,7 @@ class Decision:
     m2t: np.ndarray  # [B] bool: masks written (with a token, DELETE or SPLIT)
     t2t: np.ndarray  # [B] bool: tokens rewritten
     ops: EditOps
-    final: bool
     done: bool
-    perturbed: int  # anti-loop: the position switched to its other top-2 token, or -1
 
 
 class LevenshteinPolicy:
@@ -133,10 +131,6 @@ class LevenshteinPolicy:
         self.n0 = int(self.is_orig.sum())
         self.step = self.post = 0
         self.seen: set[tuple[int, ...]] = set()
-
-    def banned(self, final: bool) -> bool:
-        """Whether DELETE/SPLIT may not be written this step (indel off, or a final round)."""
-        return final or not self.indel
 
     def decide(self, block: np.ndarray, x0: np.ndarray, p: np.ndarray, x1: np.ndarray, scrub: Scrub) -> Decision:
         """One step on ``block`` [B] from the top-1 ``x0``/``p`` and top-2 ``x1`` predictions [B] per position.
@@ -164,9 +158,8 @@ class LevenshteinPolicy:
             if bad.any():
                 x = np.where(bad, scrub(bad), x)
         new = np.where(m2t | t2t, x, block)  # [B]
-        perturbed = -1
         if self.edits and not final and tuple(new.tolist()) in self.seen:
-            new, perturbed = self._unloop(new, block, x0, x1, p)
+            new = self._unloop(new, block, x0, x1, p)
         self.seen.add(tuple(new.tolist()))
         ops = apply_edit_ops(new, block, self.is_orig, self.prompt, mask_id=M, delete_id=self.delete_id,
                              split_id=self.split_id)
@@ -174,7 +167,7 @@ class LevenshteinPolicy:
         self.step += 1
         unchanged = bool((new == block).all())
         done = final or (not maskpos.any() and unchanged) or (not self.edits and not (ops.block == M).any())
-        return Decision(new, m2t, t2t & (new != block), ops, final, done, perturbed)
+        return Decision(new, m2t, t2t & (new != block), ops, done)
 
     def _m2t(self, maskpos: np.ndarray, p: np.ndarray, n_new: int) -> np.ndarray:
         """Masks to unmask: above the threshold if at least the schedule floor pass, else the most confident."""
@@ -191,7 +184,7 @@ class LevenshteinPolicy:
         return top_confident(conf, min(need, int(maskpos.sum())))
 
     def _unloop(self, new: np.ndarray, block: np.ndarray, x0: np.ndarray, x1: np.ndarray,
-                p: np.ndarray) -> tuple[np.ndarray, int]:
+                p: np.ndarray) -> np.ndarray:
         """Switch one changed position to its other top-2 token so the written state is unseen (or keep ``new``)."""
         changed = np.flatnonzero(new != block)  # [n]
         for j in changed[np.argsort(p[changed], kind="stable")]:
@@ -201,5 +194,5 @@ class LevenshteinPolicy:
             trial = new.copy()
             trial[j] = alt
             if tuple(trial.tolist()) not in self.seen:
-                return trial, int(j)
-        return new, -1
+                return trial
+        return new
