@@ -37,7 +37,7 @@ _BUFFER = re.compile(r"CPU_REPACK model buffer size =\s*([0-9.]+) MiB")
 
 @pytest.fixture(scope="module")
 def q6k(tmp_path_factory):
-    """A 3-layer MoE LLaDA2 (1 dense layer, 8 experts, top-2) 256 wide, every matrix Q6_K, vocab a multiple of 8
+    """A 3-layer MoE LLaDA2 (1 dense layer, 8 experts, top-2) 256 wide, every matrix but attn_qkv (Q8_0) Q6_K, vocab a multiple of 8
     (so the output head is repacked too)."""
     from dllm_cli.runtime.quantize import quantize
 
@@ -88,7 +88,7 @@ def test_q6k_file_is_repacked_and_matches_the_row_kernels(q6k):
     import gguf
 
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(q6k).tensors}
-    assert types["output.weight"] == types["blk.1.ffn_down_exps.weight"] == types["blk.0.attn_qkv.weight"] == "Q6_K"
+    assert types["output.weight"] == types["blk.1.ffn_down_exps.weight"] == types["blk.0.attn_output.weight"] == "Q6_K"
     want, count = repacked_bytes(q6k)
     on, log_on = load(q6k, repack=True)
     off, log_off = load(q6k, repack=False)
