@@ -7,6 +7,7 @@ patches (or a stock libllama) is refused with a message naming the command that 
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
@@ -14,7 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Iterator
 
 from ggml_patch import build as B
 from ggml_patch import cpu_features
@@ -211,6 +212,21 @@ def preload_cuda_wheels(info: dict) -> list[Path]:
 _log_callback: Any = None  # kept alive for the process: llama.cpp holds the pointer
 
 
+_log_taps: list[list[str]] = []
+
+
+@contextlib.contextmanager
+def captured_log() -> Iterator[list[str]]:
+    """Collect the llama.cpp / ggml log text emitted inside the block (e.g. the buffer types a load used); it
+    still reaches stderr only when verbose."""
+    tap: list[str] = []
+    _log_taps.append(tap)
+    try:
+        yield tap
+    finally:
+        _log_taps.remove(tap)
+
+
 def _quiet_logs(llama_cpp: ModuleType) -> None:
     """llama.cpp logs every load and context creation to stderr; show them only with DLLM_DEBUG=1 or
     DLLM_VERBOSE=1 (stderr carries our one-line messages and the live view)."""
@@ -218,6 +234,9 @@ def _quiet_logs(llama_cpp: ModuleType) -> None:
     verbose = os.environ.get("DLLM_DEBUG") == "1" or os.environ.get("DLLM_VERBOSE") == "1"
 
     def emit(level: int, text: bytes, user_data: Any) -> None:
+        if text and _log_taps:
+            for tap in _log_taps:
+                tap.append(text.decode("utf-8", errors="replace"))
         if verbose and text:
             sys.stderr.write(text.decode("utf-8", errors="replace"))
 

@@ -96,6 +96,7 @@ class Model:
             remote = rpc.connect(self.rt, rpc.parse_endpoints(self.options.rpc))
         ngl = self.options.n_gpu_layers
         params.n_gpu_layers = (999 if self.rt.backend != "cpu" or remote else 0) if ngl is None else ngl
+        params.use_extra_bufts = self.options.repack
         if self.options.tensor_split:
             n = int(lib.llama_max_devices())
             if len(self.options.tensor_split) > n:

@@ -26,6 +26,8 @@ class RuntimeOptions:
     ubatch: int = 512
     rpc: str | None = None                  # "HOST:PORT[,HOST:PORT...]": ggml RPC workers to offload layers to
     tensor_split: tuple[float, ...] = ()    # share of offloaded layers per device, in ggml's device order
+    repack: bool = True                     # CPU weight repacking (llama.cpp's use_extra_bufts): interleaved rows
+                                            # for the SIMD GEMM/GEMV kernels; off only to compare against
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
