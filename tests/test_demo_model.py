@@ -27,13 +27,13 @@ PINNED = {
     "What do you think of the cloud?": "The cloud is white. It is a very nice colour.",
     "What do you think of the number 41?": "Well, 41 is an odd number. It is a very nice number.",
 }
-# of 24 in quality mode, asked alone and as the next turn of a conversation: the shipped model answers 23 both ways
-# (over all 10,000 sums in 0-99 it misses 17 %: docs/DEMO_MODEL.md)
+# of 24 in quality mode, asked alone and as the next turn of a conversation: the shipped model answers all 24 both ways
+# (one less allowed for float differences between CPUs; over all sums in 0-99 it is not perfect: docs/DEMO_MODEL.md)
 MIN_CORRECT = 23
 # unseen / seen wording samples answered right (of 14 / 12) and help prompts answered with the help answer (of 14):
-# the shipped model answers 7, 7 and 13 (one less allowed for float differences between CPUs; docs/DEMO_MODEL.md)
-MIN_UNSEEN = 6
-MIN_SEEN = 6
+# the shipped model answers 8, 12 and 13 (one less allowed for float differences between CPUs; docs/DEMO_MODEL.md)
+MIN_UNSEEN = 7
+MIN_SEEN = 11
 MIN_HELP = 12
 
 
@@ -117,7 +117,7 @@ def test_subset_accuracy(runs, run):
 
 def test_speed_mode_is_faster_and_edits_on_open_questions(runs):
     """On the open (free-wording) questions quality mode commits one word choice per forward, speed mode
-    commits them together and repairs mixed words with T2T edits. Shipped model on these eight: 75 forwards in
+    commits them together and repairs mixed words with T2T edits. Shipped model on these eight: 69 forwards in
     quality mode, 31 in speed mode with 7 edits (held-out figures: docs/DEMO_MODEL.md)."""
     def totals(mode: str) -> tuple[int, int, int, int]:
         rows = [r for r in runs[mode].values() if r[0].task in tasks.PHRASING_TASKS]
@@ -157,16 +157,10 @@ def test_evaluation_script_rejects_bad_input_with_one_line(tmp_path, capsys):
     assert str(corrupt.value.code).startswith("error: ") and "\n" not in str(corrupt.value.code)
 
 
-# The first messages the shipped model still gets wrong (a made-up number): arithmetic in some reworded forms is
-# not learnt yet (docs/DEMO_MODEL.md). Strict: a model that fixes one of them fails here until the list is updated.
-KNOWN_WRONG = {(m, u) for m in ("quality", "speed") for u in ("What is 3+4?", "what is 25 + 9", "3 plus 4")}
-KNOWN_WRONG |= {("speed", "sort 9 3 7 1")}
 HELP_LINES = ("hello", "Hi, who are you?", "What can you do?", "help", "Tell me a joke")
 
 
-@pytest.mark.parametrize("mode,user", [
-    pytest.param(m, u, marks=[pytest.mark.xfail(strict=True, reason="known wrong: see KNOWN_WRONG")] if (m, u) in KNOWN_WRONG else [])
-    for m in ("quality", "speed") for u, _ in tasks.FIRST_MESSAGES])
+@pytest.mark.parametrize("mode,user", [(m, u) for m in ("quality", "speed") for u, _ in tasks.FIRST_MESSAGES])
 def test_first_messages_get_the_answer_or_the_help_answer(runs, mode, user):
     """Each line of the issue that asked for this model: the right answer or the help answer (never a made-up fact
     or number); greetings, "who are you", "what can you do", "help" and a joke request get the help answer."""
