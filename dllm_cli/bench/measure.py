@@ -420,19 +420,11 @@ def machine_info() -> dict[str, Any]:
             "load_avg": [round(x, 2) for x in os.getloadavg()]}
 
 
-_QUIET_LOG: Any = None
-
-
 def quiet_llama_log() -> None:
     """Drop llama.cpp's load/graph log lines (stderr carries the progress display); DLLM_DEBUG=1 keeps them."""
-    global _QUIET_LOG
-    if os.environ.get("DLLM_DEBUG") == "1" or _QUIET_LOG is not None:
-        return
-    from dllm_cli.runtime.library import load as load_runtime
+    from dllm_cli.runtime.library import set_log_echo
 
-    lib = load_runtime().lib
-    _QUIET_LOG = lib.llama_log_callback(lambda level, text, user: None)
-    lib.llama_log_set(_QUIET_LOG, None)
+    set_log_echo(os.environ.get("DLLM_DEBUG") == "1")
 
 
 def _prefixed(say: Progress, prefix: str) -> Progress:

@@ -227,6 +227,17 @@ def captured_log() -> Iterator[list[str]]:
         _log_taps.remove(tap)
 
 
+_log_echo: bool | None = None  # None: DLLM_DEBUG=1 or DLLM_VERBOSE=1 decides
+
+
+def set_log_echo(enabled: bool | None) -> None:
+    """Whether llama.cpp's log text reaches stderr (None: the environment decides, see ``_quiet_logs``). Front ends
+    with their own stderr display (``dllm bench``) turn it off; the one log callback stays installed, so
+    ``captured_log`` keeps working."""
+    global _log_echo
+    _log_echo = enabled
+
+
 def _quiet_logs(llama_cpp: ModuleType) -> None:
     """llama.cpp logs every load and context creation to stderr; show them only with DLLM_DEBUG=1 or
     DLLM_VERBOSE=1 (stderr carries our one-line messages and the live view)."""
@@ -237,7 +248,7 @@ def _quiet_logs(llama_cpp: ModuleType) -> None:
         if text and _log_taps:
             for tap in _log_taps:
                 tap.append(text.decode("utf-8", errors="replace"))
-        if verbose and text:
+        if text and (verbose if _log_echo is None else _log_echo):
             sys.stderr.write(text.decode("utf-8", errors="replace"))
 
     _log_callback = llama_cpp.llama_log_callback(emit)
