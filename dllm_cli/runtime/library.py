@@ -245,11 +245,14 @@ def _quiet_logs(llama_cpp: ModuleType) -> None:
     verbose = os.environ.get("DLLM_DEBUG") == "1" or os.environ.get("DLLM_VERBOSE") == "1"
 
     def emit(level: int, text: bytes, user_data: Any) -> None:
-        if text and _log_taps:
-            for tap in _log_taps:
-                tap.append(text.decode("utf-8", errors="replace"))
-        if text and (verbose if _log_echo is None else _log_echo):
-            sys.stderr.write(text.decode("utf-8", errors="replace"))
+        echo = verbose if _log_echo is None else _log_echo
+        if not text or not (echo or _log_taps):
+            return
+        line = text.decode("utf-8", errors="replace")
+        for tap in _log_taps:
+            tap.append(line)
+        if echo:
+            sys.stderr.write(line)
 
     _log_callback = llama_cpp.llama_log_callback(emit)
     llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
