@@ -8,8 +8,10 @@ from typing import Any, Callable, Iterator
 
 from dllm_cli.decoding.events import BlockEvent, DoneEvent, Event, StartEvent, StepEvent
 from dllm_cli.serve import GenerationSpec, ServeSettings, Worker
-from dllm_cli.serve.backend import step_view
+from dllm_cli.serve.backend import Prepared, step_view
+from dllm_cli.serve.connections import ConnectionLimits, bind
 from dllm_cli.serve.server import make_server
+from dllm_cli.serve.validate import ContextInfo
 
 MASK = 0
 
@@ -18,20 +20,31 @@ class ScriptedBackend:
     """Answers each request with ``answer(spec)``, one block per list item (a string is one block).
 
     Each block takes two steps: the first unmasks the first token, the second the rest and edits one. ``delay``
-    seconds pass per step, so a test can disconnect mid-answer. ``specs`` records what the worker ran.
+    seconds pass per step, so a test can disconnect mid-answer; ``prepare_delay`` seconds pass in ``prepare``.
+    ``specs`` records what the worker ran; ``prepare_threads`` the threads ``prepare`` ran on.
     """
 
     model_id = "scripted"
 
-    def __init__(self, answer: Callable[[GenerationSpec], str | list[str]], *, delay: float = 0.0) -> None:
+    def __init__(self, answer: Callable[[GenerationSpec], str | list[str]], *, delay: float = 0.0,
+                 prepare_delay: float = 0.0, context: ContextInfo = ContextInfo(n_ctx=4096, max_token_chars=16)) -> None:
         self.answer = answer
         self.delay = delay
+        self.prepare_delay = prepare_delay
+        self.context = context
         self.specs: list[GenerationSpec] = []
+        self.prepare_threads: list[threading.Thread] = []
         self.steps = 0
         self.closed = False
         self.thread: threading.Thread | None = None
 
-    def generate(self, spec: GenerationSpec) -> Iterator[Event]:
+    def prepare(self, spec: GenerationSpec, stopping: Callable[[], bool]) -> Prepared:
+        self.prepare_threads.append(threading.current_thread())
+        time.sleep(self.prepare_delay)
+        return Prepared(spec, [])
+
+    def generate(self, job: Prepared) -> Iterator[Event]:
+        spec = job.spec
         self.thread = threading.current_thread()
         self.specs.append(spec)
         blocks = self.answer(spec)
@@ -71,14 +84,16 @@ class RunningServer:
     """``dllm serve``'s app over ``open_backend`` on 127.0.0.1, in a thread; ``stop()`` shuts it down."""
 
     def __init__(self, open_backend: Callable[[], Any], *, settings: ServeSettings | None = None,
-                 queue_size: int = 16) -> None:
-        self.worker = Worker(open_backend, queue_size=queue_size)
+                 queue_size: int = 16, limits: ConnectionLimits = ConnectionLimits(),
+                 request_timeout_s: float | None = None) -> None:
+        settings = settings or ServeSettings()
+        self.worker = Worker(open_backend, queue_size=queue_size, request_timeout_s=request_timeout_s)
         self.worker.start()
-        self.port = free_port()
+        self.sock = bind("127.0.0.1", 0)
+        self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = make_server(self.worker, settings or ServeSettings(), "127.0.0.1", self.port,
-                                  log_level="warning")
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.server = make_server(self.worker, settings, "127.0.0.1", self.port, log_level="warning", limits=limits)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:
@@ -89,4 +104,5 @@ class RunningServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(15)
+        self.sock.close()
         self.worker.stop()

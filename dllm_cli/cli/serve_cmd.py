@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -22,6 +22,16 @@ def serve(
     queue_size: Annotated[int, typer.Option("--queue-size", min=1, help="Requests that may wait for the model; "
                                             "more get HTTP 429.")] = 16,
     max_body: Annotated[int, typer.Option("--max-body", min=1024, help="Largest request body in bytes (413 above).")] = 1 << 20,
+    request_timeout: Annotated[float, typer.Option(
+        "--request-timeout", min=1.0, max=86400.0,
+        help="Seconds one request may run on the model; then it ends with finish_reason \"length\".")] = 600.0,
+    max_connections: Annotated[int, typer.Option(
+        "--max-connections", min=1, max=1 << 20,
+        help="Open connections at most (also kept under the open-file limit); newer ones are closed.")] = 256,
+    allowed_host: Annotated[Optional[list[str]], typer.Option(
+        "--allowed-host", show_default=False,
+        help="Also answer requests whose Host header names this (repeatable; '*' = any). A loopback server "
+             "answers only to its own names by default (DNS rebinding).")] = None,
     mode: O.ModeOpt = O.Mode.quality,
     max_tokens: O.MaxTokens = 512,
     threshold: O.Threshold = None,
@@ -45,16 +55,22 @@ def serve(
 ) -> None:
     """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models,
     /health) and a page at / that draws each answer's diffusion live. Decode options are the defaults of
-    every request; a request's own fields win.
+    every request; a request's own fields win, up to the ceilings: --max-tokens, --max-post-steps (32 when
+    not given) and --request-timeout bound what one request may ask for.
 
     Examples:
       dllm serve                                   # the demo model on http://127.0.0.1:8000
       dllm serve model.gguf --port 8080 --mode speed
       dllm serve model.gguf --host 0.0.0.0 --api-key "$KEY"
     """
+    from rich.markup import escape
+
     from dllm_cli.serve import ModelBackend, ServeSettings, ServerDefaults
     from dllm_cli.serve import serve as run_server
+    from dllm_cli.serve.connections import ConnectionLimits
+    from dllm_cli.serve.guard import GuardPolicy
     from dllm_cli.serve.server import is_loopback
+    from dllm_cli.serve.validate import Ceilings
 
     if not is_loopback(host) and not api_key:
         output.warn(f"--host {host} is reachable from other machines and --api-key is not set: anyone who can "
@@ -67,10 +83,15 @@ def serve(
         "editing": edit, "block_length": block_length, "temperature": temperature, "top_k": top_k,
         "top_p": top_p, "seed": seed, "max_tokens": max_tokens, "mbe": mbe})
 
-    def ready(worker) -> None:
-        shown = f"[{host}]" if ":" in host else host
-        output.info(f"dllm serve: {worker.model_id} on http://{shown}:{port}  (OpenAI API at /v1, live page at /; "
-                    "Ctrl-C stops)")
+    ceilings = Ceilings(max_tokens=max_tokens, max_post_steps=max_post_steps if max_post_steps is not None else 32,
+                        request_timeout_s=request_timeout)
+    settings = ServeSettings(api_key=api_key, max_body_bytes=max_body, ceilings=ceilings,
+                             allowed_hosts=GuardPolicy.hosts_for(host, is_loopback(host), allowed_host or ()))
 
-    run_server(partial(ModelBackend, model, opts, defaults), ServeSettings(api_key=api_key, max_body_bytes=max_body),
-               host, port, queue_size=queue_size, on_ready=ready)
+    def ready(worker: Any, bound: int) -> None:
+        shown = f"[{host.strip('[]')}]" if ":" in host else host
+        output.info(escape(f"dllm serve: {worker.model_id} on http://{shown}:{bound}  (OpenAI API at /v1, live "
+                           "page at /; Ctrl-C stops)"))
+
+    run_server(partial(ModelBackend, model, opts, defaults), settings, host, port, queue_size=queue_size,
+               limits=ConnectionLimits(max_connections=max_connections), on_ready=ready)

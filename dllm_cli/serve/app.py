@@ -7,26 +7,26 @@ status, never a traceback (the log on stderr has it).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, AsyncIterator, Callable
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dllm_cli import __version__
 from dllm_cli.decoding.events import BlockEvent
+from dllm_cli.serve.backend import GenerationSpec
 from dllm_cli.serve.completion import Tally, TextStream, conclude
-from dllm_cli.serve.errors import ApiError, from_library
+from dllm_cli.serve.errors import ApiError, from_library, shutting_down
+from dllm_cli.serve.guard import Guard, GuardPolicy
 from dllm_cli.serve.requests import Shape, chat_spec, completion_spec
-from dllm_cli.serve.schemas import ChatRequest, CompletionRequest
+from dllm_cli.serve.schemas import ChatRequest, CompletionRequest, _Sampling
+from dllm_cli.serve.validate import Ceilings, check_limits, parse_body
 from dllm_cli.serve.worker import END, Item, Job, Worker
 
 log = logging.getLogger("dllm.serve")
@@ -35,75 +35,28 @@ POLL_S = 0.25  # how often a waiting non-streaming request checks that its clien
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """Server policy: the API key (None = open), the request body limit."""
+    """Server policy: the API key (None = open), the body limit, the per-request ceilings, the Host names answered
+    (empty = any; see ``guard``)."""
 
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
+    ceilings: Ceilings = Ceilings()
+    allowed_hosts: frozenset[str] = frozenset()
+    body_timeout_s: float = 30.0
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over ``limit`` bytes is answered 413 before any route reads it."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(scope, receive, send)
-        chunks, size = [], 0
-        while True:
-            msg = await receive()
-            if msg["type"] != "http.request":
-                break
-            chunks.append(msg.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.limit:
-                return await self._refuse(scope, receive, send)
-            if not msg.get("more_body"):
-                break
-        body, replayed = b"".join(chunks), False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        err = ApiError(413, f"the request body is larger than {self.limit} bytes", code="request_too_large")
-        await JSONResponse(err.body(), status_code=413)(scope, receive, send)
-
-
-def _validation_error(exc: RequestValidationError) -> ApiError:
-    first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    if first.get("type") == "json_invalid":
-        return ApiError(400, "the request body is not valid JSON", code="invalid_json")
-    param = ".".join(loc) or None
-    if param is None:
-        return ApiError(400, "the request body must be a JSON object (Content-Type: application/json)",
-                        code="invalid_json")
-    if first.get("type") == "missing":
-        return ApiError(400, f"missing required field {param!r}", param=param, code="missing_required_parameter")
-    msg = first.get("msg", "invalid request")
-    return ApiError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
+class ClientGone(Exception):
+    """The client closed its connection while its request waited or ran; nobody is left to answer."""
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     async def api_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
-    async def validation(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestValidationError)
-        err = _validation_error(exc)
-        return JSONResponse(err.body(), status_code=err.status)
+    async def client_gone(request: Request, _: Exception) -> Response:
+        log.info("%s %s: the client went away; its request was cancelled", request.method, request.url.path)
+        return Response(status_code=499)  # never sent: the connection is closed
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
@@ -119,7 +72,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(err.body(), status_code=err.status)
 
     app.add_exception_handler(ApiError, api_error)
-    app.add_exception_handler(RequestValidationError, validation)
+    app.add_exception_handler(ClientGone, client_gone)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, unexpected)
 
@@ -147,13 +100,12 @@ class Exchange:
         while True:
             if self.stopping():
                 self.job.cancel()
-                raise ApiError(503, "the server is shutting down; this request was cancelled", type="server_error",
-                               code="shutting_down")
+                raise shutting_down("the server is shutting down; this request was cancelled")
             if request is not None and loop.time() >= self._check_at:
                 self._check_at = loop.time() + POLL_S
                 if await request.is_disconnected():
                     self.job.cancel()
-                    raise asyncio.CancelledError("client disconnected")
+                    raise ClientGone()
             try:
                 return await asyncio.wait_for(self.job.items.get(), POLL_S)
             except asyncio.TimeoutError:
@@ -219,13 +171,25 @@ class Exchange:
             self.job.cancel()  # a client gone mid-stream lands here: the worker stops at the next step
 
 
-async def _answer(worker: Worker, request: Request, body: Any, spec: Any, *, chat: bool, hold: bool) -> Response:
-    """Queue the request; the whole JSON answer, or an SSE stream once the job has started."""
+async def _answer(worker: Worker, request: Request, body: _Sampling, spec: GenerationSpec, *, chat: bool,
+                  hold: bool) -> Response:
+    """Take a queue slot, prepare off the model's thread, queue; the whole JSON answer, or an SSE stream once the
+    job has started."""
     stopping = request.app.state.stopping
     if stopping():
-        raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
+        raise shutting_down()
+    prompt_field = "messages" if chat else "prompt"
     job = Job(spec, asyncio.get_running_loop())
-    worker.submit(job)
+    worker.reserve(job)
+    try:
+        await worker.prepare(job)
+        worker.submit(job)
+    except Exception as e:
+        job.cancel()
+        raise from_library(e, prompt_field) from None
+    except BaseException:
+        job.cancel()
+        raise
     ex = Exchange(worker, job, Shape(chat, worker.model_id), body.stop_list(), hold, stopping)
     if not body.stream:
         return JSONResponse(await ex.respond(request))
@@ -236,30 +200,29 @@ async def _answer(worker: Worker, request: Request, body: Any, spec: Any, *, cha
         raise
     if isinstance(first, BaseException):
         job.cancel()
-        raise from_library(first)
+        raise from_library(first, prompt_field)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return EventSourceResponse(ex.events(first, include_usage), ping=15)
 
 
 def _openai_routes(app: FastAPI, worker: Worker, settings: ServeSettings) -> None:
-    async def authorize(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        token = given[7:] if given.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), settings.api_key.encode()):
-            raise ApiError(401, "invalid API key: send it as 'Authorization: Bearer KEY'", code="invalid_api_key")
+    """The OpenAI routes; ``Guard`` checked the Host and the API key before the body was read."""
+    ceilings = settings.ceilings
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat_completions(body: ChatRequest, request: Request) -> Response:
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = parse_body(await request.body(), ChatRequest)
+        check_limits(body, ceilings, worker.context)
         hold = bool(body.tools) and body.tool_choice != "none"  # a <tool_call> tail waits to be parsed
         return await _answer(worker, request, body, chat_spec(body), chat=True, hold=hold)
 
-    @app.post("/v1/completions", dependencies=[Depends(authorize)])
-    async def completions(body: CompletionRequest, request: Request) -> Response:
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = parse_body(await request.body(), CompletionRequest)
+        check_limits(body, ceilings, worker.context)
         return await _answer(worker, request, body, completion_spec(body), chat=False, hold=False)
 
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": worker.model_id, "object": "model", "created": 0,
                                             "owned_by": "dllm"}]}
@@ -275,19 +238,20 @@ def create_app(worker: Worker, settings: ServeSettings | None = None, *,
     settings = settings or ServeSettings()
     app = FastAPI(title="dllm", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.stopping = stopping
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(Guard, policy=GuardPolicy(settings.allowed_hosts, settings.api_key, settings.max_body_bytes,
+                                                 settings.body_timeout_s))
     _install_error_handlers(app)
     _openai_routes(app, worker, settings)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": worker.model_id, "queue": worker.status()}
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def page() -> HTMLResponse:
         return HTMLResponse(resources.files("dllm_cli.serve").joinpath("static/index.html").read_text("utf-8"))
 
-    @app.get("/favicon.ico", include_in_schema=False)
+    @app.api_route("/favicon.ico", methods=["GET", "HEAD"], include_in_schema=False)
     async def favicon() -> Response:
         return Response(status_code=204)
 

@@ -1,16 +1,20 @@
 """What the worker thread runs: a request's prompt and knobs in, decoding events out.
 
-``ModelBackend`` drives one loaded model through the public library (``prompt_ids``, ``decode_config``,
+``ModelBackend`` drives one loaded model through the public library (``decode_config``, the chat template,
 ``stream_generate``); its session keeps the KV cache of the last request, so a request that extends a cached
-conversation prefills only its new tokens. Tests inject any object with the ``Backend`` methods (a scripted
-event stream) instead.
+conversation prefills only its new tokens. ``prepare`` (template, tokenizer, decode config) runs on the worker's
+preparation thread, never on the model's, and stops tokenizing as soon as the prompt cannot fit the context.
+Tests inject any object with the ``Backend`` methods (a scripted event stream) instead.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from dllm_cli.decoding.events import Event, StartEvent, StepEvent
+from dllm_cli.errors import ContextFullError
+from dllm_cli.serve.errors import bad_request, shutting_down
+from dllm_cli.serve.validate import ContextInfo
 
 PRESET_KNOBS = ("threshold", "editing_threshold", "max_post_steps", "editing", "indel")
 
@@ -26,12 +30,25 @@ class GenerationSpec:
     events: bool = False  # the client wants step views (``step_view``)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A request ready for the model: its prompt's token ids and decode config (``Any``: test doubles)."""
+
+    spec: GenerationSpec
+    ids: list[int]
+    config: Any = None
+
+
 class Backend(Protocol):
-    """The generation function the worker owns; every method runs on the worker thread."""
+    """The generation function the worker owns. ``prepare`` runs on the preparation thread (it must only read the
+    model: template, tokenizer); every other method on the model's thread."""
 
     model_id: str
+    context: ContextInfo
 
-    def generate(self, spec: GenerationSpec) -> Iterator[Event]: ...
+    def prepare(self, spec: GenerationSpec, stopping: Callable[[], bool]) -> Prepared: ...
+
+    def generate(self, job: Prepared) -> Iterator[Event]: ...
 
     def step_view(self, ev: StepEvent) -> dict[str, Any]: ...
 
@@ -78,21 +95,56 @@ class ModelBackend:
 
         self.loaded = load(name, options)
         self.defaults = defaults
-        self.model_id = self.loaded.model.path.stem
+        model = self.loaded.model
+        self.model_id = model.path.stem
         self._pieces: dict[int, str] = {}
         self._start: StartEvent | None = None
+        longest = max((len(model.piece(t)) for t in range(model.n_vocab)), default=1)
+        self.context = ContextInfo(n_ctx=int(self.loaded.session.n_ctx), block_length=int(model.block_length),
+                                   max_token_chars=max(1, longest))
+        self.refused = {model.mask_id} | set(model.edit_ids or ())  # decoding's own tokens: never in a prompt
+        _ = model.special_texts  # computed once here, not by the first request
 
-    def generate(self, spec: GenerationSpec) -> Iterator[Event]:
-        from dllm_cli.generate import decode_config, prompt_ids, stream_generate
+    def prepare(self, spec: GenerationSpec, stopping: Callable[[], bool]) -> Prepared:
+        """Decode config, then the prompt's ids, tokenized piece by piece: stops at ``n_ctx`` tokens
+        (``ContextFullError``) or when ``stopping()`` turns true (503)."""
+        from dllm_cli.generate import decode_config, prompt_ids
 
-        model = self.loaded.model
+        model, n_ctx = self.loaded.model, self.context.n_ctx
         mode, overrides = self.defaults.for_request(spec)
         config = decode_config(model, mode, **overrides)
-        if spec.messages is not None:
-            ids = prompt_ids(model, spec.messages)
+        count = 0
+
+        def tokenize(text: str, special: bool) -> list[int]:
+            nonlocal count
+            if stopping():
+                raise shutting_down()
+            ids = model.tokenize(text, special=special)
+            count += len(ids)
+            if count >= n_ctx:
+                raise ContextFullError(f"the prompt has at least {count} tokens but this server's context "
+                                       f"holds {n_ctx}", "shorten the prompt")
+            return ids
+
+        if spec.messages is None:
+            ids = prompt_ids(model, [{"role": "user", "content": spec.prompt or ""}], raw=True)  # one piece
+            if len(ids) >= n_ctx:
+                raise ContextFullError(f"the prompt has {len(ids)} tokens but this server's context holds {n_ctx}",
+                                       "shorten the prompt")
+            bad = next((t for t in ids if t in self.refused), None)
+            if bad is not None:
+                raise bad_request(f"prompt: holds the decoder's own token {self.piece(bad)!r} (id {bad}), which "
+                                  "marks a slot to fill, not text: remove it", "prompt")
+        elif model.chat_template is None:
+            ids = prompt_ids(model, spec.messages)  # raises the ModelError that says the file has no template
         else:
-            ids = prompt_ids(model, [{"role": "user", "content": spec.prompt or ""}], raw=True)
-        events = stream_generate(self.loaded, ids, config)
+            ids = model.chat_template.token_ids(spec.messages, tokenize, model.special_texts, True)
+        return Prepared(spec, ids, config)
+
+    def generate(self, job: Prepared) -> Iterator[Event]:
+        from dllm_cli.generate import stream_generate
+
+        events = stream_generate(self.loaded, job.ids, job.config)
         try:
             for ev in events:
                 if isinstance(ev, StartEvent):

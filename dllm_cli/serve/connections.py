@@ -1,0 +1,159 @@
+"""The connection layer under the app: the listening socket, limits on connections, and logs that cannot flood.
+
+- ``bind`` opens the listening socket before the model loads, so a busy port or a bad host is one line at once
+  (exit 1, or 2 for a host that is not an address), and ``--port 0`` knows its real port before the banner.
+- ``protocol_class`` is uvicorn's h11 protocol with three changes: a connection that has not sent a complete
+  request head within ``header_timeout_s`` is closed (idle or slow sockets cannot pile up); connections beyond
+  ``max_connections`` are closed as soon as they are accepted (file descriptors never run out, so accept never
+  fails in a loop); and a client that half-closes its side after a complete request (``shutdown(SHUT_WR)``, as
+  ``nc`` does) still gets its answer. To tell such a client from one that closed altogether, the server sends an
+  interim ``100 Continue`` (which HTTP/1.1 clients must accept and skip) when the end of input arrives, and again
+  shortly after: a closed peer answers with a reset, the write fails, and its request is cancelled as before.
+- ``RepeatFilter`` lets at most ``burst`` log records of one kind through per ``window_s`` and reports how many it
+  dropped.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import resource
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from dllm_cli.errors import DllmError, UsageError
+from dllm_cli.outfiles import describe
+
+PROBE_AFTER_S = (0.0, 0.3, 1.5)  # 100 Continue probes after a half-close: a reset comes back within a round trip
+FD_RESERVE = 64  # descriptors kept for the model files, logs and the listening socket
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    max_connections: int = 256
+    header_timeout_s: float = 10.0  # for the request line and headers of each request
+    keep_alive_s: int = 5  # an idle kept-alive connection is closed after this long
+
+
+def fd_ceiling() -> int:
+    """How many connections the open-file limit leaves room for."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(1, soft - FD_RESERVE) if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def bind(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """A listening socket on ``host:port``; ``UsageError`` for a host that is not an address of this machine's
+    resolver, ``DllmError`` for a port in use or not allowed."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise UsageError(f"--host {host}: not an address or a name this machine resolves ({e})",
+                         "use an address such as 127.0.0.1, ::1 or 0.0.0.0") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(addr)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise DllmError(f"port {port} on {host} is already in use", "pick another with --port, or --port 0 "
+                            "for any free one") from None
+        if e.errno == errno.EACCES:
+            raise DllmError(f"not allowed to listen on port {port} on {host}", "use a port above 1023") from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise UsageError(f"--host {host}: not an address of this machine",
+                             "use one of its addresses, 127.0.0.1 or 0.0.0.0") from None
+        raise DllmError(f"cannot listen on {host}:{port}: {describe(e)}") from None
+    return sock
+
+
+def protocol_class(limits: ConnectionLimits) -> type:
+    """uvicorn's h11 protocol with the limits above (a class: uvicorn instantiates one per connection)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    log = logging.getLogger("dllm.serve")
+
+    class LimitedH11Protocol(H11Protocol):
+        _head_timer: Any = None
+
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > limits.max_connections:
+                log.warning("connection limit (%d) reached: closing new connections", limits.max_connections)
+                transport.abort()
+                return
+            self._arm_head_timer()
+
+        def _arm_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(limits.header_timeout_s, self._head_timeout)
+
+        def _head_timeout(self) -> None:
+            self._head_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()  # no complete request head in time
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm_head_timer()  # the next request's head has the same deadline
+
+        def eof_received(self) -> bool | None:  # type: ignore[override]
+            cycle = self.cycle
+            if (cycle is None or cycle.response_complete or cycle.response_started or cycle.more_body
+                    or self.scope.get("http_version") != "1.1"):
+                return None  # uvicorn's way: close, and a request in flight sees its client gone
+            cycle.keep_alive = False  # answer this request, then close
+            for delay in PROBE_AFTER_S:
+                self.loop.call_later(delay, self._probe)
+            return True
+
+        def _probe(self) -> None:
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_started and not self.transport.is_closing():
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    return LimitedH11Protocol
+
+
+class RepeatFilter(logging.Filter):
+    """At most ``burst`` records of one kind per ``window_s``; the first one let through after a quiet spell says
+    how many were dropped. A kind is the logger, the level and the message template, so one misbehaving client
+    cannot fill the disk (accept errors, rejected connections), while distinct access-log lines still pass."""
+
+    def __init__(self, burst: int = 5, window_s: float = 10.0) -> None:
+        super().__init__()
+        self.burst, self.window_s = burst, window_s
+        self._seen: dict[tuple[str, int, str], list[float]] = {}  # kind -> [window start, passed, dropped]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        template = str(record.msg) if record.levelno >= logging.WARNING else record.getMessage()
+        kind = (record.name, record.levelno, template)
+        now = time.monotonic()
+        state = self._seen.get(kind)
+        if state is None or now - state[0] >= self.window_s:
+            dropped = int(state[2]) if state else 0
+            if len(self._seen) > 1000:
+                self._seen.clear()
+            self._seen[kind] = [now, 1, 0]
+            if dropped:
+                record.msg = f"{record.msg} (and {dropped} more like it in the last {self.window_s:g} s, not shown)"
+            return True
+        if state[1] < self.burst:
+            state[1] += 1
+            return True
+        state[2] += 1
+        return False
