@@ -23,7 +23,7 @@ from dllm_cli.decoding.events import BlockEvent
 from dllm_cli.serve.backend import GenerationSpec
 from dllm_cli.serve.completion import Tally, TextStream, conclude
 from dllm_cli.serve.errors import ApiError, from_library, shutting_down
-from dllm_cli.serve.guard import Guard, GuardPolicy
+from dllm_cli.serve.guard import LOOPBACK_HOSTS, Guard, GuardPolicy
 from dllm_cli.serve.requests import Shape, chat_spec, completion_spec
 from dllm_cli.serve.schemas import ChatRequest, CompletionRequest, _Sampling
 from dllm_cli.serve.validate import Ceilings, check_limits, parse_body
@@ -36,12 +36,12 @@ POLL_S = 0.25  # how often a waiting non-streaming request checks that its clien
 @dataclass(frozen=True)
 class ServeSettings:
     """Server policy: the API key (None = open), the body limit, the per-request ceilings, the Host names answered
-    (empty = any; see ``guard``)."""
+    (empty = any; the default suits a loopback server; see ``guard.GuardPolicy.hosts_for``)."""
 
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
     ceilings: Ceilings = Ceilings()
-    allowed_hosts: frozenset[str] = frozenset()
+    allowed_hosts: frozenset[str] = frozenset(LOOPBACK_HOSTS)
     body_timeout_s: float = 30.0
 
 

@@ -25,7 +25,7 @@ from typing import Any
 from dllm_cli.errors import DllmError, UsageError
 from dllm_cli.outfiles import describe
 
-PROBE_AFTER_S = (0.0, 0.3, 1.5)  # 100 Continue probes after a half-close: a reset comes back within a round trip
+PROBE_AFTER_S = (0.0, 0.05, 0.3, 1.5)  # 100 Continue probes after a half-close: a reset comes back within a round trip
 FD_RESERVE = 64  # descriptors kept for the model files, logs and the listening socket
 
 

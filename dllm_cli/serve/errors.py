@@ -34,7 +34,13 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        """The JSON body; client text quoted in the message or param is made encodable (lone surrogates escaped)."""
+        return {"error": {"message": _encodable(self.message), "type": self.type,
+                          "param": None if self.param is None else _encodable(self.param), "code": self.code}}
+
+
+def _encodable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> ApiError:
