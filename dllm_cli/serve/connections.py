@@ -27,6 +27,7 @@ from dllm_cli.outfiles import describe
 
 PROBE_AFTER_S = (0.0, 0.05, 0.3, 1.5)  # 100 Continue probes after a half-close: a reset comes back within a round trip
 FD_RESERVE = 64  # descriptors kept for the model files, logs and the listening socket
+BACKLOG = 64  # the listen queue, and how many connections asyncio accepts in one go before any is checked
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,13 @@ class ConnectionLimits:
 
 
 def fd_ceiling() -> int:
-    """How many connections the open-file limit leaves room for."""
+    """How many connections the open-file limit leaves room for: asyncio accepts up to ``BACKLOG`` at once before
+    the protocol can close the ones over the limit, so those must fit too."""
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return max(1, soft - FD_RESERVE) if soft != resource.RLIM_INFINITY else 1 << 20
+    return max(1, soft - FD_RESERVE - BACKLOG) if soft != resource.RLIM_INFINITY else 1 << 20
 
 
-def bind(host: str, port: int, backlog: int = 2048) -> socket.socket:
+def bind(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
     """A listening socket on ``host:port``; ``UsageError`` for a host that is not an address of this machine's
     resolver, ``DllmError`` for a port in use or not allowed."""
     try:

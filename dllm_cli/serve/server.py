@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from dllm_cli.serve.app import ServeSettings, create_app
 from dllm_cli.serve.backend import Backend
-from dllm_cli.serve.connections import ConnectionLimits, RepeatFilter, bind, fd_ceiling, protocol_class
+from dllm_cli.serve.connections import BACKLOG, ConnectionLimits, RepeatFilter, bind, fd_ceiling, protocol_class
 from dllm_cli.serve.worker import Worker
 
 GRACEFUL_S = 5
@@ -67,7 +67,7 @@ def make_server(worker: Worker, settings: ServeSettings, host: str, port: int, *
     config = uvicorn.Config(app, host=host, port=port, log_config=log_config(log_level), log_level=log_level,
                             timeout_graceful_shutdown=GRACEFUL_S, access_log=True, http=protocol_class(limits),
                             limit_concurrency=cap + 1, timeout_keep_alive=limits.keep_alive_s,
-                            h11_max_incomplete_event_size=16 * 1024)
+                            h11_max_incomplete_event_size=16 * 1024, backlog=BACKLOG)
     server = Server(config)
     return server
 
