@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -42,26 +43,28 @@ def reference() -> dict[str, dict]:
             "sort": run_json("-", "--raw", stdin=RAW_SORT)}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """``dllm serve`` (the demo model) on a free loopback port; stopped with SIGTERM, which must end it cleanly
-    (model closed, exit 143 as for any dllm command, nothing on stdout)."""
-    port = free_port()
-    logs = tmp_path_factory.mktemp("serve")
-    out, err = open(logs / "stdout", "wb"), open(logs / "stderr", "wb")
-    proc = subprocess.Popen([DLLM, "serve", "--host", "127.0.0.1", "--port", str(port)], stdout=out, stderr=err,
-                            stdin=subprocess.DEVNULL, env=dict(os.environ, DLLM_DEBUG="0"))
-    url = f"http://127.0.0.1:{port}"
+def banner_port(proc: subprocess.Popen, stderr: Path) -> int:
+    """The port ``dllm serve``'s ready line names (with ``--port 0``: the one the system picked)."""
     deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, (logs / "stderr").read_text()
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
+    while not (m := re.search(r"dllm serve: \S+ on http://127\.0\.0\.1:(\d+) ", stderr.read_text())):
+        assert proc.poll() is None, stderr.read_text()
         assert time.monotonic() < deadline, "dllm serve did not come up"
         time.sleep(0.1)
+    return int(m.group(1))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``dllm serve --port 0`` (the demo model); the ready line names the real port, and the server answers there
+    as soon as it is printed. Stopped with SIGTERM, which must end it cleanly (model closed, exit 143 as for any
+    dllm command, nothing on stdout)."""
+    logs = tmp_path_factory.mktemp("serve")
+    out, err = open(logs / "stdout", "wb"), open(logs / "stderr", "wb")
+    proc = subprocess.Popen([DLLM, "serve", "--host", "127.0.0.1", "--port", "0"], stdout=out, stderr=err,
+                            stdin=subprocess.DEVNULL, env=dict(os.environ, DLLM_DEBUG="0"))
+    port = banner_port(proc, logs / "stderr")
+    url = f"http://127.0.0.1:{port}"
+    assert port != 0 and httpx.get(url + "/health", timeout=5).status_code == 200  # bound before the banner
     yield url
     proc.send_signal(signal.SIGTERM)
     rc = proc.wait(30)
@@ -70,7 +73,7 @@ def server(tmp_path_factory):
     stderr = (logs / "stderr").read_text()
     assert rc == 143, stderr  # the CLI's exit code for SIGTERM, after a clean shutdown
     assert (logs / "stdout").read_bytes() == b""  # logs and the access log go to stderr
-    assert "Uvicorn running on http://127.0.0.1" in stderr and "stopped" in stderr and "Traceback" not in stderr
+    assert "stopped" in stderr and "Traceback" not in stderr and "ERROR" not in stderr
 
 
 def client(url: str) -> openai.OpenAI:
@@ -155,3 +158,67 @@ def test_tools_and_an_over_long_prompt_on_the_real_model(server):
         c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Sort: 5 2 9 " * 900}])
     assert e.value.body["code"] == "context_length_exceeded" and "4096" in e.value.body["message"]
     assert ask(server, "Sort: 5 2 9")[0] == "2 5 9"  # and the server carries on
+
+
+@pytest.mark.parametrize("prompt", ["<|mask|>", "<|mask|>" * 40, "Sort: <|mask|> 2 9", "x" * 10 + "<|mask|>"])
+def test_a_raw_prompt_with_mask_tokens_is_a_400_naming_the_prompt(server, prompt):
+    r = httpx.post(server + "/v1/completions", json={"prompt": prompt}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "<|mask|>" in r.json()["error"]["message"]
+    # typed into a chat message the same text is plain text, answered as any other
+    r = httpx.post(server + "/v1/chat/completions", json={"messages": [{"role": "user", "content": prompt}],
+                                                         "max_tokens": 8}, timeout=60)
+    assert r.status_code == 200
+
+
+@pytest.mark.parametrize("temperature", [1e-310, 5e-324, 1e-200, 1e-5])
+def test_a_denormal_or_tiny_temperature_is_a_400(server, temperature):
+    r = httpx.post(server + "/v1/completions", json={"prompt": "Sort: 5 2 9", "temperature": temperature}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+
+
+@pytest.mark.parametrize("n", [400, 3000, 20_000])
+def test_many_messages_are_refused_fast_and_a_second_client_is_answered(server, n):
+    """Far over the 4096-token context: refused in well under a second of work, never on the model's thread."""
+    body = {"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": f"hello there {i}"}
+                         for i in range(n - 1)] + [{"role": "user", "content": "Sort: 5 2 9"}]}
+    t0 = time.monotonic()
+    r = httpx.post(server + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert time.monotonic() - t0 < 3.0
+    assert ask(server, "Sort: 5 2 9")[0] == "2 5 9"
+
+
+def test_prepared_prompts_equal_the_librarys_ids():
+    """The server tokenizes chat prompts in chunks (fast, stoppable); the ids must equal ``prompt_ids``'s."""
+    import random
+
+    from dllm_cli.generate import prompt_ids
+    from dllm_cli.runtime.options import RuntimeOptions
+    from dllm_cli.serve.backend import GenerationSpec, ModelBackend, ServerDefaults
+
+    backend = ModelBackend(None, RuntimeOptions(), ServerDefaults())
+    try:
+        rng = random.Random(7)
+        words = ["hello", " there", "\n", "  ", "<|role_end|>", "<role>", "x", "42", "é", "\t", " <|mask|> ", "</role>",
+                 "[gMASK]", "<think>", "日本", " "]
+        for n in (1, 2, 3, 8, 40, 90):
+            msgs = [{"role": ("system", "user", "assistant")[min(i, 1 + i % 2)],
+                     "content": "".join(rng.choice(words) for _ in range(rng.randint(0, 8)))} for i in range(n)]
+            msgs[-1]["role"] = "user"
+            got = backend.prepare(GenerationSpec(messages=msgs), lambda: False).ids
+            assert got == prompt_ids(backend.loaded.model, msgs), n
+    finally:
+        backend.close()
+
+
+def test_serve_with_stdout_closed_runs_and_stops_cleanly(tmp_path):
+    err_path = tmp_path / "stderr"
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen([DLLM, "serve", "--port", "0"], stdout=subprocess.DEVNULL, stderr=err,
+                                stdin=subprocess.DEVNULL, pass_fds=(), preexec_fn=lambda: os.close(1))
+        port = banner_port(proc, err_path)
+        assert ask(f"http://127.0.0.1:{port}", "Sort: 5 2 9")[0] == "2 5 9"
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(30)
+    text = err_path.read_text()
+    assert rc == 143 and "internal error" not in text and "Traceback" not in text, text

@@ -8,6 +8,7 @@ Tests inject any object with the ``Backend`` methods (a scripted event stream) i
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
@@ -71,6 +72,20 @@ class ServerDefaults:
         return mode, {**base, **spec.overrides}
 
 
+def special_chunks(text: str, specials: re.Pattern[str] | None) -> list[str]:
+    """``text`` cut right after each special-token text that is followed by a non-space character.
+
+    llama.cpp's special-token parsing rescans every text fragment for every special token, which takes seconds
+    on a prompt of thousands of messages; tokenizing these chunks one by one gives the same ids (it tokenizes the
+    text between special tokens on its own anyway; a cut never falls before whitespace a token could strip) in
+    time linear in the prompt, and lets the caller stop as soon as the context is full.
+    """
+    if specials is None:
+        return [text]
+    cuts = [m.end() for m in specials.finditer(text) if m.end() < len(text) and not text[m.end()].isspace()]
+    return [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)]) if b > a]
+
+
 def step_view(ev: StepEvent, prompt_tokens: int, mask_id: int, piece: Any) -> dict[str, Any]:
     """A step as the page draws it: the generated cells of the active block (None = mask), what changed.
 
@@ -103,7 +118,8 @@ class ModelBackend:
         self.context = ContextInfo(n_ctx=int(self.loaded.session.n_ctx), block_length=int(model.block_length),
                                    max_token_chars=max(1, longest))
         self.refused = {model.mask_id} | set(model.edit_ids or ())  # decoding's own tokens: never in a prompt
-        _ = model.special_texts  # computed once here, not by the first request
+        texts = sorted(model.special_texts, key=len, reverse=True)
+        self.specials = re.compile("|".join(map(re.escape, texts))) if texts else None
 
     def prepare(self, spec: GenerationSpec, stopping: Callable[[], bool]) -> Prepared:
         """Decode config, then the prompt's ids, tokenized piece by piece: stops at ``n_ctx`` tokens
@@ -117,13 +133,19 @@ class ModelBackend:
 
         def tokenize(text: str, special: bool) -> list[int]:
             nonlocal count
-            if stopping():
-                raise shutting_down()
-            ids = model.tokenize(text, special=special)
+            if len(text) > (n_ctx - count) * self.context.max_token_chars:
+                raise ContextFullError(f"the prompt cannot fit this server's context of {n_ctx} tokens: "
+                                       f"{len(text)} more characters, at most {self.context.max_token_chars} a "
+                                       "token", "shorten the prompt")
+            ids: list[int] = []
+            for chunk in special_chunks(text, self.specials) if special else [text]:
+                if stopping():
+                    raise shutting_down()
+                ids += model.tokenize(chunk, special=special)
+                if count + len(ids) >= n_ctx:
+                    raise ContextFullError(f"the prompt has at least {count + len(ids)} tokens but this server's "
+                                           f"context holds {n_ctx}", "shorten the prompt")
             count += len(ids)
-            if count >= n_ctx:
-                raise ContextFullError(f"the prompt has at least {count} tokens but this server's context "
-                                       f"holds {n_ctx}", "shorten the prompt")
             return ids
 
         if spec.messages is None:

@@ -11,6 +11,7 @@ import copy
 import ipaddress
 import logging
 import socket
+import sys
 from typing import Any, Callable
 
 from dllm_cli.serve.app import ServeSettings, create_app
@@ -31,12 +32,21 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _stderr_is_tty() -> bool:
+    try:
+        return bool(sys.stderr is not None and sys.stderr.isatty())
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def log_config(level: str = "info") -> dict[str, Any]:
     """uvicorn's logging, with the access log moved from stdout to stderr (stdout carries no logs), and every
     handler behind a ``RepeatFilter`` (a flood of identical errors cannot fill the disk)."""
     from uvicorn.config import LOGGING_CONFIG
 
     cfg = copy.deepcopy(LOGGING_CONFIG)
+    for formatter in cfg["formatters"].values():  # uvicorn would ask stdout, which may be closed (``>&-``)
+        formatter["use_colors"] = _stderr_is_tty()
     cfg["filters"] = {"repeats": {"()": RepeatFilter}}
     for handler in cfg["handlers"].values():
         handler["stream"] = "ext://sys.stderr"
