@@ -168,3 +168,22 @@ def test_429_says_when_to_retry():
         for t in threads:
             t.join(30)
         srv.stop()
+
+
+def test_a_body_that_does_not_arrive_in_time_is_408():
+    import socket
+
+    backend = ScriptedBackend(lambda spec: "ok")
+    srv = RunningServer(lambda: backend, settings=ServeSettings(body_timeout_s=0.5))
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port)) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"prompt\": ")  # and then nothing
+            s.settimeout(5)
+            head = b""
+            while b"request_timeout" not in head and (chunk := s.recv(4096)):
+                head += chunk
+        assert head.startswith(b"HTTP/1.1 408") and b"request_timeout" in head
+        assert backend.specs == [] and httpx.get(srv.url + "/health").status_code == 200
+    finally:
+        srv.stop()
