@@ -207,6 +207,9 @@ def test_prepared_prompts_equal_the_librarys_ids():
             msgs[-1]["role"] = "user"
             got = backend.prepare(GenerationSpec(messages=msgs), lambda: False).ids
             assert got == prompt_ids(backend.loaded.model, msgs), n
+            raw = "".join(rng.choice([w for w in words if "mask" not in w]) for _ in range(n * 5)) + "x"
+            got = backend.prepare(GenerationSpec(prompt=raw), lambda: False).ids
+            assert got == prompt_ids(backend.loaded.model, [{"role": "user", "content": raw}], raw=True), raw
     finally:
         backend.close()
 

@@ -1,9 +1,13 @@
 """``dllm serve``: an OpenAI-compatible HTTP server over one loaded model, and a page that draws the diffusion.
 
-Modules: ``schemas`` (request bodies), ``requests`` (bodies -> ``GenerationSpec``, response shapes), ``tools``
-(LLaDA2 function calling), ``completion`` (events -> final text, stop strings, usage), ``worker`` (FIFO queue on
-the model's thread), ``backend`` (the generation function the worker owns; injectable), ``app`` (routes and
-errors), ``server`` (uvicorn), ``static/index.html`` (the live page).
+Modules, from the socket inwards: ``connections`` (bind, connection limits and timeouts, half-closed clients,
+repeated log lines collapsed), ``guard`` (Host header, API key, body size and time, before any route),
+``validate`` (JSON -> strict typed body, valid Unicode, the server's ceilings, cheap size checks), ``schemas``
+(request bodies), ``requests`` (bodies -> ``GenerationSpec``, response shapes), ``tools`` (LLaDA2 function
+calling), ``completion`` (events -> final text, stop strings, usage), ``worker`` (queue slots, the preparation
+thread, the FIFO queue on the model's thread, the request timeout), ``backend`` (prompt preparation and the
+generation function the worker owns; injectable), ``app`` (routes and errors), ``server`` (uvicorn),
+``static/index.html`` (the live page).
 """
 from __future__ import annotations
 

@@ -114,7 +114,8 @@ class ModelBackend:
         self.model_id = model.path.stem
         self._pieces: dict[int, str] = {}
         self._start: StartEvent | None = None
-        longest = max((len(model.piece(t)) for t in range(model.n_vocab)), default=1)
+        text_of, vocab = model.rt.lib.llama_vocab_get_text, model.vocab  # bytes >= characters: a safe bound
+        longest = max((len(text_of(vocab, t) or b"") for t in range(model.n_vocab)), default=1)
         self.context = ContextInfo(n_ctx=int(self.loaded.session.n_ctx), block_length=int(model.block_length),
                                    max_token_chars=max(1, longest))
         self.refused = {model.mask_id} | set(model.edit_ids or ())  # decoding's own tokens: never in a prompt
@@ -148,11 +149,8 @@ class ModelBackend:
             count += len(ids)
             return ids
 
-        if spec.messages is None:
-            ids = prompt_ids(model, [{"role": "user", "content": spec.prompt or ""}], raw=True)  # one piece
-            if len(ids) >= n_ctx:
-                raise ContextFullError(f"the prompt has {len(ids)} tokens but this server's context holds {n_ctx}",
-                                       "shorten the prompt")
+        if spec.messages is None:  # raw: special tokens parsed, as ``prompt_ids(..., raw=True)`` does
+            ids = tokenize(spec.prompt or "", True)
             bad = next((t for t in ids if t in self.refused), None)
             if bad is not None:
                 raise bad_request(f"prompt: holds the decoder's own token {self.piece(bad)!r} (id {bad}), which "
