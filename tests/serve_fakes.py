@@ -10,6 +10,7 @@ from dllm_cli.decoding.events import BlockEvent, DoneEvent, Event, StartEvent, S
 from dllm_cli.serve import GenerationSpec, ServeSettings, Worker
 from dllm_cli.serve.backend import Prepared, step_view
 from dllm_cli.serve.connections import ConnectionLimits, bind
+from dllm_cli.serve.errors import shutting_down
 from dllm_cli.serve.server import make_server
 from dllm_cli.serve.validate import ContextInfo
 
@@ -34,13 +35,20 @@ class ScriptedBackend:
         self.context = context
         self.specs: list[GenerationSpec] = []
         self.prepare_threads: list[threading.Thread] = []
+        self.prepare_stopped = 0
         self.steps = 0
         self.closed = False
         self.thread: threading.Thread | None = None
 
     def prepare(self, spec: GenerationSpec, stopping: Callable[[], bool]) -> Prepared:
+        """Takes ``prepare_delay`` seconds, or less when ``stopping()`` turns true (counted in ``prepare_stopped``)."""
         self.prepare_threads.append(threading.current_thread())
-        time.sleep(self.prepare_delay)
+        end = time.monotonic() + self.prepare_delay
+        while time.monotonic() < end:
+            if stopping():
+                self.prepare_stopped += 1
+                raise shutting_down()
+            time.sleep(0.01)
         return Prepared(spec, [])
 
     def generate(self, job: Prepared) -> Iterator[Event]:

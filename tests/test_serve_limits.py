@@ -190,3 +190,17 @@ def test_shutdown_waits_for_no_long_preparation():
     server.stop()
     t.join(10)
     assert time.monotonic() - t0 < 3.0 and backend.closed
+
+
+def test_a_client_that_leaves_during_preparation_stops_it_and_frees_its_slot():
+    backend = ScriptedBackend(lambda spec: "ok", prepare_delay=5.0)
+    server = RunningServer(lambda: backend, queue_size=1)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/completions", json={"prompt": "p"}, timeout=0.3)
+        _wait(lambda: backend.prepare_stopped == 1, timeout=1.5)
+        assert server.worker.status()["waiting"] == 0 and backend.specs == []
+        backend.prepare_delay = 0.0
+        assert httpx.post(server.url + "/v1/completions", json={"prompt": "q"}).status_code == 200
+    finally:
+        server.stop()

@@ -171,6 +171,21 @@ class Exchange:
             self.job.cancel()  # a client gone mid-stream lands here: the worker stops at the next step
 
 
+async def _prepare(worker: Worker, job: Job, request: Request, stopping: Callable[[], bool]) -> None:
+    """``worker.prepare(job)``, watching the client meanwhile: one that leaves stops the preparation
+    (``ClientGone``)."""
+    task = asyncio.ensure_future(worker.prepare(job, stopping))
+    try:
+        while not (await asyncio.wait({task}, timeout=POLL_S))[0]:
+            if await request.is_disconnected():
+                job.cancel()
+                raise ClientGone()
+    finally:
+        if not task.done():
+            task.cancel()
+    task.result()
+
+
 async def _answer(worker: Worker, request: Request, body: _Sampling, spec: GenerationSpec, *, chat: bool,
                   hold: bool) -> Response:
     """Take a queue slot, prepare off the model's thread, queue; the whole JSON answer, or an SSE stream once the
@@ -182,7 +197,7 @@ async def _answer(worker: Worker, request: Request, body: _Sampling, spec: Gener
     job = Job(spec, asyncio.get_running_loop())
     worker.reserve(job)
     try:
-        await worker.prepare(job)
+        await _prepare(worker, job, request, stopping)
         worker.submit(job)
     except Exception as e:
         job.cancel()

@@ -52,6 +52,8 @@ def bind(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
     except (socket.gaierror, UnicodeError) as e:
         raise UsageError(f"--host {host}: not an address or a name this machine resolves ({e})",
                          "use an address such as 127.0.0.1, ::1 or 0.0.0.0") from None
+    if ":" not in host:  # a name such as localhost: IPv4 first, as uvicorn binds it (clients try 127.0.0.1)
+        infos.sort(key=lambda info: info[0] != socket.AF_INET)
     family, _, _, _, addr = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:

@@ -127,12 +127,17 @@ class Worker:
                 job.holds_slot = False
                 self._waiting -= 1
 
-    async def prepare(self, job: Job) -> None:
+    async def prepare(self, job: Job, stopping: Callable[[], bool] = lambda: False) -> None:
         """Template, tokenize and configure ``job`` on the preparation thread (one at a time, bounded by the
-        context size); its errors (``ApiError``, ``DllmError``) raise here."""
+        context size; it stops early once ``stopping()`` or the worker's ``stop``); its errors (``ApiError``,
+        ``DllmError``) raise here."""
         assert self._backend is not None
+        halt = self._stopping.is_set
+
+        def stop_now() -> bool:
+            return halt() or stopping() or job.cancelled.is_set()
         try:
-            future = self._prep.submit(self._backend.prepare, job.spec, self._stopping.is_set)
+            future = self._prep.submit(self._backend.prepare, job.spec, stop_now)
         except RuntimeError:  # the executor is shut down
             raise shutting_down() from None
         job.prepared = await asyncio.wrap_future(future)
