@@ -3,9 +3,10 @@
 - ``bind`` opens the listening socket before the model loads, so a busy port or a bad host is one line at once
   (exit 1, or 2 for a host that is not an address), and ``--port 0`` knows its real port before the banner.
 - ``protocol_class`` is uvicorn's h11 protocol with three changes: a connection that has not sent a complete
-  request head within ``header_timeout_s`` is closed (idle or slow sockets cannot pile up); connections beyond
-  ``max_connections`` are closed as soon as they are accepted (file descriptors never run out, so accept never
-  fails in a loop); and a client that half-closes its side after a complete request (``shutdown(SHUT_WR)``, as
+  request head within ``header_timeout_s`` is closed (idle or slow sockets cannot pile up); a connection beyond
+  ``max_connections`` closes the oldest idle one (no request in progress), or itself when every one is busy, so
+  file descriptors never run out (accept never fails in a loop) and idle sockets cannot lock clients out; and a
+  client that half-closes its side after a complete request (``shutdown(SHUT_WR)``, as
   ``nc`` does) still gets its answer. To tell such a client from one that closed altogether, the server sends an
   interim ``100 Continue`` (which HTTP/1.1 clients must accept and skip) when the end of input arrives, and again
   shortly after: a closed peer answers with a reset, the write fails, and its request is cancelled as before.
@@ -86,14 +87,27 @@ def protocol_class(limits: ConnectionLimits) -> type:
 
     class LimitedH11Protocol(H11Protocol):
         _head_timer: Any = None
+        _since = 0.0  # when the connection was made (the oldest idle one makes room for a new one)
 
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            self._since = time.monotonic()
             if len(self.connections) > limits.max_connections:
-                log.warning("connection limit (%d) reached: closing new connections", limits.max_connections)
-                transport.abort()
-                return
+                others: list[Any] = [c for c in self.connections if c is not self]
+                idle = [c for c in others if getattr(c, "idle", lambda: False)()]
+                oldest = min(idle, key=lambda c: c._since, default=None)
+                log.warning("connection limit (%d) reached: %s", limits.max_connections,
+                            "closing the oldest idle connection" if oldest else "closing new connections")
+                if oldest is None:
+                    transport.abort()
+                    return
+                oldest.transport.abort()
             self._arm_head_timer()
+
+        def idle(self) -> bool:
+            """No request in progress: nothing sent yet, a partial head, or between kept-alive requests."""
+            return (self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
+                    and not self.transport.is_closing())
 
         def _arm_head_timer(self) -> None:
             if self._head_timer is not None:

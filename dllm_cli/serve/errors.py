@@ -14,9 +14,10 @@ RETRY_AFTER_S = 1  # what a 429 asks the client to wait: the queue moves one req
 
 # command-line flags as library messages name them -> the request field that sets the same thing
 FLAG_FIELDS = {"--max-tokens": "max_tokens", "--temperature": "temperature", "--top-p": "top_p", "--seed": "seed",
-               "--top-k": "dllm.top_k", "--threshold": "dllm.threshold", "--editing-threshold": "dllm.editing_threshold",
-               "--max-post-steps": "dllm.max_post_steps", "--block-length": "dllm.block_length", "--indel": "dllm.indel",
-               "--no-edit": "dllm.editing=false", "--edit": "dllm.editing", "--mode": "dllm.mode"}
+               "--top-k": "dllm.top_k", "--threshold": "dllm.threshold",
+               "--editing-threshold": "dllm.editing_threshold", "--max-post-steps": "dllm.max_post_steps",
+               "--block-length": "dllm.block_length", "--indel": "dllm.indel", "--no-edit": "dllm.editing=false",
+               "--edit": "dllm.editing", "--mode": "dllm.mode"}
 _FLAG = re.compile("|".join(re.escape(f) for f in sorted(FLAG_FIELDS, key=len, reverse=True)) + r"(?![\w-])")
 
 

@@ -138,6 +138,6 @@ def check_limits(body: _Sampling, ceilings: Ceilings, ctx: ContextInfo) -> None:
                        "tokens (each message takes at least one)", param=prompt, code="context_length_exceeded")
     chars, most = _text_chars(body), ctx.n_ctx * ctx.max_token_chars
     if chars > most:
-        raise ApiError(400, f"the {prompt} {'hold' if prompt == 'messages' else 'holds'} {chars} characters, more than this server's context of "
-                       f"{ctx.n_ctx} tokens can take (at most {ctx.max_token_chars} characters a token): shorten "
-                       "them", param=prompt, code="context_length_exceeded")
+        raise ApiError(400, f"the {prompt} ({chars} characters) cannot fit this server's context of {ctx.n_ctx} "
+                       f"tokens (at most {ctx.max_token_chars} characters a token): shorten it", param=prompt,
+                       code="context_length_exceeded")
