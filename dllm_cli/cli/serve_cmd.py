@@ -27,7 +27,8 @@ def serve(
         help="Seconds one request may run on the model; then it ends with finish_reason \"length\".")] = 600.0,
     max_connections: Annotated[int, typer.Option(
         "--max-connections", min=1, max=1 << 20,
-        help="Open connections at most (also kept under the open-file limit); newer ones are closed.")] = 256,
+        help="Open connections at most (also kept under the open-file limit); beyond it a new one replaces "
+             "the oldest idle one.")] = 256,
     allowed_host: Annotated[Optional[list[str]], typer.Option(
         "--allowed-host", show_default=False,
         help="Also answer requests whose Host header names this (repeatable; '*' = any). A loopback server "
