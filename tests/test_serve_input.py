@@ -147,7 +147,8 @@ def test_head_is_answered_on_get_routes(server):
         get, head = httpx.get(srv.url + path), httpx.head(srv.url + path)
         assert head.status_code == get.status_code and head.content == b"", path
         assert head.headers.get("content-type") == get.headers.get("content-type")
-    assert httpx.head(srv.url + "/v1/chat/completions").status_code == 405
+    r = httpx.head(srv.url + "/v1/chat/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
 
 
 def test_429_says_when_to_retry():

@@ -64,7 +64,7 @@ def _install_error_handlers(app: FastAPI) -> None:
                 405: "method not allowed on this path"}.get(exc.status_code, str(exc.detail))
         err = ApiError(exc.status_code, f"{request.method} {request.url.path}: {what}",
                        code={404: "not_found", 405: "method_not_allowed"}.get(exc.status_code))
-        return JSONResponse(err.body(), status_code=exc.status_code)
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)  # 405: Allow
 
     async def unexpected(_: Request, exc: Exception) -> Response:
         log.error("unhandled error", exc_info=exc)
