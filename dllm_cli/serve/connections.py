@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import resource
@@ -23,10 +24,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
 from dllm_cli.errors import DllmError, UsageError
 from dllm_cli.outfiles import describe
 
 PROBE_AFTER_S = (0.0, 0.05, 0.3, 1.5)  # 100 Continue probes after a half-close: a reset comes back within a round trip
+log = logging.getLogger("dllm.serve")
 FD_RESERVE = 64  # descriptors kept for the model files, logs and the listening socket
 BACKLOG = 64  # the listen queue, and how many connections asyncio accepts in one go before any is checked
 
@@ -78,73 +83,72 @@ def bind(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
     return sock
 
 
-def protocol_class(limits: ConnectionLimits) -> type:
-    """uvicorn's h11 protocol with the limits above (a class: uvicorn instantiates one per connection)."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+class LimitedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol under ``limits`` (see the module docstring); ``protocol_class`` binds the limits."""
 
-    log = logging.getLogger("dllm.serve")
+    limits = ConnectionLimits()
+    _head_timer: asyncio.TimerHandle | None = None
+    _since = 0.0  # when the connection was made (the oldest idle one makes room for a new one)
 
-    class LimitedH11Protocol(H11Protocol):
-        _head_timer: Any = None
-        _since = 0.0  # when the connection was made (the oldest idle one makes room for a new one)
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._since = time.monotonic()
+        if len(self.connections) > self.limits.max_connections:
+            others: list[Any] = [c for c in self.connections if c is not self]
+            oldest = min((c for c in others if isinstance(c, LimitedH11Protocol) and c.idle()),
+                         key=lambda c: c._since, default=None)
+            log.warning("connection limit (%d) reached: %s", self.limits.max_connections,
+                        "closing the oldest idle connection" if oldest else "closing new connections")
+            if oldest is None:
+                transport.abort()
+                return
+            oldest.transport.abort()
+        self._arm_head_timer()
 
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._since = time.monotonic()
-            if len(self.connections) > limits.max_connections:
-                others: list[Any] = [c for c in self.connections if c is not self]
-                idle = [c for c in others if getattr(c, "idle", lambda: False)()]
-                oldest = min(idle, key=lambda c: c._since, default=None)
-                log.warning("connection limit (%d) reached: %s", limits.max_connections,
-                            "closing the oldest idle connection" if oldest else "closing new connections")
-                if oldest is None:
-                    transport.abort()
-                    return
-                oldest.transport.abort()
-            self._arm_head_timer()
+    def idle(self) -> bool:
+        """No request in progress: nothing sent yet, a partial head, or between kept-alive requests."""
+        return (self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
+                and not self.transport.is_closing())
 
-        def idle(self) -> bool:
-            """No request in progress: nothing sent yet, a partial head, or between kept-alive requests."""
-            return (self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
-                    and not self.transport.is_closing())
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timeout)
 
-        def _arm_head_timer(self) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-            self._head_timer = self.loop.call_later(limits.header_timeout_s, self._head_timeout)
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()  # no complete request head in time
 
-        def _head_timeout(self) -> None:
-            self._head_timer = None
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-                self.transport.close()  # no complete request head in time
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-            super().connection_lost(exc)
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_head_timer()  # the next request's head has the same deadline
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm_head_timer()  # the next request's head has the same deadline
+    def eof_received(self) -> bool | None:  # type: ignore[override]
+        cycle = self.cycle
+        if (cycle is None or cycle.response_complete or cycle.response_started or cycle.more_body
+                or self.scope.get("http_version") != "1.1"):
+            return None  # uvicorn's way: close, and a request in flight sees its client gone
+        cycle.keep_alive = False  # answer this request, then close
+        for delay in PROBE_AFTER_S:
+            self.loop.call_later(delay, self._probe)
+        return True
 
-        def eof_received(self) -> bool | None:  # type: ignore[override]
-            cycle = self.cycle
-            if (cycle is None or cycle.response_complete or cycle.response_started or cycle.more_body
-                    or self.scope.get("http_version") != "1.1"):
-                return None  # uvicorn's way: close, and a request in flight sees its client gone
-            cycle.keep_alive = False  # answer this request, then close
-            for delay in PROBE_AFTER_S:
-                self.loop.call_later(delay, self._probe)
-            return True
+    def _probe(self) -> None:
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started and not self.transport.is_closing():
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-        def _probe(self) -> None:
-            cycle = self.cycle
-            if cycle is not None and not cycle.response_started and not self.transport.is_closing():
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    return LimitedH11Protocol
+def protocol_class(limits: ConnectionLimits) -> type[LimitedH11Protocol]:
+    """``LimitedH11Protocol`` bound to ``limits`` (a class: uvicorn makes one instance per connection)."""
+    return type("LimitedH11Protocol", (LimitedH11Protocol,), {"limits": limits})
 
 
 class RepeatFilter(logging.Filter):
