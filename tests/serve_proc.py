@@ -2,7 +2,7 @@
 own process, for tests that need the real process: logs on stderr, signals, a lowered open-file limit.
 
 OPTIONS-JSON keys: ``nofile`` (RLIMIT_NOFILE set first), ``max_connections``, ``header_timeout_s``, ``queue_size``,
-``blocks`` and ``delay`` (the scripted answer: that many ``"x "`` blocks, seconds per step).
+``blocks`` and ``delay`` (the scripted answer: that many ``"x "`` blocks, seconds per step), ``prepare_delay``.
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # as the CLI: uvicorn re-raises it after shutdown
     if "nofile" in opts:
         resource.setrlimit(resource.RLIMIT_NOFILE, (opts["nofile"], opts["nofile"]))
-    backend = ScriptedBackend(lambda spec: ["x "] * opts.get("blocks", 2), delay=opts.get("delay", 0.0))
+    backend = ScriptedBackend(lambda spec: ["x "] * opts.get("blocks", 2), delay=opts.get("delay", 0.0),
+                              prepare_delay=opts.get("prepare_delay", 0.0))
     limits = ConnectionLimits(max_connections=opts.get("max_connections", 256),
                               header_timeout_s=opts.get("header_timeout_s", 10.0))
     serve(lambda: backend, ServeSettings(), "127.0.0.1", port, queue_size=opts.get("queue_size", 16), limits=limits,

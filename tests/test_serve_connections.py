@@ -202,3 +202,27 @@ def test_busy_port_and_bad_host_fail_in_one_line_before_loading(tmp_path):
                            text=True, timeout=60, env=env)
         assert r.returncode == code and r.stderr.count("\n") == 1 and "--host" in r.stderr, (host, r.stderr)
         assert "Traceback" not in r.stderr and "uvicorn" not in r.stderr.lower()
+
+
+def test_sigterm_is_prompt_while_a_prompt_is_prepared(tmp_path):
+    """A long preparation in flight (the 20,000-message case took 51 s on the model's thread): SIGTERM still ends
+    the server within a few seconds, the client answered 503, exit 143."""
+    import threading
+
+    server = Proc(tmp_path, blocks=1000, delay=0.02, prepare_delay=60.0)
+    got: dict[str, object] = {}
+
+    def ask(key: str, body: dict) -> None:
+        try:
+            got[key] = httpx.post(server.url + "/v1/completions", json=body, timeout=30).status_code
+        except httpx.HTTPError as e:
+            got[key] = type(e).__name__
+
+    thread = threading.Thread(target=ask, args=("long", {"prompt": "p"}))
+    thread.start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    rc = server.stop()
+    thread.join(10)
+    assert rc == 143 and time.monotonic() - t0 < 4.0, server.stderr()
+    assert got["long"] == 503 and "Traceback" not in server.stderr()
