@@ -225,3 +225,18 @@ def test_serve_with_stdout_closed_runs_and_stops_cleanly(tmp_path):
         rc = proc.wait(30)
     text = err_path.read_text()
     assert rc == 143 and "internal error" not in text and "Traceback" not in text, text
+
+
+def test_the_post_steps_ceiling_holds_for_another_modes_preset():
+    """``--max-post-steps 2``: a request in the other mode gets that mode's preset, but never above the ceiling."""
+    from dllm_cli.runtime.options import RuntimeOptions
+    from dllm_cli.serve.backend import GenerationSpec, ModelBackend, ServerDefaults
+
+    spec = GenerationSpec(messages=[{"role": "user", "content": "hi"}], mode="speed")
+    backend = ModelBackend(None, RuntimeOptions(), ServerDefaults("quality", {"max_post_steps": 2}))
+    try:
+        assert backend.prepare(spec, lambda: False).config.max_post_steps > 2  # the preset's own value
+        backend.defaults = ServerDefaults("quality", {"max_post_steps": 2}, max_post_steps_cap=2)
+        assert backend.prepare(spec, lambda: False).config.max_post_steps == 2
+    finally:
+        backend.close()

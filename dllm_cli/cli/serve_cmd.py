@@ -82,9 +82,10 @@ def serve(
     defaults = ServerDefaults(mode.value, {
         "threshold": threshold, "editing_threshold": editing_threshold, "max_post_steps": max_post_steps,
         "editing": edit, "block_length": block_length, "temperature": temperature, "top_k": top_k,
-        "top_p": top_p, "seed": seed, "max_tokens": max_tokens, "mbe": mbe})
+        "top_p": top_p, "seed": seed, "max_tokens": max_tokens, "mbe": mbe},
+        max_post_steps_cap=max_post_steps if max_post_steps is not None else 32)
 
-    ceilings = Ceilings(max_tokens=max_tokens, max_post_steps=max_post_steps if max_post_steps is not None else 32,
+    ceilings = Ceilings(max_tokens=max_tokens, max_post_steps=defaults.max_post_steps_cap or 0,
                         request_timeout_s=request_timeout)
     settings = ServeSettings(api_key=api_key, max_body_bytes=max_body, ceilings=ceilings,
                              allowed_hosts=GuardPolicy.hosts_for(host, is_loopback(host), allowed_host or ()))

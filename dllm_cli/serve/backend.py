@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
+from dllm_cli.decoding.config import with_overrides
 from dllm_cli.decoding.events import Event, StartEvent, StepEvent
 from dllm_cli.errors import ContextFullError
 from dllm_cli.serve.errors import bad_request, shutting_down
@@ -62,6 +63,7 @@ class ServerDefaults:
 
     mode: str = "quality"
     overrides: dict[str, Any] = field(default_factory=dict)  # None values are dropped
+    max_post_steps_cap: int | None = None  # the ceiling also holds for a preset's value (another mode's preset)
 
     def for_request(self, spec: GenerationSpec) -> tuple[str, dict[str, Any]]:
         """(mode, overrides) of a request: a mode other than the server's drops the server's preset knobs."""
@@ -130,6 +132,9 @@ class ModelBackend:
         model, n_ctx = self.loaded.model, self.context.n_ctx
         mode, overrides = self.defaults.for_request(spec)
         config = decode_config(model, mode, **overrides)
+        cap = self.defaults.max_post_steps_cap
+        if cap is not None and config.max_post_steps > cap:
+            config = with_overrides(config, max_post_steps=cap)
         count = 0
 
         def tokenize(text: str, special: bool) -> list[int]:
