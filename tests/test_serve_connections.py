@@ -226,3 +226,18 @@ def test_sigterm_is_prompt_while_a_prompt_is_prepared(tmp_path):
     thread.join(10)
     assert rc == 143 and time.monotonic() - t0 < 4.0, server.stderr()
     assert got["long"] == 503 and "Traceback" not in server.stderr()
+
+
+def test_a_client_dropped_during_preparation_is_one_info_line(tmp_path):
+    server = Proc(tmp_path, prepare_delay=3.0)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/completions", json={"prompt": "a"}, timeout=0.3)
+        deadline = time.monotonic() + 3
+        while "the client went away" not in server.stderr():
+            assert time.monotonic() < deadline, server.stderr()
+            time.sleep(0.05)
+    finally:
+        server.stop()
+    err = server.stderr()
+    assert "Traceback" not in err and "ERROR" not in err and err.count("the client went away") == 1

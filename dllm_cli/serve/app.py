@@ -199,6 +199,9 @@ async def _answer(worker: Worker, request: Request, body: _Sampling, spec: Gener
     try:
         await _prepare(worker, job, request, stopping)
         worker.submit(job)
+    except (ClientGone, ApiError):
+        job.cancel()
+        raise
     except Exception as e:
         job.cancel()
         raise from_library(e, prompt_field) from None
