@@ -2,7 +2,7 @@
 
 ``convert("inclusionAI/LLaDA2.1-mini", "mini.gguf", outtype="q8_0")`` resolves the source (directory,
 repo id through the HF cache, or models.toml alias), validates config, tensors and tokenizer before the
-first byte is written, then streams the GGUF to ``OUT.part`` and renames it on success.
+first byte is written, then streams the GGUF to its own temporary ``.OUT.XXXXXXXX.part`` and renames it on success.
 """
 from __future__ import annotations
 

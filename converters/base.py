@@ -4,7 +4,7 @@
 * output types (f32/f16/bf16/q8_0 through ``gguf.quants``) and the per-tensor type rules;
 * streaming GGUF writing: tensor infos are planned from safetensors headers, then data is produced
   chunk by chunk (row blocks, expert by expert), so peak memory is a few tens of MB whatever the model;
-* atomic output (``OUT.part`` renamed at the end, removed on any failure) and progress events;
+* atomic output (a unique ``.OUT.XXXXXXXX.part`` renamed at the end, removed on any failure) and progress events;
 * the architecture registry (``@register("LLaDA2MoeModelLM")``).
 """
 from __future__ import annotations
@@ -269,7 +269,7 @@ def write_gguf(path: Path, arch: str, write_kv: KVWriter, ckpt: Checkpoint, plan
                progress: ProgressFn | None = None) -> int:
     """Stream a GGUF file to ``path``: header, KV, tensor infos, then tensor data one block at a time.
 
-    Returns the number of tensor-data bytes written. The caller owns atomicity (``path`` is a .part file).
+    Returns the number of tensor-data bytes written. The caller owns atomicity (``path`` is its own temporary file).
     """
     writer = GGUFWriter(path, arch)
     write_kv(writer)
@@ -306,18 +306,20 @@ def write_gguf(path: Path, arch: str, write_kv: KVWriter, ckpt: Checkpoint, plan
 
 @dataclass
 class AtomicOutput:
-    """``with AtomicOutput(out, force) as part:`` write ``part``; it becomes ``out`` only on success.
+    """``with AtomicOutput(out, force) as part:`` write ``part`` (this writer's own ``.OUT.XXXXXXXX.part``);
+    it becomes ``out`` only on success.
 
-    The path checks, the cleanup and the one-line write errors are ``dllm_cli.outfiles``'.
+    The path checks, the temporary name, the rename, the cleanup and the one-line write errors are
+    ``dllm_cli.outfiles``'. Two converts racing to one ``out``: each writes its own file; with ``force`` the last
+    rename wins, without it the first, and the later one fails with "already exists". ``out`` is always whole.
     """
 
     out: Path
     force: bool = False
-    part: Path = field(init=False)
+    part: Path | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.out = outfiles.expand(self.out)
-        self.part = outfiles.part_of(self.out)
 
     def check(self, need_bytes: int = 1) -> None:
         """Refuse before any work: an existing output without ``force``, a directory, a path that cannot be
@@ -328,18 +330,17 @@ class AtomicOutput:
 
     def __enter__(self) -> Path:
         self.check()
+        self.part = outfiles.new_part(self.out, "the GGUF")
         return self.part
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> Literal[False]:
+        part, self.part = self.part, None
+        assert part is not None
         if exc_type is None:
-            try:
-                os.replace(self.part, self.out)
-            except OSError as e:
-                outfiles.remove_quietly(self.part)
-                raise outfiles.write_error(self.out, e, "the GGUF") from None
+            outfiles.commit(part, self.out, "the GGUF", overwrite=self.force)
             return False
-        outfiles.remove_quietly(self.part)
+        outfiles.remove_quietly(part)
         if isinstance(exc, OSError):
             raise outfiles.write_error(self.out, exc, "the GGUF") from None
         return False

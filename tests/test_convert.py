@@ -22,6 +22,7 @@ from converters.safetensors import Checkpoint, f32_to_bf16, bf16_to_f32, save_fi
 from dllm_cli import gguf_keys as K
 from dllm_cli.cli.app import main
 from dllm_cli.errors import ConvertError, OutputError, UsageError
+from io_helpers import part_files, part_size
 
 REPO = Path(__file__).resolve().parents[1]
 DLLM = REPO / ".venv" / "bin" / "dllm"
@@ -357,7 +358,7 @@ def test_existing_output_needs_force(make_checkpoint, tmp_path, monkeypatch, cap
     assert out.read_bytes() == b"keep me"
     code, stdout, _ = run_cli(monkeypatch, capsys, "convert", ck, "-o", out, "--force")
     assert (code, stdout) == (0, f"{out}\n") and out.read_bytes()[:4] == b"GGUF"
-    assert not (tmp_path / "m.gguf.part").exists()
+    assert not part_files(out)
 
 
 @pytest.mark.parametrize("args,message", [(["--outtype", "q4_k"], "--outtype"),
@@ -378,7 +379,7 @@ def test_library_rejects_bad_arguments_as_usage_errors(make_checkpoint, tmp_path
 def test_interrupt_mid_write_removes_partial_file(make_checkpoint, tmp_path):
     def stop(ev):
         if ev.done_tensors == 5:
-            assert (tmp_path / "m.gguf.part").stat().st_size > 0  # it really was being written
+            assert part_size(tmp_path / "m.gguf") > 0  # it really was being written
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Annotated, Iterable, Optional
 
 import typer
@@ -21,6 +20,7 @@ from dllm_cli.chat import SETTINGS, Chat
 from dllm_cli.cli import options as O
 from dllm_cli.cli import output
 from dllm_cli.cli.app import app
+from dllm_cli.cli.history import History
 from dllm_cli.cli.live import PieceCache
 from dllm_cli.cli.pace import DEFAULT_PACE_MS
 from dllm_cli.cli.replay import paced, read_trace
@@ -150,8 +150,7 @@ class Repl:
         self.chat = chat
         self.screen = screen
         self.interactive = sys.stdin.isatty()
-        self.history: Path | None = None
-        self.readline: ModuleType | None = None
+        self.history: History | None = None
 
     def loop(self) -> None:
         self._start_readline()
@@ -163,6 +162,7 @@ class Repl:
         try:
             while True:
                 text = self.read()
+                self._save_history()  # now, not at exit: another chat on this DLLM_HOME appends its own lines
                 if text is None:
                     return
                 if not text.strip():
@@ -183,22 +183,12 @@ class Repl:
             import readline
         except ImportError:  # Windows without pyreadline: input() still works, without history
             return
-        self.readline = readline
-        self.history = dllm_home() / "chat_history"
-        try:
-            self.history.parent.mkdir(parents=True, exist_ok=True)
-            readline.read_history_file(self.history)
-        except OSError:
-            pass
-        readline.set_history_length(1000)
+        self.history = History(readline, dllm_home() / "chat_history", warn=output.warn)
+        self.history.start()
 
     def _save_history(self) -> None:
-        if self.history is None or self.readline is None:
-            return
-        try:
-            self.readline.write_history_file(self.history)
-        except OSError:
-            pass
+        if self.history is not None:
+            self.history.save()
 
     def _input(self, prompt: str) -> str:
         if self.interactive and sys.stdout.isatty():
@@ -236,7 +226,7 @@ class Repl:
             raise
         except KeyboardInterrupt:
             output.err.print()
-            typed = self.readline.get_line_buffer() if self.readline is not None else ""
+            typed = self.history.readline.get_line_buffer() if self.history is not None else ""
             return "" if typed.strip() else None  # Ctrl-C drops a typed line; at an empty prompt it exits
         if line.strip() != '"""':
             return line
