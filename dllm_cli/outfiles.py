@@ -39,6 +39,7 @@ _FIX = {
     errno.EROFS: "choose a writable directory", errno.EISDIR: "give a file name, not a directory",
     errno.ENOENT: "create the directory first or choose another path",
     errno.ENOTDIR: "create the directory first or choose another path",
+    errno.ENAMETOOLONG: "choose a shorter file name (-o PATH)",
 }
 
 
@@ -76,7 +77,7 @@ def _ours(filename: object, path: str | Path) -> bool:
     name = os.fsdecode(filename) if isinstance(filename, (str, bytes)) else str(filename)
     p, f = Path(path), Path(name)
     return name == str(p) or (f.parent == p.parent and f.name.endswith(PART_SUFFIX)
-                              and f.name.startswith(f".{p.name[:_NAME_KEEP]}."))
+                              and f.name.startswith(temp_prefix(p)))
 
 
 def write_error(path: str | Path, e: OSError, what: str = "output") -> OutputError:
@@ -241,6 +242,11 @@ def _umask() -> int:
     return mask
 
 
+def temp_prefix(path: Path) -> str:
+    """The start of every temporary name for ``path`` (``.NAME.``, the name cut to fit NAME_MAX)."""
+    return f".{path.name[:_NAME_KEEP]}."
+
+
 def new_part(path: Path, what: str = "output") -> Path:
     """Create this writer's own empty temporary file beside ``path`` and return its name.
 
@@ -249,7 +255,7 @@ def new_part(path: Path, what: str = "output") -> Path:
     Errors: ``OutputError`` naming ``path``.
     """
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name[:_NAME_KEEP]}.", suffix=PART_SUFFIX, dir=path.parent)
+        fd, name = tempfile.mkstemp(prefix=temp_prefix(path), suffix=PART_SUFFIX, dir=path.parent)
     except OSError as e:
         raise write_error(path, e, what) from None
     try:

@@ -16,6 +16,7 @@ import typer
 from rich.markup import escape
 
 from dllm_cli import domains
+from dllm_cli import text as text_rules
 from dllm_cli.chat import SETTINGS, Chat
 from dllm_cli.cli import options as O
 from dllm_cli.cli import output
@@ -126,7 +127,8 @@ def chat(
         config = decode_config(loaded.model, mode.value, **overrides)
         for w in config.warnings:
             output.warn(w)
-        session = Chat(loaded, config, system=system, overrides=overrides)
+        session = Chat(loaded, config, system=text_rules.clean(system, "--system", output.warn) if system else system,
+                       overrides=overrides)
         Repl(session, Screen(live=live, plain=plain, piece=loaded.model.piece, pace_ms=view_pace)).loop()
     finally:
         loaded.close()
@@ -191,6 +193,18 @@ class Repl:
             self.history.save()
 
     def _input(self, prompt: str) -> str:
+        """One line typed or piped; undecodable bytes are replaced with U+FFFD, with a warning (never fatal),
+        except in ``/save PATH``, whose path is used as typed."""
+        try:
+            line = self._read_line(prompt)
+        except UnicodeDecodeError:  # stdin could not be set to surrogateescape (an embedding's own stream)
+            output.warn("the line was not valid UTF-8 and was skipped")
+            return ""
+        if line.lstrip().startswith("/save "):
+            return line  # a path: used as the bytes typed
+        return text_rules.clean(line, "the chat line", output.warn)
+
+    def _read_line(self, prompt: str) -> str:
         if self.interactive and sys.stdout.isatty():
             return input(prompt)  # readline draws the prompt and does the line editing
         if self.interactive:
