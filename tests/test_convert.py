@@ -29,9 +29,10 @@ DLLM = REPO / ".venv" / "bin" / "dllm"
 
 CONFIGS = {
     "default": {},  # 4/2 heads, D=16, 2 groups keep 1, 1 dense layer
-    "groups1-dense2-d8": dict(n_group=1, topk_group=1, first_k_dense_replace=2, head_dim=8, num_key_value_heads=1,
+    "groups1-dense2-d8": dict(n_group=1, topk_group=1, first_k_dense_replace=2, head_dim=8, hidden_size=32,
+                              num_key_value_heads=1,
                               num_hidden_layers=4),
-    "groups4-heads8-d32": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=32, hidden_size=96,
+    "groups4-heads8-d12": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=12, hidden_size=96,
                                num_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4, num_shared_experts=2),
     "sharded-bf16": dict(shards=3, bf16=True),
 }

@@ -19,13 +19,13 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from dllm_cli import gguf_keys as K
+from dllm_cli.domains import DOMAINS
 from dllm_cli.errors import ModelError
 from dllm_cli.registry import MODES, Preset
 
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
 MAX_EXPERTS = 1024  # LLAMA_MAX_EXPERTS
 MAX_BLOCK_LENGTH = 4096  # far above any released block size (32); bounds the context a block rounds up to
-MAX_POST_STEPS = 100_000
 MAX_TEMPLATE_CHARS = 1 << 20
 VERSIONS = ("2.0", "2.1", "2.2")
 ROPE_SCALING = ("none", "linear", "yarn", "longrope")  # llama_rope_scaling_type_from_string
@@ -277,16 +277,24 @@ def _presets(k: _Keys, version: str) -> dict[str, Preset] | None:
         for f in ("threshold", "editing_threshold", "max_post_steps"):
             v = k.number(keys[f], integer=f == "max_post_steps")
             assert v is not None  # present, checked above
-            hi = MAX_POST_STEPS if f == "max_post_steps" else 1.0
-            if not 0 <= v <= hi:
-                raise k.fail(keys[f], f"is {v}, must be in [0, {hi}]")
+            domain = DOMAINS[f]  # the option's own domain: a preset must be a value the user could pass
+            if domain.problem(int(v) if f == "max_post_steps" else v):
+                raise k.fail(keys[f], f"is {_num(v)}, must be {domain.describe()} (the domain of {domain.flag})")
             values[f] = v
+        indel = k.boolean(K.preset_key(mode, "indel"), False)
+        if indel and version != "2.2":
+            raise k.fail(K.preset_key(mode, "indel"), f"is true, but only LLaDA2.2 inserts and deletes "
+                                                      f"(this file is LLaDA{version})")
         out[mode] = Preset(values["threshold"], values["editing_threshold"], int(values["max_post_steps"]),
-                           k.boolean(keys["editing"], False), k.boolean(K.preset_key(mode, "indel"), False))
+                           k.boolean(keys["editing"], False), indel)
     if out and len(out) != len(MODES):
         mode = next(m for m in MODES if m not in out)
         raise k.fail(K.preset_key(mode, "threshold"), "is missing (the file has presets for other modes)")
     return out or None
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else str(v)
 
 
 def _template(k: _Keys) -> str | None:
