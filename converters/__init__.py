@@ -115,7 +115,7 @@ def convert(source: str | Path, output: str | Path | None = None, *, outtype: st
     config = read_json(src.directory / "config.json", "config.json",
                        "point at a Hugging Face checkpoint directory (config.json + *.safetensors)")
     arch_cls = architecture_class(config)
-    ckpt = open_checkpoint(src.directory)
+    ckpt = open_checkpoint(src.directory, warn)
     arch = arch_cls(config, ckpt)
     plans = arch.plan(otype)
     vocab = load_vocab(src.directory, arch.hp.vocab, config.get("pad_token_id"))

@@ -43,3 +43,23 @@ def shown(path: str | os.PathLike[str]) -> str:
 def clean_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Chat messages whose string values hold no lone surrogate (a library-level guard: the CLI already warned)."""
     return [{k: replace_undecodable(v) if isinstance(v, str) else v for k, v in m.items()} for m in messages]
+
+
+def vocab_text_problem(token: str | bytes) -> str | None:
+    """Why ``token`` (a vocabulary entry or merge, as text or its GGUF bytes) cannot be used, or None.
+
+    llama.cpp keeps token texts as C strings in places and decodes them as UTF-8: a NUL byte or bytes that
+    are not UTF-8 reach an assert there instead of an error."""
+    if isinstance(token, bytes):
+        if b"\0" in token:
+            return "holds a NUL byte"
+        try:
+            token.decode("utf-8")
+        except UnicodeDecodeError:
+            return "is not valid UTF-8"
+        return None
+    if "\0" in token:
+        return "holds a NUL byte"
+    if undecodable(token):
+        return "is not valid Unicode (it holds a lone surrogate)"
+    return None

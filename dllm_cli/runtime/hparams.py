@@ -21,6 +21,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueTy
 from dllm_cli import gguf_keys as K
 from dllm_cli.domains import DOMAINS
 from dllm_cli.errors import ModelError
+from dllm_cli.text import vocab_text_problem
 from dllm_cli.registry import MODES, Preset
 
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
@@ -216,6 +217,17 @@ def _hparams(k: _Keys, n_vocab: int) -> dict[str, int]:
             "n_ff_shexp": n_ff_shexp * n_shared, "n_vocab": n_vocab}
 
 
+def _check_texts(k: _Keys, key: str, field: Any) -> None:
+    """Every string of ``field`` as raw bytes: a NUL byte or invalid UTF-8 reaches llama.cpp asserts."""
+    raws = [bytes(field.parts[i]) for i in field.data]
+    if vocab_text_problem(b"\n".join(raws)) is None:  # fast path: an ASCII separator breaks any UTF-8 sequence,
+        return                                          # so the join is valid exactly when every entry is
+    for n, raw in enumerate(raws):
+        problem = vocab_text_problem(raw)
+        if problem:
+            raise k.fail(key, f"entry {n} ({raw[:40]!r}) {problem}")
+
+
 def _vocab(k: _Keys) -> tuple[int, int]:
     """Token table (unique texts: llama.cpp asserts it) and special ids inside it; returns (n_vocab, mask id)."""
     if k.string("tokenizer.ggml.model") != "gpt2":
@@ -223,6 +235,7 @@ def _vocab(k: _Keys) -> tuple[int, int]:
     field = k.reader.get_field("tokenizer.ggml.tokens")
     if field is None or field.types[:2] != [GGUFValueType.ARRAY, GGUFValueType.STRING]:
         raise k.fail("tokenizer.ggml.tokens", "is missing or not a string array")
+    _check_texts(k, "tokenizer.ggml.tokens", field)
     tokens = [t or f"[EMPTY_{i}]" for i, t in enumerate(field.contents())]  # llama.cpp renames empty tokens
     n_vocab = len(tokens)
     if n_vocab < 1 or n_vocab >= 2**31:
@@ -237,6 +250,7 @@ def _vocab(k: _Keys) -> tuple[int, int]:
     merges = k.reader.get_field("tokenizer.ggml.merges")
     if merges is None or merges.types[:2] != [GGUFValueType.ARRAY, GGUFValueType.STRING]:
         raise k.fail("tokenizer.ggml.merges", "is missing or not a string array")
+    _check_texts(k, "tokenizer.ggml.merges", merges)
     ids: dict[str, int] = {}
     for key in (K.MASK_ID, K.EOS_ID, K.BOS_ID, K.PAD_ID, K.EOT_ID):  # only the mask id is required
         ids[key] = k.u32(key, hi=n_vocab - 1) if key == K.MASK_ID or k.kind(key) is not None else -1
