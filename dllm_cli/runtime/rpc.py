@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from dllm_cli.errors import DllmError, UsageError
+from dllm_cli.errors import DllmError, UsageError, clip
 
 PROTO_MAJOR, PROTO_MINOR = 7, 0  # RPC_PROTO_{MAJOR,MINOR}_VERSION of the pinned ggml (include/ggml-rpc.h)
 CMD_HELLO = 14                   # RPC_CMD_HELLO, fixed by the protocol
@@ -150,6 +150,32 @@ def worker_devices(rt: Any, backend: str) -> list[int]:
     if not chosen:
         raise RpcError(f"this runtime has no {backend} device", "use --backend cpu, or build the runtime for it")
     return chosen
+
+
+def listen_address(host: str) -> str:
+    """The IPv4 address to give ggml's RPC server for ``--host`` (a name is resolved here: ggml takes only a
+    dotted IPv4 literal, and would print "Failed to create server socket" after dllm had said "listening").
+
+    RpcError for an IPv6 address, a name that does not resolve to IPv4, or one that cannot be a host name."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if ip is not None:
+        if ip.version != 4:
+            raise RpcError(f"--host {host}: ggml's RPC server listens on IPv4 addresses only",
+                           "use an IPv4 address such as 127.0.0.1, or 0.0.0.0 for every interface")
+        return str(ip)
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise RpcError(f"cannot resolve --host {clip(host)}: {(e.strerror or str(e)).lower()}",
+                       "give an IPv4 address, or a host name this machine resolves") from None
+    except (UnicodeError, ValueError):  # a label over 63 characters, a NUL byte, undecodable bytes
+        raise RpcError(f"--host {clip(host)} is not a valid host name", "give an IPv4 address or a host name") from None
+    if not infos:
+        raise RpcError(f"--host {clip(host)} has no IPv4 address", "give an IPv4 address such as 127.0.0.1")
+    return str(infos[0][4][0])
 
 
 def listen_check(host: str, port: int) -> None:
