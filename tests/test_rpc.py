@@ -16,7 +16,7 @@ import pytest
 
 from dllm_cli.errors import UsageError
 from dllm_cli.runtime import rpc
-from io_helpers import part_size
+from io_helpers import part_files, part_size
 
 DLLM = str(Path(sys.executable).with_name("dllm"))
 
@@ -183,7 +183,7 @@ def test_a_worker_killed_mid_run_is_one_line(tmp_path):
         worker.wait()
     res = subprocess.CompletedProcess(run.args, run.returncode, "", err)
     _one_line_error(res, "RPC worker")
-    assert not part.exists() and not trace.exists()
+    assert not part_files(trace) and not trace.exists()
 
 
 def test_rpc_server_stops_cleanly_on_sigterm():
