@@ -335,3 +335,30 @@ def test_history_is_trimmed_and_a_symlinked_history_is_left_alone(tmp_path):
 def test_candidate_names_fixture_is_really_used(colliding_names):
     names = tempfile._get_candidate_names()  # type: ignore[attr-defined]
     assert list(itertools.islice(names, 3)) == ["FIXEDAAA", "FIXEDAAA", "FIXEDBBB"]
+
+
+def test_runtime_source_extraction_never_follows_a_planted_symlink(tmp_path):
+    """``dllm runtime build`` unpacks llama.cpp into its own temporary directory, then renames it."""
+    import io
+    import tarfile
+
+    from ggml_patch import build
+
+    sdist = tmp_path / "sdist.tar.gz"
+    prefix = f"llama_cpp_python-{build.VERSION}/vendor/llama.cpp/"
+    with tarfile.open(sdist, "w:gz") as tar:
+        for name, data in (("CMakeLists.txt", b"project(x)\n"), ("src/a.c", b"int a;\n")):
+            info = tarfile.TarInfo(prefix + name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    dest = tmp_path / "build" / "llama.cpp"
+    dest.parent.mkdir()
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_bytes(VICTIM)
+    for name in ("llama.cpp.part", ".llama.cpp.part"):
+        (dest.parent / name).symlink_to(victim)
+    build._extract(sdist, dest)
+    assert (dest / "src" / "a.c").read_bytes() == b"int a;\n"
+    assert sorted(p.name for p in victim.iterdir()) == ["keep"] and (victim / "keep").read_bytes() == VICTIM
+    assert sorted(p.name for p in dest.parent.iterdir()) == [".llama.cpp.part", "llama.cpp", "llama.cpp.part"]
