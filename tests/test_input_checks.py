@@ -391,3 +391,24 @@ def test_long_file_names_get_a_temporary_name_that_fits(tmp_path, length):
     out = tmp_path / ("n" * (length - 3) + ".md")
     outfiles.write_text(out, "x")
     assert out.read_text() == "x" and list(tmp_path.iterdir()) == [out]
+
+
+@pytest.mark.parametrize("text", ["\udcff:50052", "h\udcff:1", "a" * 70 + ":5", "a b:5", "x\x00y:5"])
+def test_rpc_endpoints_that_cannot_be_host_names_are_usage_errors(text):
+    from dllm_cli.runtime import rpc
+
+    with pytest.raises(UsageError, match="not a host name or IP address"):
+        rpc.parse_endpoints(text)
+
+
+def test_rpc_endpoints_still_take_addresses_and_names():
+    from dllm_cli.runtime import rpc
+
+    eps = rpc.parse_endpoints("192.168.1.20:50052,[::1]:5,worker-2.local:7,bü.de:9")
+    assert [str(e) for e in eps] == ["192.168.1.20:50052", "[::1]:5", "worker-2.local:7", "bü.de:9"]
+
+
+def test_rpc_endpoint_with_undecodable_bytes_through_the_cli():
+    r = subprocess.run([os.fsencode(DLLM), b"run", b"hi", b"--rpc", b"\xff:50052"], capture_output=True,
+                       timeout=120, stdin=subprocess.DEVNULL)
+    one_line(r, 2, "--rpc")

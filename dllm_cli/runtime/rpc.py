@@ -49,12 +49,29 @@ def parse_endpoints(text: str) -> tuple[Endpoint, ...]:
         host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise UsageError(f"--rpc expects HOST:PORT[,HOST:PORT...], got {item[:80]!r}")
+        if not _host_name_ok(host):
+            raise UsageError(f"--rpc: {clip(host)} is not a host name or IP address",
+                             "give HOST:PORT with an address such as 192.168.1.20 or a host name")
         out.append(Endpoint(host, int(port)))
     if len(set(out)) != len(out):
         raise UsageError("--rpc lists a worker twice")
     if len(out) > 16:  # GGML_RPC_MAX_SERVERS
         raise UsageError(f"--rpc takes at most 16 workers, got {len(out)}")
     return tuple(out)
+
+
+def _host_name_ok(host: str) -> bool:
+    """An IP address, or a name the resolver can encode (IDNA: no undecodable bytes, NUL, labels over 63)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False
+    return "\0" not in host and not any(c.isspace() for c in host)
 
 
 def hello(ep: Endpoint, timeout: float = 5.0) -> tuple[int, int, int]:
