@@ -2,7 +2,7 @@
 
 ``convert("inclusionAI/LLaDA2.1-mini", "mini.gguf", outtype="q8_0")`` resolves the source (directory,
 repo id through the HF cache, or models.toml alias), validates config, tensors and tokenizer before the
-first byte is written, then streams the GGUF to ``OUT.part`` and renames it on success.
+first byte is written, then streams the GGUF to its own temporary ``.OUT.XXXXXXXX.part`` and renames it on success.
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def convert(source: str | Path, output: str | Path | None = None, *, outtype: st
     config = read_json(src.directory / "config.json", "config.json",
                        "point at a Hugging Face checkpoint directory (config.json + *.safetensors)")
     arch_cls = architecture_class(config)
-    ckpt = open_checkpoint(src.directory)
+    ckpt = open_checkpoint(src.directory, warn)
     arch = arch_cls(config, ckpt)
     plans = arch.plan(otype)
     vocab = load_vocab(src.directory, arch.hp.vocab, config.get("pad_token_id"))

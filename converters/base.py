@@ -4,7 +4,7 @@
 * output types (f32/f16/bf16/q8_0 through ``gguf.quants``) and the per-tensor type rules;
 * streaming GGUF writing: tensor infos are planned from safetensors headers, then data is produced
   chunk by chunk (row blocks, expert by expert), so peak memory is a few tens of MB whatever the model;
-* atomic output (``OUT.part`` renamed at the end, removed on any failure) and progress events;
+* atomic output (a unique ``.OUT.XXXXXXXX.part`` renamed at the end, removed on any failure) and progress events;
 * the architecture registry (``@register("LLaDA2MoeModelLM")``).
 """
 from __future__ import annotations
@@ -113,6 +113,7 @@ def resolve_source(src: str | Path, revision: str | None = None,
         d, rev = _download(spec.repo, revision)
         return Source(d, spec.alias, spec.repo, rev, spec.alias, spec.version)
     if _REPO_ID.match(text) and not text.startswith((".", "/", "~")):
+        _check_repo_id(text)
         alias = next((s for s in specs.values() if s.repo and s.repo.lower() == text.lower()), None)
         check(alias.alias if alias else text.split("/")[1].lower())
         d, rev = _download(text, revision)
@@ -124,6 +125,19 @@ def resolve_source(src: str | Path, revision: str | None = None,
         raise ConvertError(f"unknown model alias {clip(text)} (and no such directory)", known)
     raise ConvertError(f"{clip(text)} is not a directory, a known model alias or a Hugging Face repo id (org/name)",
                        known)
+
+
+def _check_repo_id(repo: str) -> None:
+    """The Hub's own rules for a repo id (``a/..``, ``a/b--c``, ``org/-x`` are refused before any request)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        raise ConvertError(f"{clip(repo)} is not a valid Hugging Face repo id",
+                           "org/name: letters, digits, '-', '_' and '.', not starting or ending with '-' or '.', "
+                           "no '--' or '..', at most 96 characters") from None
 
 
 def _exists(path: Path) -> bool:
@@ -176,6 +190,9 @@ def _download(repo: str, revision: str | None) -> tuple[Path, str]:
         raise ConvertError(f"revision {revision!r} not found in {repo}", "pass an existing branch, tag or commit") from None
     except (hf_errors.HfHubHTTPError, OSError) as e:
         raise ConvertError(f"downloading {repo} failed: {e}", "retry, or download it with `hf download`") from None
+    except (hf_errors.HFValidationError, ValueError) as e:  # a revision the Hub's client refuses outright
+        raise ConvertError(f"cannot download {repo} at revision {clip(revision)}: {clip(str(e), 120, quote=False)}",
+                           "pass an existing branch, tag or commit") from None
     p = Path(path)
     return p, p.name if p.parent.name == "snapshots" else (revision or "")
 
@@ -192,8 +209,12 @@ def read_json(path: Path, what: str, hint: str) -> dict:
     return doc
 
 
-def open_checkpoint(directory: Path) -> Checkpoint:
-    """All shards, checked against ``model.safetensors.index.json`` when there is one."""
+def open_checkpoint(directory: Path, warn: Callable[[str], None] | None = None) -> Checkpoint:
+    """All shards, checked against ``model.safetensors.index.json`` when there is one.
+
+    With an index, only the shards it names are read: a stray ``*.safetensors`` beside them (an old
+    download, a merged copy) is ignored with a warning instead of replacing indexed tensors; a tensor that
+    is not in the shard the index names is an error."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json(index, "safetensors index", "re-download the checkpoint").get("weight_map", {})
@@ -205,6 +226,19 @@ def open_checkpoint(directory: Path) -> Checkpoint:
             if not (directory / shard).is_file():
                 raise ConvertError(f"shard {shard} listed in {index.name} is missing from {directory}",
                                    "re-download the checkpoint")
+        shards = sorted(set(weight_map.values()))
+        stray = sorted(p.name for p in directory.glob("*.safetensors") if p.name not in shards)
+        if stray and warn is not None:
+            warn(f"ignoring {', '.join(stray[:3])}{' ...' if len(stray) > 3 else ''} in {directory}: "
+                 f"not listed in {index.name}")
+        ckpt = Checkpoint(directory, shards)
+        for name, shard in weight_map.items():
+            where = ckpt.where.get(name)
+            if where is None or where.path.name != shard:
+                found = f"it is in {where.path.name}" if where is not None else "no shard holds it"
+                raise ConvertError(f"{index.name} puts tensor {name!r} in {shard}, but {found}",
+                                   "re-download the checkpoint")
+        return ckpt
     return Checkpoint(directory)
 
 
@@ -269,7 +303,7 @@ def write_gguf(path: Path, arch: str, write_kv: KVWriter, ckpt: Checkpoint, plan
                progress: ProgressFn | None = None) -> int:
     """Stream a GGUF file to ``path``: header, KV, tensor infos, then tensor data one block at a time.
 
-    Returns the number of tensor-data bytes written. The caller owns atomicity (``path`` is a .part file).
+    Returns the number of tensor-data bytes written. The caller owns atomicity (``path`` is its own temporary file).
     """
     writer = GGUFWriter(path, arch)
     write_kv(writer)
@@ -306,18 +340,20 @@ def write_gguf(path: Path, arch: str, write_kv: KVWriter, ckpt: Checkpoint, plan
 
 @dataclass
 class AtomicOutput:
-    """``with AtomicOutput(out, force) as part:`` write ``part``; it becomes ``out`` only on success.
+    """``with AtomicOutput(out, force) as part:`` write ``part`` (this writer's own ``.OUT.XXXXXXXX.part``);
+    it becomes ``out`` only on success.
 
-    The path checks, the cleanup and the one-line write errors are ``dllm_cli.outfiles``'.
+    The path checks, the temporary name, the rename, the cleanup and the one-line write errors are
+    ``dllm_cli.outfiles``'. Two converts racing to one ``out``: each writes its own file; with ``force`` the last
+    rename wins, without it the first, and the later one fails with "already exists". ``out`` is always whole.
     """
 
     out: Path
     force: bool = False
-    part: Path = field(init=False)
+    part: Path | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.out = outfiles.expand(self.out)
-        self.part = outfiles.part_of(self.out)
 
     def check(self, need_bytes: int = 1) -> None:
         """Refuse before any work: an existing output without ``force``, a directory, a path that cannot be
@@ -328,18 +364,17 @@ class AtomicOutput:
 
     def __enter__(self) -> Path:
         self.check()
+        self.part = outfiles.new_part(self.out, "the GGUF")
         return self.part
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> Literal[False]:
+        part, self.part = self.part, None
+        assert part is not None
         if exc_type is None:
-            try:
-                os.replace(self.part, self.out)
-            except OSError as e:
-                outfiles.remove_quietly(self.part)
-                raise outfiles.write_error(self.out, e, "the GGUF") from None
+            outfiles.commit(part, self.out, "the GGUF", overwrite=self.force)
             return False
-        outfiles.remove_quietly(self.part)
+        outfiles.remove_quietly(part)
         if isinstance(exc, OSError):
             raise outfiles.write_error(self.out, exc, "the GGUF") from None
         return False

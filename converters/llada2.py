@@ -116,6 +116,9 @@ class HParams:
         bad = [
             (self.heads % self.kv_heads == 0, "num_attention_heads must be a multiple of num_key_value_heads"),
             (self.head_dim >= 1, "head_dim must be positive"),
+            (self.heads * self.head_dim == self.hidden,  # the runtime's graph (and hparams.py) require it
+             f"num_attention_heads x head_dim ({self.heads} x {self.head_dim}) must equal hidden_size "
+             f"({self.hidden})"),
             (self.experts % self.groups == 0, "num_experts must be a multiple of n_group"),
             (self.groups == 1 or per_group >= 2, "n_group must leave at least 2 experts per group"),
             (1 <= self.groups_used <= self.groups, "topk_group must be in 1..n_group"),
@@ -152,8 +155,11 @@ def _check_ranges(ints: dict[str, int], flts: dict[str, float]) -> None:
         if not lo <= ints[key] <= hi:
             raise ConvertError(f"config.json key {key!r} is {ints[key]}, must be in {lo}..{hi}",
                                "use the config.json shipped with the checkpoint")
-    for key, ok, want in (("rms_norm_eps", flts["rms_norm_eps"] > 0, "positive"),
-                          ("rope_theta", flts["rope_theta"] > 0, "positive"),
+    # each is stored as a float32: beyond its range it cannot even be written (1e300), and an epsilon below its
+    # normal range rounds to 0 or a denormal the norm cannot use (1e-300)
+    for key, ok, want in (("rms_norm_eps", 1e-30 <= flts["rms_norm_eps"] <= 1.0, "in [1e-30, 1]"),
+                          ("rope_theta", 0 < flts["rope_theta"] <= 1e12, "in (0, 1e12]"),
+                          ("routed_scaling_factor", 0 <= flts["routed_scaling_factor"] <= 1e6, "in [0, 1e6]"),
                           ("partial_rotary_factor", 0 < flts["partial_rotary_factor"] <= 1, "in (0, 1]")):
         if not ok:
             raise ConvertError(f"config.json key {key!r} is {flts[key]}, must be {want}",

@@ -150,11 +150,16 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | Path, bf16: frozens
 
 
 class Checkpoint:
-    """All safetensors shards of an HF checkpoint directory, indexed by tensor name."""
+    """The safetensors shards of an HF checkpoint directory, indexed by tensor name.
 
-    def __init__(self, directory: str | Path) -> None:
+    ``shards`` (the files ``model.safetensors.index.json`` names) limits it to those files; without it every
+    ``*.safetensors`` in the directory is a shard. A tensor found in two shards is an error, never a silent
+    choice of one of them.
+    """
+
+    def __init__(self, directory: str | Path, shards: list[str] | None = None) -> None:
         self.dir = Path(directory)
-        files = sorted(self.dir.glob("*.safetensors"))
+        files = [self.dir / s for s in sorted(shards)] if shards is not None else sorted(self.dir.glob("*.safetensors"))
         if not files:
             raise ConvertError(f"no .safetensors files in {self.dir}",
                                "point at a Hugging Face checkpoint directory")
@@ -162,6 +167,9 @@ class Checkpoint:
         self.where: dict[str, SafetensorsFile] = {}
         for f in self.files:
             for k in f.keys():
+                if k in self.where:
+                    raise ConvertError(f"tensor {k!r} is in two shards: {self.where[k].path.name} and {f.path.name}",
+                                       "remove the stray file from the checkpoint directory")
                 self.where[k] = f
 
     def __contains__(self, name: str) -> bool:

@@ -12,7 +12,8 @@ from gguf import GGUFWriter, TokenType
 
 from converters.base import read_json
 from dllm_cli import gguf_keys as K
-from dllm_cli.errors import ConvertError
+from dllm_cli.errors import ConvertError, clip
+from dllm_cli.text import vocab_text_problem
 
 MASK_TOKEN = "<|mask|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -49,6 +50,16 @@ def _token_id(value: object, where: str) -> int:
         raise ConvertError(f"tokenizer.json: {where} must be a token id (an integer >= 0), got {value!r}",
                            "re-download the tokenizer")
     return value
+
+
+def _check_texts(tokens: list[str | None], merges: list[str]) -> None:
+    """Every token text and merge must be text llama.cpp can hold (no NUL byte, valid Unicode)."""
+    for what, texts in (("token", tokens), ("merge", merges)):
+        for i, t in enumerate(texts):
+            problem = vocab_text_problem(t) if t is not None else None
+            if problem:
+                raise ConvertError(f"tokenizer.json: {what} {i} ({clip(t, 40)}) {problem}",
+                                   "re-download the tokenizer")
 
 
 def load_vocab(directory: Path, vocab_size: int, pad_token_id: int | None = None) -> Vocab:
@@ -105,6 +116,7 @@ def load_vocab(directory: Path, vocab_size: int, pad_token_id: int | None = None
         raise ConvertError("tokenizer.json: model.merges must be a list of 'a b' strings or [a, b] pairs",
                            "re-download the tokenizer")
     merges = [m if isinstance(m, str) else " ".join(m) for m in raw_merges]
+    _check_texts(tokens, merges)
 
     cfg_path = directory / "tokenizer_config.json"
     tcfg = read_json(cfg_path, "tokenizer_config.json", "re-download the checkpoint") if cfg_path.is_file() else {}

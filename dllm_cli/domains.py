@@ -18,7 +18,11 @@ INT32_MAX = 2**31 - 1
 
 @dataclass(frozen=True)
 class Domain:
-    """``kind`` values in ``lo..hi`` (``lo_open``/``hi_open`` exclude the bound); None means unbounded."""
+    """``kind`` values in ``lo..hi`` (``lo_open``/``hi_open`` exclude the bound); None means unbounded.
+
+    ``or_zero`` also admits exactly 0 below ``lo`` (``--temperature``: 0 is greedy; between 0 and ``lo`` the
+    logits would be scaled past float32, so a denormal is refused instead of turning into NaNs).
+    """
 
     flag: str
     kind: type  # int or float
@@ -26,8 +30,12 @@ class Domain:
     hi: float | None = None
     lo_open: bool = False
     hi_open: bool = False
+    or_zero: bool = False
 
     def describe(self) -> str:
+        if self.or_zero:
+            upper = f" and <= {_num(self.hi)}" if self.hi is not None else ""
+            return f"0 or a number >= {_num(self.lo or 0)}{upper}"
         if self.lo is not None and self.hi is not None:
             what = "an integer in " if self.kind is int else "in "
             return f"{what}{'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}{')' if self.hi_open else ']'}"
@@ -44,6 +52,8 @@ class Domain:
         if self.kind is float and not math.isfinite(float(value)):
             return f"{must}, got {_got(value)}"
         v: Any = float(value) if self.kind is float else value  # an Integral compares exactly, however big
+        if self.or_zero and v == 0:
+            return None
         if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
             return f"{must}, got {_got(value)}"
         if self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi):
@@ -83,7 +93,7 @@ DOMAINS: dict[str, Domain] = {d.flag.lstrip("-").replace("-", "_"): d for d in (
     Domain("--threshold", float, 0.0, 1.0),
     Domain("--editing-threshold", float, 0.0, 1.0),
     Domain("--top-p", float, 0.0, 1.0, lo_open=True),
-    Domain("--temperature", float, 0.0),
+    Domain("--temperature", float, 1e-6, or_zero=True),  # 1/T scales float32 logits: below 1e-6 they overflow
     Domain("--top-k", int, 0, INT32_MAX),
     Domain("--max-post-steps", int, 0, 4096),
     Domain("--max-tokens", int, 1, INT32_MAX),
@@ -97,7 +107,7 @@ DOMAINS: dict[str, Domain] = {d.flag.lstrip("-").replace("-", "_"): d for d in (
     Domain("--ctx-size", int, 32, 1 << 20),  # llama.cpp's n_ctx is 32-bit; 16M tokens is beyond any LLaDA2
     # chat: --replay's speed factor; the live view's hold per step in ms (beyond 5 s a step it is no longer live:
     # slow motion is --replay with a small --speed)
-    Domain("--speed", float, 0.0),
+    Domain("--speed", float, 1e-3, 1e6, or_zero=True),  # 0: no pauses; 1e-300 would make one gap last forever
     Domain("--view-pace", int, 0, 5000),
     # bench
     Domain("--reps", int, 1, 1_000_000),

@@ -12,7 +12,7 @@ import numpy as np
 from dllm_cli.decoding import engine
 from dllm_cli.decoding.config import DecodeConfig, make_config, with_overrides
 from dllm_cli.decoding.events import DoneEvent, Event
-from dllm_cli.errors import ContextFullError, UsageError
+from dllm_cli.errors import ContextFullError, ModelError, UsageError
 from dllm_cli.registry import resolve_model
 from dllm_cli.runtime.model import Model
 from dllm_cli.runtime.options import RuntimeOptions
@@ -63,8 +63,25 @@ def prompt_ids(model: Model, messages: list[dict[str, str]], *, raw: bool = Fals
         text = "".join(m["content"] for m in messages)
         if not text.strip():
             raise UsageError("the prompt is empty", "pass a prompt argument, --file, or pipe text on stdin")
-        return model.tokenize(text, special=True)
-    return model.chat_ids(messages, add_generation_prompt=True)
+        return check_prompt(model, model.tokenize(text, special=True), raw=True)
+    return check_prompt(model, model.chat_ids(messages, add_generation_prompt=True), raw=False)
+
+
+def check_prompt(model: Model, ids: list[int], *, raw: bool) -> list[int]:
+    """``ids``, unless they hold a token the decoder owns (the mask token; LLaDA2.2's DELETE/SPLIT): the model
+    would treat it as a slot to fill, and decoding would never converge. UsageError for a ``--raw`` prompt,
+    ModelError (naming the file) when the chat template put it there."""
+    owned = {model.mask_id, *(model.edit_ids or ())}
+    at = next((n for n, i in enumerate(ids) if i in owned), None)
+    if at is None:
+        return ids
+    tok = ids[at]
+    what = f"{'the mask token' if tok == model.mask_id else 'the editing token'} {model.piece(tok)!r} (id {tok})"
+    if raw:
+        raise UsageError(f"the prompt holds {what} at token {at}: the decoder fills that token in, so a prompt "
+                         "cannot contain it", "remove it from the --raw prompt, or drop --raw to send it as text")
+    raise ModelError(f"the chat template of {model.path} puts {what} into the prompt",
+                     "the template is tokenizer.chat_template inside the GGUF: re-convert the model")
 
 
 def fit_context(session: Session, n_prompt: int, config: DecodeConfig) -> DecodeConfig:

@@ -1,11 +1,16 @@
-"""Every file dllm writes goes through here: checked before the work starts, written atomically
-(``OUT.part`` renamed at the end), cleaned up without ever raising, and every write error becomes one
-``OutputError`` line that names the path.
+"""Every file dllm writes goes through here: checked before the work starts, written atomically, cleaned up
+without ever raising, and every write error becomes one ``OutputError`` line that names the path.
 
 ``check(path)`` refuses a missing or unwritable directory, a target that is a directory, and (where the
-file system can tell) a disk without room for ``need_bytes``. ``atomic(path)`` yields the ``.part`` path to
+file system can tell) a disk without room for ``need_bytes``. ``atomic(path)`` yields the temporary path to
 write; ``open_text(path)`` yields a text stream. An existing special file (``/dev/null``, ``/dev/stdout``, a
 FIFO) is written in place when ``special=True``: renaming over it would replace the device node.
+
+The temporary file is ``.OUT.XXXXXXXX.part`` beside ``OUT``: a name unique to this writer, created with
+``O_CREAT|O_EXCL`` (``tempfile.mkstemp``), so a file or symlink already there (planted, or another writer's)
+is never opened, followed or shared. Two writers racing to one ``OUT`` each write their own file; the rename
+is atomic, so ``OUT`` is always one writer's whole file: the last rename wins, or, with ``overwrite=False``
+(``convert`` without ``--force``), the first one, and the later writer fails with "already exists".
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ _FIX = {
     errno.EROFS: "choose a writable directory", errno.EISDIR: "give a file name, not a directory",
     errno.ENOENT: "create the directory first or choose another path",
     errno.ENOTDIR: "create the directory first or choose another path",
+    errno.ENAMETOOLONG: "choose a shorter file name (-o PATH)",
 }
 
 
@@ -47,17 +53,36 @@ def expand(path: str | Path) -> Path:
 
 def describe(e: OSError) -> str:
     """A short reason for ``e`` (never a traceback, never the path twice)."""
-    return _WHY.get(e.errno or 0) or (e.strerror or type(e).__name__).lower()
+    return _WHY.get(e.errno or 0) or _strerror(e)
 
 
 def read_reason(e: OSError) -> str:
     """A short reason for a failed read (``no such file or directory``, ``is a directory``)."""
-    return (e.strerror or type(e).__name__).lower()
+    return _strerror(e)
+
+
+def _strerror(e: OSError) -> str:
+    """The system's words for ``e``; an OSError raised without an errno (by a library) gives its own message,
+    or says that the system gave no reason, never just "oserror"."""
+    if e.strerror:
+        return e.strerror.lower()
+    if e.errno:
+        return os.strerror(e.errno).lower()
+    text = " ".join(str(a) for a in e.args if isinstance(a, str)).strip()
+    return text[:200] if text else "the operating system gave no reason"
+
+
+def _ours(filename: object, path: str | Path) -> bool:
+    """True when ``filename`` is ``path`` or one of this module's temporary files for it."""
+    name = os.fsdecode(filename) if isinstance(filename, (str, bytes)) else str(filename)
+    p, f = Path(path), Path(name)
+    return name == str(p) or (f.parent == p.parent and f.name.endswith(PART_SUFFIX)
+                              and f.name.startswith(temp_prefix(p)))
 
 
 def write_error(path: str | Path, e: OSError, what: str = "output") -> OutputError:
     """The one-line error for a failed write of ``what`` to ``path``."""
-    name = e.filename if e.filename and str(e.filename) not in (str(path), str(path) + ".part") else path
+    name = e.filename if e.filename and not _ours(e.filename, path) else path
     if isinstance(name, bytes):
         name = name.decode(errors="replace")
     return OutputError(f"cannot write {what} to {_short(name)}: {_reason(Path(str(name)), e)}",
@@ -199,15 +224,91 @@ def remove_quietly(path: str | Path | None) -> None:
         pass
 
 
-def part_of(path: Path) -> Path:
-    """``OUT.part`` next to ``OUT`` (``/`` or ``.`` give a name ``check`` then refuses as a directory)."""
-    return path.parent / (path.name + ".part")
+PART_SUFFIX = ".part"
+_NAME_KEEP = 200  # of OUT's name in the temporary one: ".", the name, ".XXXXXXXX.part" stay within NAME_MAX
+
+
+def _umask() -> int:
+    """The process umask (read without changing it where /proc tells, else set and restored at once)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_prefix(path: Path) -> str:
+    """The start of every temporary name for ``path`` (``.NAME.``, the name cut to fit NAME_MAX)."""
+    return f".{path.name[:_NAME_KEEP]}."
+
+
+def new_part(path: Path, what: str = "output") -> Path:
+    """Create this writer's own empty temporary file beside ``path`` and return its name.
+
+    ``mkstemp`` opens it with ``O_CREAT|O_EXCL``: an existing name (a planted symlink, another writer's file)
+    is never reused. It gets the mode a new file would get (mkstemp's 0600 would survive the rename).
+    Errors: ``OutputError`` naming ``path``.
+    """
+    try:
+        fd, name = tempfile.mkstemp(prefix=temp_prefix(path), suffix=PART_SUFFIX, dir=path.parent)
+    except OSError as e:
+        raise write_error(path, e, what) from None
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    except OSError:
+        pass  # a file system without modes (vfat): the file stays as created
+    finally:
+        os.close(fd)
+    return Path(name)
+
+
+def commit(part: Path, path: Path, what: str = "output", *, overwrite: bool = True) -> None:
+    """Rename ``part`` to ``path`` atomically (``part`` is removed on failure).
+
+    ``overwrite=False`` never replaces a file that appeared meanwhile (another writer finished first): the
+    link fails with EEXIST and this writer gets "already exists". Errors: ``OutputError`` naming ``path``.
+    """
+    try:
+        if overwrite:
+            os.replace(part, path)
+            return
+        try:
+            os.link(part, path)  # atomic create-if-absent; never follows a symlink at ``path``
+        except FileExistsError:
+            raise OutputError(f"{_short(path)} already exists (another writer finished first)",
+                              "pass --force to overwrite it") from None
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+                raise
+            if os.path.lexists(path):  # no hard links here (vfat, some FUSE): check, then rename
+                raise OutputError(f"{_short(path)} already exists (another writer finished first)",
+                                  "pass --force to overwrite it") from None
+            os.replace(part, path)
+            return
+        remove_quietly(part)
+    except OSError as e:
+        remove_quietly(part)
+        raise write_error(path, e, what) from None
+    except BaseException:
+        remove_quietly(part)
+        raise
+
+
+def open_nofollow(path: str | Path, flags: int) -> int:
+    """An ``opener`` for ``open()``: never follows a symlink at ``path`` (ELOOP instead)."""
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
 
 
 @contextmanager
 def atomic(path: str | Path, *, what: str = "output", need_bytes: int = 1, create_parent: bool = False,
-           checked: bool = False) -> Iterator[Path]:
-    """``with atomic(out) as part:`` write ``part``; it becomes ``out`` only if the block succeeds.
+           checked: bool = False, overwrite: bool = True) -> Iterator[Path]:
+    """``with atomic(out) as part:`` write ``part`` (this writer's own ``.OUT.XXXXXXXX.part``); it becomes
+    ``out`` only if the block succeeds (``commit``: the last rename wins, or the first with ``overwrite=False``).
 
     Any failure (an exception, Ctrl-C, SIGTERM) removes ``part``; an ``OSError`` becomes an OutputError
     naming ``out``. ``checked`` skips the up-front check (the caller ran ``check`` before its work).
@@ -215,11 +316,12 @@ def atomic(path: str | Path, *, what: str = "output", need_bytes: int = 1, creat
     path = expand(path)
     if not checked:
         check(path, what=what, need_bytes=need_bytes, create_parent=create_parent)
-    part = part_of(path)
+    part: Path | None = None
     try:
+        part = new_part(path, what)
         with aborts.partial(part):  # a ggml abort (e.g. an RPC worker dying) removes it too
             yield part
-        os.replace(part, path)
+        commit(part, path, what, overwrite=overwrite)
     except DllmError:
         remove_quietly(part)
         raise
@@ -245,7 +347,7 @@ def open_text(path: str | Path, *, what: str = "output", checked: bool = False) 
             raise write_error(path, e, what) from None
         return
     with atomic(path, what=what, checked=True) as part:
-        with _closing(open(part, "w", encoding="utf-8")) as f:
+        with _closing(open(part, "w", encoding="utf-8", opener=open_nofollow)) as f:
             yield f
 
 

@@ -253,9 +253,19 @@ def _run(cmd: list[str], cwd: Path, log_path: Path, status: Status, step: str) -
 def _extract(sdist: Path, dest: Path) -> None:
     """Extract the sdist's ``vendor/llama.cpp`` into ``dest``."""
     prefix = f"llama_cpp_python-{VERSION}/vendor/llama.cpp/"
-    tmp = dest.with_name(dest.name + ".part")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # this extraction's own directory (mkdtemp: O_EXCL, never a planted symlink or another build's files)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the source tree was world-readable before
+        _extract_into(sdist, tmp, prefix)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _extract_into(sdist: Path, tmp: Path, prefix: str) -> None:
     with tarfile.open(sdist) as tar:
         members = []
         for m in tar.getmembers():
@@ -267,8 +277,6 @@ def _extract(sdist: Path, dest: Path) -> None:
         if not members:
             raise _build_error(f"{sdist.name} has no {prefix}", "delete it and rerun: dllm runtime build")
         tar.extractall(tmp, members=members, filter="data")
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
 
 
 def apply_patches(src: Path, patches: list[Path], log_path: Path | None = None) -> None:

@@ -42,6 +42,30 @@ def no_part_files(*dirs: Path) -> bool:
     return not any(p.name.endswith(".part") for d in dirs for p in d.rglob("*"))
 
 
+def part_files(out: Path) -> list[Path]:
+    """The temporary files of writers to ``out`` (``.OUT.XXXXXXXX.part``, one per writer)."""
+    return sorted(out.parent.glob(f".{out.name}.*.part"))
+
+
+def part_size(out: Path) -> int:
+    """Size of the (first) temporary file being written for ``out``; 0 while there is none."""
+    for p in part_files(out):
+        try:
+            return p.stat().st_size
+        except OSError:
+            pass
+    return 0
+
+
+def part_text(out: Path) -> str:
+    for p in part_files(out):
+        try:
+            return p.read_text(errors="replace")
+        except OSError:
+            pass
+    return ""
+
+
 def runtime_or_skip() -> None:
     from dllm_cli.errors import RuntimeMissingError
     from dllm_cli.runtime.library import check

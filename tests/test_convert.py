@@ -22,15 +22,17 @@ from converters.safetensors import Checkpoint, f32_to_bf16, bf16_to_f32, save_fi
 from dllm_cli import gguf_keys as K
 from dllm_cli.cli.app import main
 from dllm_cli.errors import ConvertError, OutputError, UsageError
+from io_helpers import part_files, part_size
 
 REPO = Path(__file__).resolve().parents[1]
 DLLM = REPO / ".venv" / "bin" / "dllm"
 
 CONFIGS = {
     "default": {},  # 4/2 heads, D=16, 2 groups keep 1, 1 dense layer
-    "groups1-dense2-d8": dict(n_group=1, topk_group=1, first_k_dense_replace=2, head_dim=8, num_key_value_heads=1,
+    "groups1-dense2-d8": dict(n_group=1, topk_group=1, first_k_dense_replace=2, head_dim=8, hidden_size=32,
+                              num_key_value_heads=1,
                               num_hidden_layers=4),
-    "groups4-heads8-d32": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=32, hidden_size=96,
+    "groups4-heads8-d12": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=12, hidden_size=96,
                                num_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4, num_shared_experts=2),
     "sharded-bf16": dict(shards=3, bf16=True),
 }
@@ -357,7 +359,7 @@ def test_existing_output_needs_force(make_checkpoint, tmp_path, monkeypatch, cap
     assert out.read_bytes() == b"keep me"
     code, stdout, _ = run_cli(monkeypatch, capsys, "convert", ck, "-o", out, "--force")
     assert (code, stdout) == (0, f"{out}\n") and out.read_bytes()[:4] == b"GGUF"
-    assert not (tmp_path / "m.gguf.part").exists()
+    assert not part_files(out)
 
 
 @pytest.mark.parametrize("args,message", [(["--outtype", "q4_k"], "--outtype"),
@@ -378,7 +380,7 @@ def test_library_rejects_bad_arguments_as_usage_errors(make_checkpoint, tmp_path
 def test_interrupt_mid_write_removes_partial_file(make_checkpoint, tmp_path):
     def stop(ev):
         if ev.done_tensors == 5:
-            assert (tmp_path / "m.gguf.part").stat().st_size > 0  # it really was being written
+            assert part_size(tmp_path / "m.gguf") > 0  # it really was being written
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

@@ -20,6 +20,7 @@ import pytest
 
 from converters import convert
 from dllm_cli.errors import ConvertError
+from io_helpers import part_files
 
 DLLM = str(Path(sys.executable).with_name("dllm"))
 MISSING = object()
@@ -85,7 +86,7 @@ def test_bad_config_values_name_the_key(ckpt, tmp_path, key, value):
         convert(ckpt, tmp_path / "out.gguf", outtype="f32")
     names = {"head_dim": "head_dim", "partial_rotary_factor": "partial_rotary_factor"}
     assert names.get(key, key) in str(info.value), str(info.value)
-    assert not (tmp_path / "out.gguf").exists() and not (tmp_path / "out.gguf.part").exists()
+    assert not (tmp_path / "out.gguf").exists() and not part_files(tmp_path / "out.gguf")
 
 
 ARCHS = [[{"x": 1}], "LLaDA2MoeModelLM", [], [None], 5]

@@ -16,6 +16,7 @@ import pytest
 
 from dllm_cli.errors import UsageError
 from dllm_cli.runtime import rpc
+from io_helpers import part_files, part_size
 
 DLLM = str(Path(sys.executable).with_name("dllm"))
 
@@ -172,9 +173,8 @@ def test_a_worker_killed_mid_run_is_one_line(tmp_path):
                                 "--ctx-size", "4096", "--mode", "quality", "--threads", "1", "--rpc",
                                 f"127.0.0.1:{port}", "-ngl", "3", "--trace", str(trace)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
-        part = trace.with_name(trace.name + ".part")
         t0 = time.monotonic()
-        while not (part.exists() and part.stat().st_size > 0) and run.poll() is None and time.monotonic() - t0 < 60:
+        while not part_size(trace) and run.poll() is None and time.monotonic() - t0 < 60:
             time.sleep(0.05)
         worker.send_signal(signal.SIGKILL)
         out, err = run.communicate(timeout=60)
@@ -183,7 +183,7 @@ def test_a_worker_killed_mid_run_is_one_line(tmp_path):
         worker.wait()
     res = subprocess.CompletedProcess(run.args, run.returncode, "", err)
     _one_line_error(res, "RPC worker")
-    assert not part.exists() and not trace.exists()
+    assert not part_files(trace) and not trace.exists()
 
 
 def test_rpc_server_stops_cleanly_on_sigterm():

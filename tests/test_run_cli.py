@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from io_helpers import part_files, part_text
+
 DLLM = str(Path(sys.executable).with_name("dllm"))
 
 
@@ -68,7 +70,7 @@ def test_trace_is_replayable_jsonl(gguf, tmp_path):
     events = [event_from_dict(json.loads(line)) for line in trace.read_text().splitlines()]
     assert events[0].kind == "start" and events[-1].kind == "done"
     assert list(events[-1].ids) == json.loads(r.stdout)["tokens"]
-    assert not (tmp_path / "t.jsonl.part").exists()
+    assert not part_files(trace)
 
 
 def test_non_utf8_stdin_is_replaced_with_a_warning(gguf):
@@ -127,10 +129,9 @@ def test_sigint_exits_130_and_json_prints_nothing(tmp_path_factory, tmp_path):
     p = subprocess.Popen([DLLM, "run", model, "go", "--json", "--max-tokens", "3000", "--ctx-size", "4096",
                           "--mode", "speed", "--trace", str(trace)],
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    part = tmp_path / "t.jsonl.part"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and p.poll() is None:
-        if part.exists() and part.read_text().count("\n") >= 3:  # generation is under way
+        if part_text(trace).count("\n") >= 3:  # generation is under way
             break
         time.sleep(0.05)
     assert p.poll() is None, "the run ended before it could be interrupted"
@@ -138,4 +139,4 @@ def test_sigint_exits_130_and_json_prints_nothing(tmp_path_factory, tmp_path):
     out, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
     assert out == b""  # an interrupted --json run prints nothing partial
-    assert not part.exists() and not trace.exists()  # and leaves no half-written trace
+    assert not part_files(trace) and not trace.exists()  # and leaves no half-written trace

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from io_helpers import part_files, part_size, part_text  # noqa: F401
+
 DLLM = str(Path(sys.executable).with_name("dllm"))
 SIGNALS = [(signal.SIGTERM, 143, "terminated"), (signal.SIGHUP, 129, "hangup")]
 WITH_INT = SIGNALS + [(signal.SIGINT, 130, "interrupted")]
@@ -76,8 +78,7 @@ def test_convert_interrupted_leaves_no_part_file(slow_checkpoint, tmp_path, sig,
     out = tmp_path / "out" / "m.gguf"
     out.parent.mkdir()
     p = start("convert", str(slow_checkpoint), "-o", str(out), "--outtype", "q8_0")
-    part = out.with_name("m.gguf.part")
-    wait_for(p, lambda: size(part) > 1_000_000, "the .part file grew")
+    wait_for(p, lambda: part_size(out) > 1_000_000, "the .part file grew")
     assert_ended(*stop(p, sig), code, word)
     assert list(out.parent.iterdir()) == []
 
@@ -140,8 +141,7 @@ def test_run_trace_interrupted_leaves_no_part_file(long_model, tmp_path, sig, co
     trace = tmp_path / "t.jsonl"
     p = start("run", long_model, "go", "--json", "--max-tokens", "3000", "--ctx-size", "4096", "--mode", "speed",
               "--trace", str(trace))
-    part = tmp_path / "t.jsonl.part"
-    wait_for(p, lambda: part.exists() and part.read_text().count("\n") >= 3, "generation started")
+    wait_for(p, lambda: part_text(trace).count("\n") >= 3, "generation started")
     assert_ended(*stop(p, sig), code, word)
     assert list(tmp_path.iterdir()) == []
 

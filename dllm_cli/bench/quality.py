@@ -11,7 +11,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from dllm_cli.runtime.model import Model
+from dllm_cli.errors import UsageError
+from dllm_cli.runtime.model import Model, inspect_gguf
 from dllm_cli.runtime.options import RuntimeOptions
 from dllm_cli.runtime.session import Session
 
@@ -31,6 +32,29 @@ def block_logits(path: str | Path, prompts: Sequence[str], opts: RuntimeOptions)
             res = s.step(block, k, range(B), want_logits=True)
             out.append(np.asarray(res.logits, np.float32))  # [B, V]
         return out, model.size_bytes, model.mask_id
+
+
+def vocabulary(path: str | Path) -> tuple[int, str]:
+    """(mask id, digest of the token texts) of a GGUF, validated first (ModelError naming the file)."""
+    import hashlib
+
+    from gguf import GGUFReader
+
+    info = inspect_gguf(Path(path))
+    field = GGUFReader(path, "r").get_field("tokenizer.ggml.tokens")
+    assert field is not None  # inspect_gguf checked it
+    digest = hashlib.sha256(b"\0".join(bytes(field.parts[i]) for i in field.data)).hexdigest()
+    return info.meta.mask_id, digest
+
+
+def check_comparable(reference: str | Path, candidates: Sequence[str | Path]) -> None:
+    """Refuse, before any measurement, a candidate whose vocabulary differs from the reference's: its logits
+    would not line up column for column (a UsageError naming both files)."""
+    ref = vocabulary(reference)
+    for path in candidates:
+        if vocabulary(path) != ref:
+            raise UsageError(f"--quality-vs {Path(reference).name}: {Path(path).name} has another vocabulary, "
+                             "so their logits cannot be compared", "compare quantizations of the same model only")
 
 
 def compare_quality(reference: str | Path, candidates: Sequence[str | Path], prompts: Sequence[str], *,

@@ -140,8 +140,9 @@ def write_random_gguf(path: Path, cfg: dict[str, Any], *, seed: int = 0, name: s
     plans = [(g, shape, tensor_qtype(shape, OutType.F16, g.endswith(KEEP_F32)))
              for g, (shape, _) in arch.expected().items()]
     vocab = _vocab(arch.hp.vocab)
-    part = path.with_name(path.name + ".part")
-    writer = GGUFWriter(part, K.ARCH)
+    from dllm_cli import outfiles
+
+    writer = GGUFWriter(None, K.ARCH)  # the file is opened below, where its cleanup starts
     writer.add_name(name)
     writer.add_file_type(file_type_of(OutType.F16))
     writer.add_quantization_version(2)
@@ -164,7 +165,9 @@ def write_random_gguf(path: Path, cfg: dict[str, Any], *, seed: int = 0, name: s
     for g, shape, qt in plans:
         writer.add_tensor_info(g, shape, np.dtype(np.float32), tensor_nbytes(shape, qt), raw_dtype=qt)
     rng = np.random.default_rng(seed)
+    part = outfiles.new_part(path, "the synthetic model")  # unique: two benches may build the same model
     try:
+        writer.open_output_file(part)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -190,5 +193,5 @@ def write_random_gguf(path: Path, cfg: dict[str, Any], *, seed: int = 0, name: s
         part.unlink(missing_ok=True)
         raise
     writer.close()
-    os.replace(part, path)
+    outfiles.commit(part, path, "the synthetic model")
     return path

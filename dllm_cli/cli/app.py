@@ -84,6 +84,7 @@ def main() -> None:
     """Console-script entry point."""
     debug = os.environ.get("DLLM_DEBUG") == "1"
     signals.install()
+    output.text_streams()
     output.quiet_stderr()
     if sys.stdin is None:  # started with stdin closed (<&-): read it as empty, like /dev/null
         sys.stdin = open(os.devnull)

@@ -228,6 +228,10 @@ def bench_cmd(
             estimate_layers = estimate_layers or int(SHAPES[synthetic.value]["num_hidden_layers"])
         if not paths:
             paths = [str(resolve_model(None))]
+        if quality_ref is not None:  # before the bench: a mismatch must not cost a whole run
+            from dllm_cli.bench.quality import check_comparable
+
+            check_comparable(quality_ref, paths)
         cfg = BenchConfig(modes=_list(modes), threads=thread_counts or (None,), reps=reps, warmup=warmup,
                           max_tokens=max_tokens, prefill=prefills, prefixes=prefixes,
                           tests=_list(tests), ar_tokens=ar_tokens, recompute_samples=recompute_samples,

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Annotated, Iterable, Optional
 
 import typer
 from rich.markup import escape
 
 from dllm_cli import domains
+from dllm_cli import text as text_rules
 from dllm_cli.chat import SETTINGS, Chat
 from dllm_cli.cli import options as O
 from dllm_cli.cli import output
 from dllm_cli.cli.app import app
+from dllm_cli.cli.history import History
 from dllm_cli.cli.live import PieceCache
 from dllm_cli.cli.pace import DEFAULT_PACE_MS
 from dllm_cli.cli.replay import paced, read_trace
@@ -126,7 +127,8 @@ def chat(
         config = decode_config(loaded.model, mode.value, **overrides)
         for w in config.warnings:
             output.warn(w)
-        session = Chat(loaded, config, system=system, overrides=overrides)
+        session = Chat(loaded, config, system=text_rules.clean(system, "--system", output.warn) if system else system,
+                       overrides=overrides)
         Repl(session, Screen(live=live, plain=plain, piece=loaded.model.piece, pace_ms=view_pace)).loop()
     finally:
         loaded.close()
@@ -150,8 +152,7 @@ class Repl:
         self.chat = chat
         self.screen = screen
         self.interactive = sys.stdin.isatty()
-        self.history: Path | None = None
-        self.readline: ModuleType | None = None
+        self.history: History | None = None
 
     def loop(self) -> None:
         self._start_readline()
@@ -163,6 +164,7 @@ class Repl:
         try:
             while True:
                 text = self.read()
+                self._save_history()  # now, not at exit: another chat on this DLLM_HOME appends its own lines
                 if text is None:
                     return
                 if not text.strip():
@@ -183,24 +185,26 @@ class Repl:
             import readline
         except ImportError:  # Windows without pyreadline: input() still works, without history
             return
-        self.readline = readline
-        self.history = dllm_home() / "chat_history"
-        try:
-            self.history.parent.mkdir(parents=True, exist_ok=True)
-            readline.read_history_file(self.history)
-        except OSError:
-            pass
-        readline.set_history_length(1000)
+        self.history = History(readline, dllm_home() / "chat_history", warn=output.warn)
+        self.history.start()
 
     def _save_history(self) -> None:
-        if self.history is None or self.readline is None:
-            return
-        try:
-            self.readline.write_history_file(self.history)
-        except OSError:
-            pass
+        if self.history is not None:
+            self.history.save()
 
     def _input(self, prompt: str) -> str:
+        """One line typed or piped; undecodable bytes are replaced with U+FFFD, with a warning (never fatal),
+        except in ``/save PATH``, whose path is used as typed."""
+        try:
+            line = self._read_line(prompt)
+        except UnicodeDecodeError:  # stdin could not be set to surrogateescape (an embedding's own stream)
+            output.warn("the line was not valid UTF-8 and was skipped")
+            return ""
+        if line.lstrip().startswith("/save "):
+            return line  # a path: used as the bytes typed
+        return text_rules.clean(line, "the chat line", output.warn)
+
+    def _read_line(self, prompt: str) -> str:
         if self.interactive and sys.stdout.isatty():
             return input(prompt)  # readline draws the prompt and does the line editing
         if self.interactive:
@@ -236,7 +240,7 @@ class Repl:
             raise
         except KeyboardInterrupt:
             output.err.print()
-            typed = self.readline.get_line_buffer() if self.readline is not None else ""
+            typed = self.history.readline.get_line_buffer() if self.history is not None else ""
             return "" if typed.strip() else None  # Ctrl-C drops a typed line; at an empty prompt it exits
         if line.strip() != '"""':
             return line

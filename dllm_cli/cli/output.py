@@ -61,6 +61,30 @@ class QuietStream:
         return getattr(self._stream, name)
 
 
+def text_streams() -> None:
+    """Set up the standard streams for text in any locale (before anything is read or written).
+
+    stdin is read as UTF-8 whatever the locale says, undecodable bytes kept as surrogates (each input then
+    replaces them with a warning, ``dllm_cli.text``); stdout replaces what its encoding cannot represent (an
+    ASCII-only stdout, ``PYTHONIOENCODING=ascii``, gets ``?`` instead of a crash; ``--json`` escapes instead).
+    """
+    for stream, kwargs in ((sys.stdin, {"encoding": "utf-8", "errors": "surrogateescape"}),
+                           (sys.stdout, {"errors": "replace"}), (sys.stderr, {"errors": "backslashreplace"})):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is None:
+            continue
+        try:
+            reconfigure(**kwargs)
+        except (ValueError, OSError, LookupError, AttributeError):  # already read from, or not a text stream
+            pass
+
+
+def ascii_stdout() -> bool:
+    """True when stdout cannot encode all of Unicode (``--json`` then escapes non-ASCII characters)."""
+    encoding = (getattr(sys.stdout, "encoding", None) or "utf-8").lower().replace("-", "").replace("_", "")
+    return encoding not in ("utf8", "utf16", "utf32", "utf8sig")
+
+
 def quiet_stderr() -> None:
     """Install ``QuietStream`` on ``sys.stderr`` (once); a closed stderr (``2>&-``) becomes /dev/null."""
     if sys.stderr is None:
@@ -115,7 +139,7 @@ def rendered(renderable: Any) -> None:
 
 def document(obj: Any) -> None:
     """Print exactly one JSON document on stdout."""
-    _write(json.dumps(obj, ensure_ascii=False, indent=1) + "\n")
+    _write(json.dumps(obj, ensure_ascii=ascii_stdout(), indent=1) + "\n")
 
 
 def info(msg: str) -> None:

@@ -13,6 +13,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from dllm_cli import domains
 from dllm_cli.decoding.events import _KINDS, BlockEvent, DoneEvent, Event, StepEvent, event_from_dict
 from dllm_cli.errors import UsageError, clip
 from dllm_cli.outfiles import read_reason
@@ -156,8 +157,7 @@ def _stamp(ev: Event) -> float | None:
 
 def paced(events: list[Event], speed: float, *, sleep: Callable[[float], None] = time.sleep) -> Iterator[Event]:
     """Yield ``events`` with the original gaps between them divided by ``speed`` (0 = no pauses)."""
-    if speed < 0:
-        raise UsageError(f"--speed must not be negative, got {speed}")
+    domains.check("speed", speed)
     last: float | None = None
     for ev in events:
         t = _stamp(ev)

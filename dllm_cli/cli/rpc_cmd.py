@@ -41,23 +41,25 @@ def rpc_server(
     from dllm_cli.runtime import rpc
     from dllm_cli.runtime.library import load
 
-    if not rpc.is_loopback(host):
-        output.warn(f"listening on {host}: the RPC protocol has no authentication, anyone who can reach "
-                    f"{host}:{port} can run code on this machine's device; use a trusted network only")
+    address = rpc.listen_address(host)  # ggml takes an IPv4 literal only: resolve names first
+    shown = host if address == host else f"{host} ({address})"
+    if not rpc.is_loopback(address):
+        output.warn(f"listening on {shown}: the RPC protocol has no authentication, anyone who can reach "
+                    f"{address}:{port} can run code on this machine's device; use a trusted network only")
     rt = load(backend.value)
     devices = rpc.worker_devices(rt, backend.value)
-    rpc.listen_check(host, port)
+    rpc.listen_check(address, port)
     failure: list[BaseException] = []
 
     def run() -> None:
         try:
-            rpc.serve(rt, host, port, devices, threads or os.cpu_count() or 1)
+            rpc.serve(rt, address, port, devices, threads or os.cpu_count() or 1)
         except BaseException as e:  # handed to the main thread, which reports it
             failure.append(e)
 
     worker = threading.Thread(target=run, name="ggml-rpc-server", daemon=True)
     worker.start()
-    output.info(f"RPC worker ({backend.value}) listening on {host}:{port}; Ctrl-C stops it")
+    output.info(f"RPC worker ({backend.value}) listening on {shown}:{port}; Ctrl-C stops it")
     while worker.is_alive():  # the main thread stays in Python so Ctrl-C and SIGTERM are handled at once
         worker.join(0.2)
     if failure:

@@ -15,6 +15,7 @@ import typer
 from rich.markup import escape
 
 from dllm_cli import outfiles, registry
+from dllm_cli import text as text_rules
 from dllm_cli.cli import options as O
 from dllm_cli.cli import output
 from dllm_cli.cli.app import app
@@ -99,7 +100,7 @@ def gather_prompt(arg: str | None, file: Path | None, ctx_size: int = 1 << 34) -
         if arg is not None:
             if len(arg) > bound or len(arg.encode("utf-8", errors="replace")) > bound:
                 raise _too_big("the prompt argument", bound, ctx_size)
-            parts.append(arg)
+            parts.append(text_rules.clean(arg, "the prompt argument", output.warn))
         if not sys.stdin.isatty() and not sys.stdin.closed:
             piped = read_stdin(bound, ctx_size)
             if piped:
@@ -168,6 +169,7 @@ def run(
                                seed=seed, max_tokens=max_tokens, mbe=mbe)
         for w in config.warnings:
             output.warn(w)
+        system = text_rules.clean(system, "--system", output.warn) if system else system
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         ids = prompt_ids(loaded.model, messages, raw=raw)
         done = _drive(loaded, ids, config, stream=not as_json, trace=trace)

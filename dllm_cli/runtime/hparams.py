@@ -19,13 +19,14 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from dllm_cli import gguf_keys as K
+from dllm_cli.domains import DOMAINS
 from dllm_cli.errors import ModelError
+from dllm_cli.text import vocab_text_problem
 from dllm_cli.registry import MODES, Preset
 
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
 MAX_EXPERTS = 1024  # LLAMA_MAX_EXPERTS
 MAX_BLOCK_LENGTH = 4096  # far above any released block size (32); bounds the context a block rounds up to
-MAX_POST_STEPS = 100_000
 MAX_TEMPLATE_CHARS = 1 << 20
 VERSIONS = ("2.0", "2.1", "2.2")
 ROPE_SCALING = ("none", "linear", "yarn", "longrope")  # llama_rope_scaling_type_from_string
@@ -216,6 +217,17 @@ def _hparams(k: _Keys, n_vocab: int) -> dict[str, int]:
             "n_ff_shexp": n_ff_shexp * n_shared, "n_vocab": n_vocab}
 
 
+def _check_texts(k: _Keys, key: str, field: Any) -> None:
+    """Every string of ``field`` as raw bytes: a NUL byte or invalid UTF-8 reaches llama.cpp asserts."""
+    raws = [bytes(field.parts[i]) for i in field.data]
+    if vocab_text_problem(b"\n".join(raws)) is None:  # fast path: an ASCII separator breaks any UTF-8 sequence,
+        return                                          # so the join is valid exactly when every entry is
+    for n, raw in enumerate(raws):
+        problem = vocab_text_problem(raw)
+        if problem:
+            raise k.fail(key, f"entry {n} ({raw[:40]!r}) {problem}")
+
+
 def _vocab(k: _Keys) -> tuple[int, int]:
     """Token table (unique texts: llama.cpp asserts it) and special ids inside it; returns (n_vocab, mask id)."""
     if k.string("tokenizer.ggml.model") != "gpt2":
@@ -223,6 +235,7 @@ def _vocab(k: _Keys) -> tuple[int, int]:
     field = k.reader.get_field("tokenizer.ggml.tokens")
     if field is None or field.types[:2] != [GGUFValueType.ARRAY, GGUFValueType.STRING]:
         raise k.fail("tokenizer.ggml.tokens", "is missing or not a string array")
+    _check_texts(k, "tokenizer.ggml.tokens", field)
     tokens = [t or f"[EMPTY_{i}]" for i, t in enumerate(field.contents())]  # llama.cpp renames empty tokens
     n_vocab = len(tokens)
     if n_vocab < 1 or n_vocab >= 2**31:
@@ -237,6 +250,7 @@ def _vocab(k: _Keys) -> tuple[int, int]:
     merges = k.reader.get_field("tokenizer.ggml.merges")
     if merges is None or merges.types[:2] != [GGUFValueType.ARRAY, GGUFValueType.STRING]:
         raise k.fail("tokenizer.ggml.merges", "is missing or not a string array")
+    _check_texts(k, "tokenizer.ggml.merges", merges)
     ids: dict[str, int] = {}
     for key in (K.MASK_ID, K.EOS_ID, K.BOS_ID, K.PAD_ID, K.EOT_ID):  # only the mask id is required
         ids[key] = k.u32(key, hi=n_vocab - 1) if key == K.MASK_ID or k.kind(key) is not None else -1
@@ -277,16 +291,24 @@ def _presets(k: _Keys, version: str) -> dict[str, Preset] | None:
         for f in ("threshold", "editing_threshold", "max_post_steps"):
             v = k.number(keys[f], integer=f == "max_post_steps")
             assert v is not None  # present, checked above
-            hi = MAX_POST_STEPS if f == "max_post_steps" else 1.0
-            if not 0 <= v <= hi:
-                raise k.fail(keys[f], f"is {v}, must be in [0, {hi}]")
+            domain = DOMAINS[f]  # the option's own domain: a preset must be a value the user could pass
+            if domain.problem(int(v) if f == "max_post_steps" else v):
+                raise k.fail(keys[f], f"is {_num(v)}, must be {domain.describe()} (the domain of {domain.flag})")
             values[f] = v
+        indel = k.boolean(K.preset_key(mode, "indel"), False)
+        if indel and version != "2.2":
+            raise k.fail(K.preset_key(mode, "indel"), f"is true, but only LLaDA2.2 inserts and deletes "
+                                                      f"(this file is LLaDA{version})")
         out[mode] = Preset(values["threshold"], values["editing_threshold"], int(values["max_post_steps"]),
-                           k.boolean(keys["editing"], False), k.boolean(K.preset_key(mode, "indel"), False))
+                           k.boolean(keys["editing"], False), indel)
     if out and len(out) != len(MODES):
         mode = next(m for m in MODES if m not in out)
         raise k.fail(K.preset_key(mode, "threshold"), "is missing (the file has presets for other modes)")
     return out or None
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else str(v)
 
 
 def _template(k: _Keys) -> str | None:

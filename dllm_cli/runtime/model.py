@@ -7,6 +7,7 @@ the C loader would do with it. The chat template renders in a bounded sandbox (`
 from __future__ import annotations
 
 import ctypes
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -104,7 +105,7 @@ class Model:
                                  f"at most {n}", "give one share per offload device (`dllm runtime info`)")
             self._split = (ctypes.c_float * n)(*self.options.tensor_split)
             params.tensor_split = self._split
-        self.ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
+        self.ptr = lib.llama_model_load_from_file(os.fsencode(self.path), params)
         if not self.ptr:
             raise ModelError(f"llama.cpp could not load {self.path}", "run with DLLM_DEBUG=1 to see its log")
         self.vocab = lib.llama_model_get_vocab(self.ptr)

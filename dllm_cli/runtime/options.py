@@ -85,4 +85,7 @@ def from_flags(*, kv_type: str | None = None, flash_attn: str = "auto", exact: b
         if kv_type not in (None, "f32") or flash_attn == "on":
             raise UsageError("--exact means --kv-type f32 --flash-attn off", "drop --kv-type/--flash-attn or --exact")
         return RuntimeOptions(kv_type="f32", flash_attn=False, **kwargs)
+    if kv_type == "q8_0" and flash_attn == "off":  # known before loading: refuse as a usage error, not after
+        raise UsageError("--kv-type q8_0 needs flash attention, but --flash-attn is off",
+                         "use --flash-attn on or auto, or --kv-type f16")
     return RuntimeOptions(kv_type=kv_type or DEFAULT_KV_TYPE, flash_attn=FLASH_ATTN[flash_attn], **kwargs)

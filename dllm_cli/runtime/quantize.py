@@ -81,13 +81,13 @@ def quantize(src: str | Path, dst: str | Path, preset: str, *, threads: int | No
     # llama.cpp writes into a private directory next to dst: if we are interrupted before the C call has
     # created its file, removing the directory makes that later open fail instead of leaving a stray file.
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".part", dir=dst.parent))
+        staging = Path(tempfile.mkdtemp(prefix=outfiles.temp_prefix(dst), suffix=outfiles.PART_SUFFIX, dir=dst.parent))
     except OSError as e:
         raise outfiles.write_error(dst, e, "the quantized GGUF") from None
     part = staging / dst.name
     result: list[int] = []
     worker = threading.Thread(target=lambda: result.append(
-        lib.llama_model_quantize(str(src).encode(), str(part).encode(), ctypes.byref(params))), daemon=True)
+        lib.llama_model_quantize(os.fsencode(src), os.fsencode(part), ctypes.byref(params))), daemon=True)
     try:
         worker.start()
         while worker.is_alive():  # join in slices so Ctrl-C / SIGTERM reach Python and the partial file goes

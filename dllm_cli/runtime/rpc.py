@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from dllm_cli.errors import DllmError, UsageError
+from dllm_cli.errors import DllmError, UsageError, clip
 
 PROTO_MAJOR, PROTO_MINOR = 7, 0  # RPC_PROTO_{MAJOR,MINOR}_VERSION of the pinned ggml (include/ggml-rpc.h)
 CMD_HELLO = 14                   # RPC_CMD_HELLO, fixed by the protocol
@@ -49,12 +49,29 @@ def parse_endpoints(text: str) -> tuple[Endpoint, ...]:
         host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise UsageError(f"--rpc expects HOST:PORT[,HOST:PORT...], got {item[:80]!r}")
+        if not _host_name_ok(host):
+            raise UsageError(f"--rpc: {clip(host)} is not a host name or IP address",
+                             "give HOST:PORT with an address such as 192.168.1.20 or a host name")
         out.append(Endpoint(host, int(port)))
     if len(set(out)) != len(out):
         raise UsageError("--rpc lists a worker twice")
     if len(out) > 16:  # GGML_RPC_MAX_SERVERS
         raise UsageError(f"--rpc takes at most 16 workers, got {len(out)}")
     return tuple(out)
+
+
+def _host_name_ok(host: str) -> bool:
+    """An IP address, or a name the resolver can encode (IDNA: no undecodable bytes, NUL, labels over 63)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False
+    return "\0" not in host and not any(c.isspace() for c in host)
 
 
 def hello(ep: Endpoint, timeout: float = 5.0) -> tuple[int, int, int]:
@@ -150,6 +167,32 @@ def worker_devices(rt: Any, backend: str) -> list[int]:
     if not chosen:
         raise RpcError(f"this runtime has no {backend} device", "use --backend cpu, or build the runtime for it")
     return chosen
+
+
+def listen_address(host: str) -> str:
+    """The IPv4 address to give ggml's RPC server for ``--host`` (a name is resolved here: ggml takes only a
+    dotted IPv4 literal, and would print "Failed to create server socket" after dllm had said "listening").
+
+    RpcError for an IPv6 address, a name that does not resolve to IPv4, or one that cannot be a host name."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if ip is not None:
+        if ip.version != 4:
+            raise RpcError(f"--host {host}: ggml's RPC server listens on IPv4 addresses only",
+                           "use an IPv4 address such as 127.0.0.1, or 0.0.0.0 for every interface")
+        return str(ip)
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise RpcError(f"cannot resolve --host {clip(host)}: {(e.strerror or str(e)).lower()}",
+                       "give an IPv4 address, or a host name this machine resolves") from None
+    except (UnicodeError, ValueError):  # a label over 63 characters, a NUL byte, undecodable bytes
+        raise RpcError(f"--host {clip(host)} is not a valid host name", "give an IPv4 address or a host name") from None
+    if not infos:
+        raise RpcError(f"--host {clip(host)} has no IPv4 address", "give an IPv4 address such as 127.0.0.1")
+    return str(infos[0][4][0])
 
 
 def listen_check(host: str, port: int) -> None:

@@ -35,6 +35,7 @@ from jinja2.compiler import CodeGenerator, Frame
 from jinja2.nodes import Concat
 
 from dllm_cli.errors import ModelError
+from dllm_cli.text import clean_messages, undecodable
 
 MAX_RANGE = 10_000  # items of one range()
 MAX_CHARS = 1 << 23  # any one value the template builds, and the whole output (8 Mi characters)
@@ -295,7 +296,11 @@ class ChatTemplate:
         return ModelError(f"the chat template of {self.path} failed{where}: {text}"[:600], _FIX)
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The prompt text, or a ModelError naming the template (never anything else, never unbounded)."""
+        """The prompt text, or a ModelError naming the template (never anything else, never unbounded).
+
+        Undecodable bytes in the messages are U+FFFD by now (``dllm_cli.text``; here without a warning, the
+        front end gave it); a template whose own output is not encodable text is refused, naming the file."""
+        messages = clean_messages(messages)
         error: Exception | None = None
         dog = _Watchdog()
         try:
@@ -313,6 +318,9 @@ class ChatTemplate:
             raise self._error(error) from None
         if not text.strip():
             raise ModelError(f"the chat template of {self.path} rendered only whitespace", _FIX)
+        if undecodable(text):
+            raise ModelError(f"the chat template of {self.path} rendered text that is not valid Unicode "
+                             "(lone surrogates)", _FIX)
         return text
 
     def _generate(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
