@@ -112,7 +112,7 @@ def vulkan_setup() -> VulkanSetup:
     """Find the Vulkan toolchain; BuildError naming every missing Debian package at once."""
     glslc, headers, spirv, loader = find_glslc(), find_headers(), find_spirv_headers(), find_loader()
     missing = [pkg for ok, pkg in ((glslc, "glslc"), (headers, "libvulkan-dev"), (spirv, "spirv-headers"),
-                                   (loader or headers, "libvulkan-dev")) if ok is None]
+                                   (loader, "libvulkan-dev")) if ok is None]
     if missing:
         what = {"glslc": "glslc (the shader compiler)", "libvulkan-dev": "the Vulkan headers and loader",
                 "spirv-headers": "the SPIR-V headers"}
