@@ -184,3 +184,18 @@ def test_the_device_probe_reads_this_machines_vulkan_devices(monkeypatch):
     if icd.is_file():
         assert devs[0]["name"].startswith("llvmpipe") and devs[0]["software"]
         assert lavapipe.VERSION.split("-")[0] in devs[0]["driver_info"], devs[0]
+
+
+def test_the_device_list_is_probed_once_per_driver_set_and_boot(monkeypatch):
+    calls = []
+    monkeypatch.setattr(vulkan_devices, "probe", lambda: calls.append(1) or [RADEON])
+    V.devices.cache_clear()
+    try:
+        assert V.devices() == (RADEON,)
+        V.devices.cache_clear()
+        assert V.devices() == (RADEON,) and len(calls) == 1, "a second process reads the remembered list"
+        monkeypatch.setenv("VK_ICD_FILENAMES", "/elsewhere/icd.json")  # another driver selection: probed again
+        V.devices.cache_clear()
+        assert V.devices() == (RADEON,) and len(calls) == 2
+    finally:
+        V.devices.cache_clear()

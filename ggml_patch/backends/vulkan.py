@@ -13,6 +13,8 @@ there, with a warning. Mesa keeps compiled pipelines in ``MESA_SHADER_CACHE_DIR`
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -123,10 +125,41 @@ def vulkan_setup() -> VulkanSetup:
     return VulkanSetup(glslc, glslc_version(glslc), headers[0], headers[1], spirv, loader)
 
 
+def _probe_tag() -> str:
+    """What the device list depends on: the driver selection variables, the ICD manifests and this boot."""
+    parts = [os.environ.get(v, "") for v in ("VK_ICD_FILENAMES", "VK_DRIVER_FILES", "VK_ADD_DRIVER_FILES",
+                                             "GGML_VK_VISIBLE_DEVICES")]
+    for d in ("/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d", "/usr/local/share/vulkan/icd.d"):
+        try:
+            parts += sorted(f"{p.name}:{p.stat().st_mtime_ns}" for p in Path(d).iterdir())
+        except OSError:
+            pass
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    except OSError:
+        pass
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
 @lru_cache(maxsize=1)
 def devices() -> tuple[dict[str, Any], ...]:
-    """The Vulkan devices of this machine (``vulkan_devices.probe``, once per process)."""
-    return tuple(vulkan_devices.probe())
+    """The Vulkan devices of this machine (``vulkan_devices.probe``), remembered in ``$DLLM_HOME/vulkan-devices``
+    per driver selection, ICD set and boot, so that ``auto`` does not start a probe process at every load."""
+    from ggml_patch.build import home
+    cache = home() / "vulkan-devices" / f"{_probe_tag()}.json"
+    try:
+        return tuple(json.loads(cache.read_text()))
+    except (OSError, ValueError):
+        pass
+    found = vulkan_devices.probe()
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(found))
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return tuple(found)
 
 
 def shader_cache_dir() -> Path:
