@@ -64,7 +64,8 @@ def tool(backend: str, status=print) -> Path:
         raise SystemExit(f"error: no build tree at {bdir} (the runtime was installed from elsewhere); "
                          f"rebuild it: dllm runtime build --backend {backend} --force")
     log = bdir.parent / "op-check-build.log"
-    for cmd in (["cmake", "-B", str(bdir), "-DLLAMA_BUILD_TESTS=ON", "-DLLAMA_BUILD_COMMON=ON"],
+    src = bdir.parent / "llama.cpp"
+    for cmd in (["cmake", "-S", str(src), "-B", str(bdir), "-DLLAMA_BUILD_TESTS=ON", "-DLLAMA_BUILD_COMMON=ON"],
                 ["cmake", "--build", str(bdir), "--target", "test-backend-ops", "-j", str(os.cpu_count() or 2)]):
         status(f"$ {' '.join(cmd)}  (log: {log})")
         with open(log, "a") as f:

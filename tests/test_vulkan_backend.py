@@ -199,3 +199,15 @@ def test_the_device_list_is_probed_once_per_driver_set_and_boot(monkeypatch):
         assert V.devices() == (RADEON,) and len(calls) == 2
     finally:
         V.devices.cache_clear()
+
+
+def test_op_check_counts_test_backend_ops_results():
+    from ggml_patch import op_check
+    out = ("Testing 2 devices\n\nBackend 1/2: Vulkan0\n  Device description: llvmpipe\n"
+           "  MUL_MAT(type_a=q4_K,type_b=f32,m=16,n=1,k=256): OK\n"
+           "  MUL_MAT(type_a=q4_K,type_b=f32,m=16,n=2,k=256): \x1b[1;31mFAIL\x1b[0m\n"
+           "  MUL_MAT(type_a=bf16,type_b=f32,m=16,n=1,k=256): not supported [Vulkan0] \n"
+           "  MUL_MAT(type_a=q6_K,type_b=f32,m=16,n=1,k=256): OK\n  3/4 tests passed\n")
+    assert op_check.count(out) == (2, 1, 1)
+    labels = {c.label for c in op_check.OPS}
+    assert {"MUL_MAT", "MUL_MAT_ID", "TOP_K vocabulary rows", "SET_ROWS", "ARGSORT", "SOFT_MAX"} <= labels

@@ -82,9 +82,9 @@ def find_headers() -> tuple[Path, str] | None:
 def find_spirv_headers() -> Path | None:
     """CMake's ``SPIRV-HeadersConfig.cmake`` (ggml-vulkan does ``find_package(SPIRV-Headers CONFIG REQUIRED)``)."""
     roots = [*(p for p in _sdk()), Path("/usr/local"), Path("/usr")]
-    pats = ("share/cmake*/SPIRV-Headers/SPIRV-HeadersConfig.cmake", "lib/cmake/SPIRV-Headers/SPIRV-HeadersConfig.cmake",
-            "lib/*/cmake/SPIRV-Headers/SPIRV-HeadersConfig.cmake", "lib64/cmake/SPIRV-Headers/SPIRV-HeadersConfig.cmake")
-    return next((hit for r in roots for pat in pats for hit in sorted(r.glob(pat))), None)
+    pats = ("share/cmake*", "lib/cmake", "lib/*/cmake", "lib64/cmake")
+    return next((hit for r in roots for pat in pats
+                 for hit in sorted(r.glob(f"{pat}/SPIRV-Headers/SPIRV-HeadersConfig.cmake"))), None)
 
 
 def find_loader() -> Path | None:
