@@ -7,7 +7,8 @@ DLLM_HOME ?= $(HOME)/.cache/dllm
 BACKEND  ?= auto
 export DLLM_HOME
 
-.PHONY: setup runtime test chat clean cuda-wheels cuda-check cuda-check-llada2 cuda-check-smoke
+.PHONY: setup runtime test chat clean cuda-wheels cuda-check cuda-check-llada2 cuda-check-smoke \
+        vulkan-deps vulkan-runtime vulkan-test op-check gpu-check
 setup: runtime
 
 $(BIN)/python:
@@ -63,6 +64,39 @@ cuda-check-llada2: cuda-wheels   # only the ggml-cuda objects the llada2 graph n
 
 cuda-check-smoke: cuda-wheels    # CI: toolkit discovery, configure, link probe, the confidence-head ops' kernels
 	$(CUDA_CHECK) --only '/(top-k|softmax|getrows)\.cu\.o$$' $(CUDA_CHECK_ARGS)
+
+# Vulkan (ggml_patch/backends/vulkan.py, ggml_patch/README.md "GPU check"). vulkan-deps installs the toolchain
+# from Debian/Ubuntu packages (mesa-vulkan-drivers brings the libraries lavapipe needs) and unpacks Mesa 25's
+# lavapipe from bookworm-backports under $(DLLM_HOME)/lavapipe (Debian 12's own corrupts its heap in long runs);
+# tests select it with VK_ICD_FILENAMES. vulkan-runtime builds the Vulkan library beside the CPU one (cached).
+VULKAN_PACKAGES := glslc libvulkan-dev spirv-headers mesa-vulkan-drivers
+vulkan-deps: $(VENV)/.installed
+	@missing=$$(for p in $(VULKAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then echo "installing $$missing" >&2; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+	$(BIN)/python -m ggml_patch.lavapipe install
+
+vulkan-runtime: $(VENV)/.installed
+	nice -n 10 $(BIN)/dllm runtime build --backend vulkan
+
+vulkan-test: vulkan-runtime
+	DLLM_TEST_BACKEND=vulkan $(BIN)/python -m pytest -q -rs tests/test_vulkan_backend.py tests/test_backend_exact.py
+
+# ggml's test-backend-ops against the CPU backend for the ops and types of the llada2 graph (ggml_patch/op_check.py)
+OP_CHECK_ARGS ?=
+op-check: $(VENV)/.installed
+	$(BIN)/python -m ggml_patch.op_check --backend $(BACKEND) $(OP_CHECK_ARGS)
+
+# One command for whoever gets a GPU: build, op check, the exactness tests, a short bench.
+# make gpu-check BACKEND=cuda (or vulkan). CUDA: --cuda-arch native by default (the visible GPU).
+GPU_BENCH_ARGS ?= --synthetic llada2-mini --layers 2 --quant q4_k_m --modes speed --tests pp,step,gen --reps 2
+gpu-check: $(VENV)/.installed
+	@case "$(BACKEND)" in cuda|vulkan) ;; *) echo "usage: make gpu-check BACKEND=cuda|vulkan" >&2; exit 2;; esac
+	$(BIN)/dllm runtime build --backend $(BACKEND)
+	DLLM_BACKEND=$(BACKEND) $(BIN)/dllm runtime info
+	$(BIN)/python -m ggml_patch.op_check --backend $(BACKEND) $(OP_CHECK_ARGS)
+	DLLM_TEST_BACKEND=$(BACKEND) $(BIN)/python -m pytest -q -rs tests/test_backend_exact.py
+	DLLM_BACKEND=$(BACKEND) $(BIN)/dllm bench $(GPU_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -26,8 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ggml_patch import backends as BK
 from ggml_patch import cpu_features
 from ggml_patch import cuda_toolkit
+from ggml_patch.backends.cuda import CudaSetup, cuda_setup as _cuda_setup
 
 PACKAGE = "llama-cpp-python"
 VERSION = "0.3.36"
@@ -79,7 +81,7 @@ def fetch(log=print) -> Path:
 
 
 
-BACKENDS = ("cpu", "cuda", "metal")
+BACKENDS = BK.NAMES
 KEY_LEN = 16
 # CMake options common to every backend: only libllama and the ggml shared libraries, relocatable ($ORIGIN)
 BASE_FLAGS = (
@@ -89,18 +91,18 @@ BASE_FLAGS = (
     "-DCMAKE_INSTALL_RPATH=$ORIGIN", "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
     "-DGGML_RPC=ON",  # libggml-rpc: remote devices (`--rpc`) and the worker behind `dllm rpc-server`
 )
-BACKEND_FLAGS = {"cpu": (), "cuda": ("-DGGML_CUDA=ON",), "metal": ("-DGGML_METAL=ON",)}
-# Flags that differ between builds of one backend (compiler-probed -mno-amx-*, the CUDA architectures and toolkit,
-# the wheel RPATH). Loading compares a build's other flags with today's and recomputes its key from all of them.
-VARIABLE_FLAGS = ("-DCMAKE_C_FLAGS=", "-DCMAKE_CXX_FLAGS=", "-DCMAKE_CUDA_ARCHITECTURES=", "-DCMAKE_CUDA_COMPILER=",
-                  "-DCUDAToolkit_ROOT=", "-DCMAKE_INSTALL_RPATH=")
+# Flags that differ between builds of one backend (compiler-probed -mno-amx-*, the wheel RPATH, and each
+# backend's own: the CUDA architectures and toolkit). Loading compares a build's other flags with today's and
+# recomputes its key from all of them.
+VARIABLE_FLAGS = ("-DCMAKE_C_FLAGS=", "-DCMAKE_CXX_FLAGS=", "-DCMAKE_INSTALL_RPATH=",
+                  *(f for b in BK.REGISTRY.values() for f in b.variable_flags))
 LIB_PREFIXES = ("libllama", "libggml", "llama", "ggml")
 LIB_SUFFIXES = (".so", ".dylib", ".dll")
 
 
 def _build_error(message: str, hint: str | None = None) -> Exception:
     # dllm's typed error when the package is importable (it always is once installed)
-    return cuda_toolkit._error("BuildError", message, hint)
+    return BK.error("BuildError", message, hint)
 
 
 def runtime_root() -> Path:
@@ -109,53 +111,44 @@ def runtime_root() -> Path:
     return Path(env) if env else home() / "runtime"
 
 
-def patch_files(patch_dir: Path | None = None) -> list[Path]:
-    """The patches in apply order (file name order: ``NNNN-name.patch``)."""
-    return sorted((patch_dir or PATCH_DIR).glob("*.patch"))
+def patch_files(patch_dir: Path | None = None, backend: str | None = None) -> list[Path]:
+    """The patches in apply order (file name order: ``NNNN-name.patch``); with ``backend``, without the patches
+    that belong to another backend only (``Backend.patches``: e.g. the Vulkan header guard)."""
+    return for_backend(sorted((patch_dir or PATCH_DIR).glob("*.patch")), backend)
 
 
-def _nvidia_driver() -> bool:
-    return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
+def for_backend(patches: list[Path], backend: str | None) -> list[Path]:
+    """``patches`` less those reserved to a backend other than ``backend`` (None: all of them)."""
+    if backend is None:
+        return patches
+    only = BK.backend_only_patches()
+    return [p for p in patches if only.get(p.name, backend) == backend]
 
 
 def resolve_backend(backend: str = "auto") -> str:
-    """``auto`` -> cuda when an NVIDIA driver is present and an ``nvcc`` exists (on PATH, in ``$CUDA_HOME`` or
-    ``/usr/local/cuda``, or from the ``[cuda]`` extra's pip wheels), metal on macOS, else cpu.
-
-    The driver check matters: a CUDA toolkit without a GPU (CI images, build boxes) would otherwise get an
-    hour-long CUDA compile of a library that cannot load there.
-    """
+    """``auto`` -> the first of ``backends.AUTO_ORDER`` present here (cuda with an NVIDIA driver and an ``nvcc``,
+    metal on macOS, vulkan with a Vulkan GPU and glslc, else cpu); a name -> itself (BuildError if unknown)."""
     if backend == "auto":
-        if _nvidia_driver() and (shutil.which("nvcc") or cuda_toolkit.find("auto") is not None):
-            return "cuda"
-        return "metal" if sys.platform == "darwin" else "cpu"
-    if backend not in BACKENDS:
-        raise _build_error(f"unknown backend {backend!r}", f"use one of auto, {', '.join(BACKENDS)}")
-    return backend
+        return next(name for name in BK.AUTO_ORDER if BK.get(name).present())
+    return BK.get(backend).name
 
 
-@dataclass(frozen=True)
-class CudaSetup:
-    """What a CUDA build compiles with: the toolkit, the CMake toolkit root (assembled for the wheels) and the
-    architectures (``80-real;90`` ...), with where they came from (option | native | default)."""
-    toolkit: cuda_toolkit.Toolkit
-    root: Path
-    archs: str
-    arch_source: str = "option"
-
-    def describe(self) -> dict:
-        return {"archs": self.archs, "arch_source": self.arch_source, "toolkit": self.toolkit.describe()}
+def cuda_setup(cuda_arch: str | None = None, toolkit: str = "auto", status: Callable[[str], None] | None = None,
+               dirs: list[Path] | None = None) -> CudaSetup:
+    """``backends.cuda.cuda_setup`` with the wheel root under ``$DLLM_HOME/cuda-toolkit``."""
+    return _cuda_setup(cuda_arch, toolkit, status, dirs, home())
 
 
-def cmake_flags(backend: str, amx: bool = False, cuda: CudaSetup | None = None) -> list[str]:
+def cmake_flags(backend: str, amx: bool = False, cuda: BK.Setup | None = None,
+                setup: BK.Setup | None = None) -> list[str]:
     """CMake options for ``backend``. Unless ``amx``, x86 builds add ``-mno-amx-*`` to the C and C++ flags so
     ``-march=native`` cannot compile ggml's AMX kernels, which crash quantized matmuls (see ``cpu_features``).
-    ``cuda`` adds the architectures, compiler and toolkit root, and the wheel library directories to the RPATH."""
-    flags = [*BASE_FLAGS, *BACKEND_FLAGS[backend]]
-    if cuda is not None:
-        flags = [f"-DCMAKE_INSTALL_RPATH={cuda_toolkit.rpath(cuda.toolkit)}"
-                 if f.startswith("-DCMAKE_INSTALL_RPATH=") else f for f in flags]
-        flags += cuda_toolkit.cmake_flags(cuda.toolkit, cuda.root, cuda.archs)
+    ``setup`` (or ``cuda``, its older name) adds the toolchain's options: for CUDA the architectures, compiler and
+    toolkit root, and the wheel library directories in the RPATH."""
+    flags = [*BASE_FLAGS, *BK.get(backend).flags]
+    tool = setup or cuda
+    if tool is not None:
+        flags = tool.cmake_flags(flags)
     off = [] if amx else cpu_features.amx_off_flags()
     if off:
         flags += [f"-DCMAKE_C_FLAGS={' '.join(off)}", f"-DCMAKE_CXX_FLAGS={' '.join(off)}"]
@@ -167,41 +160,26 @@ def fixed_flags(flags: list[str]) -> list[str]:
     return [f for f in flags if not f.startswith(VARIABLE_FLAGS)]
 
 
-def cuda_setup(cuda_arch: str | None = None, toolkit: str = "auto", status: Callable[[str], None] | None = None,
-               dirs: list[Path] | None = None) -> CudaSetup:
-    """Validate ``cuda_arch`` (UsageError), find the toolkit (BuildError naming ``pip install 'dllm-cli[cuda]'``),
-    assemble a CMake root for wheels under ``$DLLM_HOME/cuda-toolkit`` and check the architectures against it."""
-    archs, source = cuda_toolkit.resolve_archs(cuda_arch)
-    tk = cuda_toolkit.probe_version(cuda_toolkit.require(toolkit, dirs))
-    low = [a for a in cuda_toolkit.arch_numbers(archs) if a < cuda_toolkit.MIN_ARCH_CUDA13]
-    if (tk.major or 0) >= 13 and low:
-        raise _build_error(f"CUDA {tk.version} ({tk.origin}) cannot compile for architecture "
-                           f"{', '.join(map(str, low))} (CUDA 13 starts at 75)",
-                           "drop it from --cuda-arch, or build with a CUDA 12 system toolkit")
-    root = tk.home
-    if tk.origin == "pip":
-        if status:
-            status(f"assembling a CUDA toolkit root from the pip wheels ({tk.version})")
-        root = cuda_toolkit.assemble_root(tk, home() / "cuda-toolkit")
-    return CudaSetup(tk, root, archs, source)
-
-
 def cache_key(backend: str, flags: list[str] | None = None, patches: list[Path] | None = None,
-              cpu: str | None = None) -> str:
-    """sha256 over (sdist sha, patch names + contents in apply order, backend, flags, CPU fingerprint), truncated.
+              cpu: str | None = None, toolchain: dict[str, str] | None = None) -> str:
+    """sha256 over (sdist sha, the backend's patches' names + contents in apply order, backend, flags, CPU
+    fingerprint, toolchain versions), truncated.
 
     The CPU fingerprint (``cpu_features.fingerprint()``) is in the key because ``GGML_NATIVE`` builds for the
-    building machine: a ``DLLM_HOME`` shared between machines keeps one build per CPU class.
+    building machine: a ``DLLM_HOME`` shared between machines keeps one build per CPU class. ``toolchain``
+    (``Setup.key_parts()``: glslc and the Vulkan headers) adds versions no flag names; none for cpu.
     """
     h = hashlib.sha256()
     h.update(f"sdist:{SDIST_SHA256}\n".encode())
-    for p in (patch_files() if patches is None else patches):
+    for p in for_backend(patch_files() if patches is None else patches, backend):
         h.update(f"patch:{p.name}:{len(p.read_bytes())}\n".encode())
         h.update(p.read_bytes())
     h.update(f"backend:{backend}\n".encode())
     for f in (cmake_flags(backend) if flags is None else flags):
         h.update(f"flag:{f}\n".encode())
     h.update(f"cpu:{cpu or cpu_features.fingerprint()}\n".encode())
+    for k, v in sorted((toolchain or {}).items()):
+        h.update(f"toolchain:{k}={v}\n".encode())
     return h.hexdigest()[:KEY_LEN]
 
 
@@ -389,10 +367,11 @@ def build(backend: str = "auto", force: bool = False, status: Status | None = No
     if cuda_arch is not None and backend != "cuda":
         raise cuda_toolkit._error("UsageError", f"--cuda-arch applies to the cuda backend, not {backend}",
                                   "add --backend cuda")
-    cuda = cuda_setup(cuda_arch, cuda_toolkit_source, status) if backend == "cuda" else None
-    flags = cmake_flags(backend, amx=amx, cuda=cuda)
-    patches = patch_files()
-    key = cache_key(backend, flags, patches)
+    setup = BK.get(backend).setup(status, {"cuda_arch": cuda_arch, "cuda_toolkit_source": cuda_toolkit_source})
+    flags = cmake_flags(backend, amx=amx, setup=setup)
+    patches = patch_files(backend=backend)
+    toolchain = setup.key_parts()
+    key = cache_key(backend, flags, patches, toolchain=toolchain)
     target = install_dir(backend, key)
     if not force and installed(backend, key):
         return BuildResult(target, backend, key, False, time.monotonic() - t0)
@@ -410,8 +389,10 @@ def build(backend: str = "auto", force: bool = False, status: Status | None = No
         "build_seconds": round(time.monotonic() - t0, 1), "amx": amx,
         "cpu_fingerprint": cpu_features.fingerprint(), "cpu_features": sorted(cpu_features.host_features()),
     }
-    if cuda is not None:
-        info["cuda"] = cuda.describe()
+    if toolchain:
+        info["toolchain"] = toolchain  # in the key: loading recomputes the key with it
+    if setup.describe():
+        info[backend] = setup.describe()
     _install(bin_dir if bin_dir.is_dir() else bdir, target, info)
     return BuildResult(target, backend, key, True, time.monotonic() - t0)
 

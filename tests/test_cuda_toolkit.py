@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from ggml_patch import build as B
+from ggml_patch.backends import cuda as cuda_backend
 from ggml_patch import cuda_check
 from ggml_patch import cuda_toolkit as C
 from dllm_cli.errors import BuildError, RuntimeMissingError, UsageError
@@ -161,7 +162,7 @@ def test_incomplete_wheel_set_says_what_is_missing(tmp_path, no_system_cuda):
 
 def test_no_nvcc_anywhere_is_one_line_naming_the_cuda_extra(tmp_path, no_system_cuda, monkeypatch, capsys):
     monkeypatch.setenv("DLLM_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(B, "_nvidia_driver", lambda: True)
+    monkeypatch.setattr(cuda_backend, "driver", lambda: True)
     with pytest.raises(BuildError, match=r"no CUDA compiler \(nvcc\).*pip install 'dllm-cli\[cuda\]'"):
         C.require("auto")
     code, out, err = run_cli(monkeypatch, capsys, "runtime", "build", "--backend", "cuda")
@@ -337,14 +338,16 @@ def test_runtime_info_prints_the_cuda_archs_and_toolkit(monkeypatch, capsys):
 
 # --- auto and the driver -----------------------------------------------------------------------------------------
 def test_auto_picks_cuda_with_wheel_nvcc_only_when_a_driver_is_present(tmp_path, no_system_cuda, monkeypatch):
+    from ggml_patch import backends as BK
+    monkeypatch.setattr(BK.VULKAN, "present", lambda: False)
     monkeypatch.setattr(B.shutil, "which", lambda name: None)
     cpu = "metal" if B.sys.platform == "darwin" else "cpu"
-    monkeypatch.setattr(B, "_nvidia_driver", lambda: True)
+    monkeypatch.setattr(cuda_backend, "driver", lambda: True)
     assert B.resolve_backend("auto") == cpu  # a driver but no nvcc anywhere
     fake_cu13(tmp_path / "site")
     monkeypatch.setenv("DLLM_CUDA_WHEELS", str(tmp_path / "site"))
     assert B.resolve_backend("auto") == "cuda"
-    monkeypatch.setattr(B, "_nvidia_driver", lambda: False)
+    monkeypatch.setattr(cuda_backend, "driver", lambda: False)
     assert B.resolve_backend("auto") == cpu  # wheels without a driver: no hour-long compile of an unusable library
 
 

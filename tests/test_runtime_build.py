@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 from ggml_patch import build as B
+from ggml_patch import backends as BK
+from ggml_patch.backends import cuda as cuda_backend
 from dllm_cli.errors import BuildError, RuntimeMissingError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,22 +48,24 @@ def test_cache_key_changes_with_a_patch_backend_or_flags(tmp_path):
     patches = B.patch_files(pdir)
     key = B.cache_key("cpu", patches=patches)
     assert key == B.cache_key("cpu") and len(key) == B.KEY_LEN
-    patches[-1].write_bytes(patches[-1].read_bytes() + b"\n")
+    shared = [p for p in patches if p.name not in BK.backend_only_patches()]
+    shared[-1].write_bytes(shared[-1].read_bytes() + b"\n")
     assert B.cache_key("cpu", patches=patches) != key
-    patches[-1].unlink()
+    shared[-1].unlink()
     assert B.cache_key("cpu", patches=B.patch_files(pdir)) != key
     assert B.cache_key("cuda") != B.cache_key("cpu")
     assert B.cache_key("cpu", flags=B.cmake_flags("cpu") + ["-DGGML_NATIVE=OFF"]) != B.cache_key("cpu")
 
 
 def test_auto_backend_needs_a_driver_for_cuda(monkeypatch):
+    monkeypatch.setattr(BK.VULKAN, "present", lambda: False)
     monkeypatch.setattr(B.shutil, "which", lambda name: "/usr/bin/nvcc" if name == "nvcc" else None)
-    monkeypatch.setattr(B, "_nvidia_driver", lambda: False)
+    monkeypatch.setattr(cuda_backend, "driver", lambda: False)
     assert B.resolve_backend("auto") == ("metal" if sys.platform == "darwin" else "cpu")
-    monkeypatch.setattr(B, "_nvidia_driver", lambda: True)
+    monkeypatch.setattr(cuda_backend, "driver", lambda: True)
     assert B.resolve_backend("auto") == "cuda"
-    with pytest.raises(BuildError, match="unknown backend"):
-        B.resolve_backend("vulkan")
+    with pytest.raises(BuildError, match="unknown backend 'opencl'.*vulkan"):
+        B.resolve_backend("opencl")
 
 
 def _extract_touched(sdist: Path, patch: Path, dest: Path) -> None:
@@ -128,10 +132,10 @@ def test_cli_runtime_info_without_a_runtime_exits_1(tmp_path):
 # --- the installed library ---------------------------------------------------------------------------------------
 def test_installed_library_marker_matches(rt):
     from dllm_cli.runtime import bindings
-    assert rt.key == B.cache_key(rt.backend)
+    assert rt.key == B.cache_key(rt.backend, toolchain=rt.build.get("toolchain"))
     assert rt.key in bindings.version(rt)
     info = rt.info()
-    assert info["llama_cpp_commit"] == B.LLAMA_CPP_COMMIT and info["patches"] == [p.name for p in B.patch_files()]
+    assert info["llama_cpp_commit"] == B.LLAMA_CPP_COMMIT and info["patches"] == [p.name for p in B.patch_files(backend=rt.backend)]
     assert any(d["type"] == "cpu" for d in info["devices"])
 
 

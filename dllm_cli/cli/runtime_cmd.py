@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from ggml_patch import backends as BK
+
 from dllm_cli.cli import options as O
 from dllm_cli.cli import output
 from dllm_cli.cli.app import app
@@ -19,6 +21,7 @@ class Backend(str, Enum):
     cpu = "cpu"
     cuda = "cuda"
     metal = "metal"
+    vulkan = "vulkan"
 
 
 class CudaToolkit(str, Enum):
@@ -29,7 +32,8 @@ class CudaToolkit(str, Enum):
 
 BackendOpt = Annotated[Backend, typer.Option("--backend", "-b",
                                              help="auto: cuda with an NVIDIA driver and nvcc (system or the [cuda] "
-                                                  "extra's pip wheels), metal on macOS, else cpu.")]
+                                                  "extra's pip wheels), metal on macOS, vulkan with a Vulkan GPU "
+                                                  "(not a software device) and glslc, else cpu.")]
 
 
 @runtime_app.command("build")
@@ -101,7 +105,7 @@ def runtime_info(
     output.answer(f"{'amx kernels':17} {'on (unsafe, --amx)' if info['amx'] else 'off'}")
     output.answer(f"{'cpu compiled':17} {' '.join(info['cpu_compiled'])}")
     output.answer(f"{'cpu host':17} {' '.join(info['cpu_host'])}")
-    for line in cuda_lines(info.get("cuda")):
+    for line in cuda_lines(info.get("cuda")) + BK.VULKAN.info_lines(info.get("vulkan")):
         output.answer(line)
     for d in info["devices"]:
         mem = f", {d['memory_total'] / 2**30:.1f} GiB" if d["memory_total"] else ""
@@ -110,13 +114,4 @@ def runtime_info(
 
 def cuda_lines(cuda: dict | None) -> list[str]:
     """``cuda archs`` and ``cuda toolkit`` lines of ``dllm runtime info`` (none for other backends)."""
-    if not cuda:
-        return []
-    tk = cuda["toolkit"]
-    origin = {"pip": "pip wheels", "system": "system"}.get(tk["origin"], tk["origin"])
-    where = f", {tk['nvcc']}" if tk.get("nvcc") else ""
-    pkgs = tk.get("packages") or {}
-    shown = ", ".join(f"{n} {v}" for n, v in pkgs.items() if n in ("nvidia-cuda-runtime", "nvidia-cublas",
-                                                                  "nvidia-cuda-runtime-cu12", "nvidia-cublas-cu12"))
-    return [f"{'cuda archs':17} {cuda['archs']} ({cuda['arch_source']})",
-            f"{'cuda toolkit':17} {origin} {tk['version']}{where}" + (f" ({shown})" if shown else "")]
+    return BK.CUDA.info_lines(cuda)

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterator
 
+from ggml_patch import backends as BK
 from ggml_patch import build as B
 from ggml_patch import cpu_features
 from dllm_cli.errors import RuntimeMissingError
@@ -34,7 +35,7 @@ class Runtime:
     lib: ModuleType
     cdll: ctypes.CDLL
     path: Path               # the installed runtime directory (``lib/`` holds the libraries)
-    backend: str             # cpu | cuda | metal
+    backend: str             # cpu | cuda | metal | vulkan
     key: str                 # patch-set key, also inside llama_dllm_version()
     build: dict = field(default_factory=dict, repr=False)   # build.json
 
@@ -51,26 +52,14 @@ class Runtime:
             "cpu_compiled": bindings.compiled_cpu_features(self),
             "cpu_host": sorted(cpu_features.host_features()),
             "cuda": cuda_info(self.build),
+            "vulkan": BK.VULKAN.info(self.build),
         }
-
-
-def _cuda_record(build: dict) -> tuple[dict, dict]:
-    """build.json's ``cuda`` and ``cuda.toolkit`` objects ({} when absent or malformed)."""
-    raw = build.get("cuda")
-    cuda: dict = raw if isinstance(raw, dict) else {}
-    raw_tk = cuda.get("toolkit")
-    return cuda, (raw_tk if isinstance(raw_tk, dict) else {})
 
 
 def cuda_info(build: dict) -> dict[str, Any] | None:
     """The architectures and toolkit a CUDA build recorded (None for other backends; builds made before they were
     recorded show ``unknown``)."""
-    if build.get("backend") != "cuda":
-        return None
-    cuda, tk = _cuda_record(build)
-    return {"archs": cuda.get("archs", "unknown"), "arch_source": cuda.get("arch_source", "unknown"),
-            "toolkit": {"origin": tk.get("origin", "unknown"), "version": tk.get("version", "unknown"),
-                        **{k: tk[k] for k in ("nvcc", "packages", "lib_dirs") if k in tk}}}
+    return BK.CUDA.info(build)
 
 
 def candidates(backend: str = "auto") -> list[tuple[str, str, Path]]:
@@ -79,9 +68,15 @@ def candidates(backend: str = "auto") -> list[tuple[str, str, Path]]:
     An explicit backend only matches itself; ``auto`` prefers the backend auto-detection picks, then any other
     current build. Within a backend the newest build wins (the default one, or the ``--amx`` opt-in).
     """
-    wanted = B.resolve_backend(backend)
-    order = [wanted] if backend != "auto" else [wanted] + [b for b in B.BACKENDS if b != wanted]
-    found = [(b, key, d, (d / "build.json").stat().st_mtime) for b in order for key, d in _current_builds(b)]
+    if backend != "auto":
+        wanted = B.resolve_backend(backend)
+        builds = {wanted: _current_builds(wanted)}
+    else:
+        builds = {b: _current_builds(b) for b in B.BACKENDS}
+        have = [b for b in B.BACKENDS if builds[b]]
+        # probing for devices (a Vulkan enumeration is a subprocess) only matters when there is a choice
+        wanted = have[0] if len(have) == 1 else B.resolve_backend("auto")
+    found = [(b, key, d, (d / "build.json").stat().st_mtime) for b, found_b in builds.items() for key, d in found_b]
     found.sort(key=lambda f: (f[0] != wanted, -f[3]))
     return [(b, k, d) for b, k, d, _ in found]
 
@@ -100,8 +95,10 @@ def _current_builds(backend: str) -> list[tuple[str, Path]]:
         flags = [str(f) for f in info["flags"]] if isinstance(info.get("flags"), list) else []
         # the flags must be today's, apart from those that vary between builds (the compiler-probed -mno-amx-*,
         # the CUDA architectures and toolkit): those are in the key, recomputed here
+        raw = info.get("toolchain")
+        toolchain = {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else None
         if B.fixed_flags(flags) == B.fixed_flags(B.cmake_flags(backend, amx=True)) \
-                and key == B.cache_key(backend, flags):
+                and key == B.cache_key(backend, flags, toolchain=toolchain):
             out.append((key, d))
     return out
 
@@ -146,11 +143,11 @@ def load(backend: str | None = None) -> Runtime:
         if not found:
             raise RuntimeMissingError(_stale_hint(requested), _FIX)
         b, key, path = found[0]
-        _loaded = _import(b, key, path)
+        _loaded = _import(b, key, path, explicit=requested != "auto")
         return _loaded
 
 
-def _import(backend: str, key: str, path: Path) -> Runtime:
+def _import(backend: str, key: str, path: Path, explicit: bool = False) -> Runtime:
     libdir = path / "lib"
     if "llama_cpp" in sys.modules:
         mod = sys.modules["llama_cpp"]
@@ -161,6 +158,9 @@ def _import(backend: str, key: str, path: Path) -> Runtime:
     info = B.read_build_info(path) or {}
     check_cpu(info, libdir)
     preload_cuda_wheels(info)
+    for warning in BK.get(backend).prepare_load(info, explicit):
+        from dllm_cli.cli import output
+        output.warn(warning)
     os.environ["LLAMA_CPP_LIB_PATH"] = str(libdir)
     try:
         import llama_cpp  # noqa: F401  (binds every symbol of our libllama now)
@@ -185,7 +185,7 @@ def preload_cuda_wheels(info: dict) -> list[Path]:
     """For a CUDA build made with the pip wheels, load libcudart / libcublasLt / libcublas (RTLD_GLOBAL) before
     libggml-cuda, so it finds them even when the wheels moved since the build (a venv rebuilt elsewhere) and the
     RPATH recorded then points nowhere. Recorded directories first, then the wheels of this environment."""
-    _, tk = _cuda_record(info)
+    tk = (BK.CUDA.info(info) or {}).get("toolkit", {})
     if info.get("backend") != "cuda" or tk.get("origin") != "pip":
         return []
     from ggml_patch import cuda_toolkit
