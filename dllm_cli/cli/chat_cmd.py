@@ -16,7 +16,7 @@ from typing import Annotated, Iterable, Optional
 import typer
 from rich.markup import escape
 
-from dllm_cli import domains
+from dllm_cli import domains, signals
 from dllm_cli.chat import SETTINGS, Chat
 from dllm_cli.cli import options as O
 from dllm_cli.cli import output
@@ -37,9 +37,9 @@ HELP = """[bold]commands[/]
   /save PATH              write the transcript (.md or .json)
   /retry                  ask the last question again
   /help                   this help
-  /exit                   leave (also Ctrl-D, or Ctrl-C at an empty prompt)
+  /exit                   leave (also Ctrl-D; Ctrl-C at an empty prompt leaves with exit 130)
   \"\"\"                     start / end a multi-line message
-Ctrl-C while an answer is being written stops it."""
+Ctrl-C while an answer is being written stops it; a second Ctrl-C leaves."""
 VIEW_SETTINGS = ("view_pace",)  # /set names of the screen, not of the decoder (Chat.set owns the others)
 
 # The embedded demo model knows only a few toy task families (docs/DEMO_MODEL.md): say what to type.
@@ -144,7 +144,8 @@ def max_message_chars(n_ctx: int) -> int:
 
 
 class Repl:
-    """Read a line, run a slash command or a turn, repeat; returns on /exit, Ctrl-D or Ctrl-C at the prompt."""
+    """Read a line, run a slash command or a turn, repeat; returns on /exit or Ctrl-D (a Ctrl-C at the prompt, or a
+    second one during an answer, raises KeyboardInterrupt: exit 130)."""
 
     def __init__(self, chat: Chat, screen: Screen) -> None:
         self.chat = chat
@@ -235,9 +236,12 @@ class Repl:
         except Terminated:
             raise
         except KeyboardInterrupt:
-            output.err.print()
             typed = self.readline.get_line_buffer() if self.readline is not None else ""
-            return "" if typed.strip() else None  # Ctrl-C drops a typed line; at an empty prompt it exits
+            if self.interactive:
+                output.err.print()
+            if not typed.strip():
+                raise  # Ctrl-C at an empty prompt ends the chat like any Ctrl-C (exit 130)
+            return ""  # Ctrl-C drops a typed line
         if line.strip() != '"""':
             return line
         lines = []
@@ -314,7 +318,12 @@ class Repl:
 
     # --- one answer ----------------------------------------------------------------------------
     def turn(self, events: Iterable[Event]) -> None:
-        """Show one answer; Ctrl-C stops it (kept, marked interrupted); errors leave the session usable."""
+        """Show one answer; Ctrl-C stops it (kept, marked interrupted); errors leave the session usable.
+
+        A second Ctrl-C before the chat is back at the prompt (while the first one is handled, however close
+        together they came) ends the chat, as a Ctrl-C at the prompt would: exit 130.
+        """
+        pressed = signals.interrupts
         try:
             self.screen.show(events, self.chat.config.mode)
         except (Terminated, OutputError):  # SIGTERM/SIGHUP or a stdout that fails end the session, not the turn
@@ -323,6 +332,8 @@ class Repl:
         except KeyboardInterrupt:
             self._close(events)
             self.screen.finish(interrupted=True)
+            if signals.interrupts - pressed >= 2:
+                raise
         except ContextFullError as e:
             self._close(events)
             output.err.print(f"[yellow]{escape(e.message)}.[/] The conversation no longer fits the context: "
@@ -335,6 +346,8 @@ class Repl:
             self._close(events)
             output.error(escape(str(e)))
         else:
+            if signals.interrupts - pressed >= 2:  # the answer had finished; the view caught up on the first
+                raise KeyboardInterrupt
             done = self.screen.view.done
             if done is not None and done.finish_reason == "length" and self._nearly_full(done):
                 output.err.print("[yellow]the context is almost full:[/] type [bold]/clear[/] to start over")
