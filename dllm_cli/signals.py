@@ -271,6 +271,33 @@ def _terminal_alive() -> bool:
     return True
 
 
+def on_write_error(e: BaseException) -> None:
+    """A write to a standard stream failed with ``e``: if it is the hangup EIO, handle it as SIGHUP (recorded
+    inside ``deferred()``, raised outside); any other error, or one after the signal is handled, is left to
+    the caller (stderr's writer drops it)."""
+    if received is not None or _closing or not is_hangup(e):
+        return
+    _hung_up()
+
+
+def check_terminal() -> None:
+    """Has a terminal dllm started on hung up? Then handle it as the SIGHUP it stands for (recorded inside
+    ``deferred()``, raised outside). Needed because the kernel sends SIGHUP only to the session leader (the
+    shell), and a hung-up terminal stops looking like one: Rich then quietly stops drawing, and a read ends in
+    EOF, so without this check the decoder would run on to ``--max-tokens`` and the chat exit 0. One
+    ``tcgetattr`` per call."""
+    if received is None and not _closing and _ttys and not _terminal_alive():
+        _hung_up()
+
+
+def _hung_up() -> None:
+    if _depth:
+        if signal.SIGHUP not in _recorded:
+            _record(signal.SIGHUP)
+        return
+    raise hangup()
+
+
 def hangup() -> Terminated:
     """The terminal is gone: handle it as the SIGHUP the kernel sends (returns the exception to raise)."""
     global received

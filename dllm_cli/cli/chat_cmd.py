@@ -27,6 +27,7 @@ from dllm_cli.cli.replay import paced, read_trace
 from dllm_cli.cli.screen import Screen
 from dllm_cli.decoding.events import DoneEvent, Event
 from dllm_cli.errors import ContextFullError, DllmError, OutputError, StdoutClosed, UsageError, clip
+from dllm_cli.printable import printable
 from dllm_cli.registry import dllm_home
 from dllm_cli.signals import Terminated
 
@@ -110,7 +111,8 @@ def chat(
     live = not no_live and output.err.is_terminal
     if replay is not None:
         trace = read_trace(replay)
-        Screen(live=live, plain=plain, piece=PieceCache(table=trace.pieces)).show(paced(trace.events, speed))
+        Screen(live=live, plain=plain, piece=PieceCache(table=trace.pieces)).show(
+            paced(trace.events, speed, sleep=signals.nap))
         return
     from dllm_cli.generate import decode_config, load
     from dllm_cli.runtime import options as runtime_options
@@ -157,7 +159,8 @@ class Repl:
     def loop(self) -> None:
         self._start_readline()
         if self.interactive:
-            output.err.print(f"[grey50]dllm chat · {self.chat.loaded.model.path.name} · mode {self.chat.config.mode}"
+            name = escape(printable(self.chat.loaded.model.path.name, lines=False))
+            output.err.print(f"[grey50]dllm chat · {name} · mode {self.chat.config.mode}"
                              " · /help for commands, Ctrl-D to exit[/]")
             if is_demo(self.chat.loaded.model.path):
                 output.err.print(DEMO_EXAMPLES)
@@ -228,6 +231,7 @@ class Repl:
             line = self._input(">>> ")
         except EOFError:
             if self.interactive:
+                signals.check_terminal()  # an EOF because the terminal hung up is a SIGHUP (exit 129)
                 output.err.print()
             return None
         except _TooLong as e:

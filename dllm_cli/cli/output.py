@@ -39,8 +39,7 @@ MAX_MESSAGE = 600  # characters of one error line (user text inside is clipped b
 
 def _stdout_failed(e: OSError) -> OutputError:
     silence_stdout()  # what is still buffered can never be written: do not fail again at exit
-    if signals.is_hangup(e):  # stdout was the terminal, and it hung up: that is a SIGHUP, not a write error
-        raise signals.hangup() from None
+    signals.on_write_error(e)  # stdout was the terminal, and it hung up: that is a SIGHUP, not a write error
     if e.errno in (errno.EPIPE, errno.ECONNRESET) or isinstance(e, BrokenPipeError):
         return StdoutClosed("stdout was closed by its reader")
     return OutputError(f"cannot write to stdout: {describe(e)}", "check where stdout is redirected")
@@ -66,13 +65,18 @@ class QuietStream:
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
-        except (OSError, ValueError):
+        except OSError as e:
+            signals.on_write_error(e)  # the terminal hung up: that is a SIGHUP
+            return len(text)
+        except ValueError:
             return len(text)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
-        except (OSError, ValueError):
+        except OSError as e:
+            signals.on_write_error(e)
+        except ValueError:
             pass
 
     def __getattr__(self, name: str) -> Any:

@@ -95,16 +95,20 @@ class Screen:
         with signals.deferred(), keys_unechoed(), Live(self.view, console=output.err, auto_refresh=False,
                                                       transient=True, redirect_stdout=False,
                                                       redirect_stderr=False) as live:
+            def draw() -> None:
+                signals.check_terminal()  # a hung-up terminal is a SIGHUP (Rich would just stop drawing)
+                live.refresh()
+
             if self.pace_ms:
                 pacer = Pacer(self.pace_ms, clock=self.clock, sleep=self.sleep)
-                show_paced(events, self.view.update, self.view.picture, live.refresh, pacer)
+                show_paced(events, self.view.update, self.view.picture, draw, pacer)
                 return
             last = 0.0
             for ev in events:
                 self.view.update(ev)
                 now = time.monotonic()
                 if isinstance(ev, (StepEvent, BlockEvent)) and now - last >= FRAME_S:
-                    live.refresh()
+                    draw()
                     last = now
                 if signals.pending():
                     close = getattr(events, "close", None)
