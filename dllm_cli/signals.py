@@ -52,7 +52,7 @@ _wakers: list[Callable[[], None]] = []
 _closing = False
 _woken = threading.Event()  # set when a signal is recorded: ends a nap()
 _ttys: set[int] = set()  # standard fds that were terminals at start
-_native: list[threading.Thread] = []  # threads that may be inside C code: exit hard while one is alive
+_native: list["NativeThread"] = []  # threads that may be inside C code: exit hard while one is alive
 
 
 class Terminated(KeyboardInterrupt):
@@ -229,15 +229,39 @@ def closing() -> None:
     _closing = True
 
 
-def track_native(thread: threading.Thread) -> None:
-    """``thread`` may be inside llama.cpp or ggml when the process exits: exit without running C/C++ static
-    destructors then (``exit_now``), which would free what it still uses (a segfault at exit)."""
-    _native[:] = [t for t in _native if t.is_alive()]
-    _native.append(thread)
+class NativeThread(threading.Thread):
+    """A daemon thread that may be inside llama.cpp or ggml when the process exits (rpc-server's worker, chat's
+    decoder). While one has not finished, ``cli/app`` ends the process with ``os._exit``: C++ static
+    destructors at a normal exit would free what it still uses (a segfault at exit).
+
+    ``finished`` is set when its target returns or raises. Use it (``wait_finished``), not ``is_alive()`` or
+    ``join()``: in CPython 3.11 a ``join`` interrupted by Ctrl-C marks a thread that is still running as
+    stopped (the ``bpo-45274`` cleanup in ``Thread._wait_for_tstate_lock``).
+    """
+
+    def __init__(self, target: Callable[[], None], name: str) -> None:
+        super().__init__(target=target, name=name, daemon=True)
+        self.finished = threading.Event()
+        _native[:] = [t for t in _native if not t.finished.is_set()]
+        _native.append(self)
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            self.finished.set()
+
+    def wait_finished(self, poll_s: float = 0.1) -> None:
+        """Wait until the target has ended, whatever signals arrive meanwhile (they are deferred, then
+        raised)."""
+        with deferred():
+            while not self.finished.wait(poll_s):
+                pass
 
 
 def native_alive() -> bool:
-    return any(t.is_alive() for t in _native)
+    """Is a started ``NativeThread`` still running its target?"""
+    return any(t.ident is not None and not t.finished.is_set() for t in _native)
 
 
 def is_hangup(e: BaseException) -> bool:

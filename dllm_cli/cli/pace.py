@@ -80,7 +80,7 @@ class DecodeAhead(Generic[T]):
     thread stop at the next event and close ``events`` (its ``close()``, in the thread that ran it: a generator's
     cleanup, such as chat's recording of an interrupted answer, runs there), and waits for it whatever signals
     arrive meanwhile. Signals reach only the main thread, so the decoder itself never sees a KeyboardInterrupt.
-    The thread is tracked by ``signals.track_native``: it may be inside llama.cpp.
+    The thread is a ``signals.NativeThread``: it may be inside llama.cpp.
     """
 
     POLL_S = 0.1  # the consumer wakes this often while waiting
@@ -92,9 +92,7 @@ class DecodeAhead(Generic[T]):
         self._halt = halt
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._stop = threading.Event()
-        self._finished = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="dllm-decode", daemon=True)
-        signals.track_native(self._thread)
+        self._thread = signals.NativeThread(self._run, name="dllm-decode")
         self._thread.start()
 
     def _run(self) -> None:
@@ -102,7 +100,6 @@ class DecodeAhead(Generic[T]):
             self._pull()
         finally:
             self._queue.put(_END)
-            self._finished.set()
 
     def _pull(self) -> None:
         events = iter(self._events)
@@ -147,15 +144,12 @@ class DecodeAhead(Generic[T]):
     def stop(self) -> None:
         """Stop the decoder at its next event and wait for it (for the forward under way, at worst).
 
-        Signals that arrive meanwhile are deferred (``signals.deferred``) and raised when it has ended: the
-        events must be closed by their own thread before anyone else touches them or frees the model. The wait
-        is on an event of our own, not ``Thread.join``, which CPython 3.11 lets a Ctrl-C end early.
+        Signals that arrive meanwhile are deferred and raised when it has ended (``NativeThread.wait_finished``:
+        not ``Thread.join``, which CPython 3.11 lets a Ctrl-C end early): the events must be closed by their
+        own thread before anyone else touches them or frees the model.
         """
-        with signals.deferred():
-            self._stop.set()
-            while not self._finished.wait(self.POLL_S):
-                pass
-            self._thread.join()
+        self._stop.set()
+        self._thread.wait_finished()
 
     def rest(self) -> list[T]:
         """After ``stop()``: the events the decoder produced that were not iterated yet (errors dropped)."""
