@@ -52,6 +52,7 @@ _wakers: list[Callable[[], None]] = []
 _closing = False
 _woken = threading.Event()  # set when a signal is recorded: ends a nap()
 _ttys: set[int] = set()  # standard fds that were terminals at start
+_held = False  # hold_native() was called
 _native: list["NativeThread"] = []  # threads that may be inside C code: exit hard while one is alive
 
 
@@ -260,8 +261,27 @@ class NativeThread(threading.Thread):
 
 
 def native_alive() -> bool:
-    """Is a started ``NativeThread`` still running its target?"""
-    return any(t.ident is not None and not t.finished.is_set() for t in _native)
+    """Is a started ``NativeThread`` still running its target (or was ``hold_native`` called)?"""
+    return _held or any(t.ident is not None and not t.finished.is_set() for t in _native)
+
+
+def hold_native() -> None:
+    """A thread that is not a ``NativeThread`` may still be inside C code: exit with ``os._exit`` too."""
+    global _held
+    _held = True
+
+
+def raise_first(sigs: list[int]) -> None:
+    """Raise what ``sigs`` (signals caught by someone else, in arrival order) mean by dllm's rule: the first
+    TERM/HUP as ``Terminated``, else ``KeyboardInterrupt`` for a Ctrl-C; nothing for an empty list."""
+    global received
+    term = next((s for s in sigs if s != signal.SIGINT), None)
+    if term is not None:
+        if received is None:
+            received = term
+        raise Terminated(received)
+    if sigs:
+        raise KeyboardInterrupt
 
 
 def is_hangup(e: BaseException) -> bool:
