@@ -17,6 +17,7 @@ from rich.markup import escape
 from dllm_cli import __version__, signals
 from dllm_cli.cli import output
 from dllm_cli.errors import DllmError, StdoutClosed
+from dllm_cli.runtime import aborts
 
 app = typer.Typer(
     name="dllm", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -111,6 +112,7 @@ def main() -> None:
     """Console-script entry point (``cli/entry.py`` installs the signal handlers before importing this)."""
     debug = os.environ.get("DLLM_DEBUG") == "1"
     signals.install()
+    aborts.install_fault_handler()  # SIGBUS (a mapped file truncated): one line, .part files removed, exit 1
     output.quiet_stderr()
     output.guard_stdout()
     if sys.stdin is None:  # started with stdin closed (<&-): read it as empty, like /dev/null
