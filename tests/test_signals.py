@@ -421,7 +421,7 @@ def test_a_signal_during_the_start_up_imports_is_one_line(sig, code, word):
 
 
 @pytest.mark.parametrize("sig,code,word", WITH_INT)
-def test_rpc_server_ends_cleanly_with_a_client_connected(long_model, sig, code, word):
+def test_rpc_server_ends_cleanly_with_a_client_connected(long_model, tmp_path, sig, code, word):
     """The worker's thread is inside ggml's server when the signal comes: the process must not run C++ static
     destructors under it (the old segfault, about half the time)."""
     runtime_or_skip()
@@ -439,11 +439,13 @@ def test_rpc_server_ends_cleanly_with_a_client_connected(long_model, sig, code, 
             return text in log
 
         wait_for(srv, lambda: seen(b"listening on"), "the worker listening")
+        trace = tmp_path / f"t{port}.jsonl.part"
         cli = subprocess.Popen([DLLM, "run", long_model, "go", "--rpc", f"127.0.0.1:{port}", "--max-tokens", "3000",
-                                "--mode", "speed"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
-        try:
-            wait_for(srv, lambda: log.count(b"Accepted client connection") >= 2, "a client computing")
+                                "--mode", "speed", "--trace", str(trace)[:-5]], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:  # ggml's own lines are block-buffered here: the client's trace says when the worker computes
+            wait_for(srv, lambda: seen(b"") and trace.exists() and trace.read_text().count("\n") >= 2,
+                     "a client computing")
             time.sleep(random.uniform(0.0, 0.5))
             srv.send_signal(sig)
             os.set_blocking(srv.stderr.fileno(), True)
