@@ -269,14 +269,14 @@ def test_deferred_signals_are_raised_at_the_end_and_term_outranks_ctrl_c():
 
 @pytest.fixture(scope="module")
 def slow_model(tmp_path_factory):
-    """A random LLaDA2.1 model whose forwards take tens of milliseconds on one thread: a second Ctrl-C then
-    lands while the decoder is being stopped, the window of the old race."""
+    """A random LLaDA2.1 model whose forwards take about 0.1 s on one thread (~390 MB of f32): a second Ctrl-C
+    then often lands while the decoder is being stopped, the window of the old race."""
     from converters import convert
     from dllm_cli.demo.checkpoint import tiny_config, write_checkpoint
 
     d = tmp_path_factory.mktemp("slowchat")
-    write_checkpoint(d / "ckpt", tiny_config(hidden_size=512, num_hidden_layers=4, intermediate_size=1024,
-                                             moe_intermediate_size=256, head_dim=64, num_attention_heads=8,
+    write_checkpoint(d / "ckpt", tiny_config(hidden_size=1024, num_hidden_layers=4, intermediate_size=2048,
+                                             moe_intermediate_size=512, head_dim=64, num_attention_heads=16,
                                              num_key_value_heads=4, num_experts=16), seed=3, head_scale=0.05)
     return convert(d / "ckpt", d / "slow.gguf", outtype="f32", model_version="2.1").path
 
