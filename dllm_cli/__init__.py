@@ -10,7 +10,10 @@ Public API (imported lazily so the CLI starts fast)::
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy reads the name)
+
+if TYPE_CHECKING:  # typing.Any is not imported at run time: the console script starts here (cli/entry.py)
+    from typing import Any
 
 __version__ = "0.1.0"
 

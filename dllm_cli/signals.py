@@ -1,24 +1,40 @@
-"""SIGTERM and SIGHUP end dllm the way Ctrl-C does: the exception unwinds through the same cleanup (partial
-``.part`` files removed, the KV cache and the terminal restored), then the process exits 143 / 129.
+"""SIGINT, SIGTERM and SIGHUP end dllm one way: the exception unwinds through the same cleanup (partial ``.part``
+files removed, the decoder thread stopped, the KV cache and the terminal restored), then the process exits
+130 / 143 / 129 with one line on stderr.
 
-``install()`` runs once, in ``cli/app.main``. The handler raises ``Terminated`` (a ``KeyboardInterrupt``, so
-every cleanup path written for Ctrl-C runs); a later TERM/HUP while that cleanup runs is ignored.
+``install()`` runs first thing in the entry point (``cli/entry.py``, before the heavy imports). The handlers raise
+``KeyboardInterrupt`` (Ctrl-C) or ``Terminated`` (a ``KeyboardInterrupt`` too, so every cleanup written for
+Ctrl-C runs). When several signals arrive, the first TERM/HUP decides the exit code; a Ctrl-C gives 130 only when
+no TERM/HUP came, and once a TERM/HUP is being handled later signals are ignored.
 
-A signal that arrives while llama.cpp runs is handled by Python when the C call returns, unless llama.cpp
-calls back into Python first (its log callback, bench's eval callback): an exception raised there is
-swallowed by ctypes ("Exception ignored on calling ctypes callback function"). ``_unraisable`` catches that
-case and sends the signal again a moment later, so it takes effect once control is back in Python. Ctrl-C gets
-the same treatment (``_int_handler`` is Python's default behaviour plus that one exception).
+A handler that raises can break any Python statement in the main thread, including a cleanup half done (in
+CPython 3.11 a ``Thread.join`` interrupted by Ctrl-C even marks a running thread as finished). Code that must not
+be cut short runs inside ``deferred()``: there a signal is only recorded (and ``wake`` callbacks run, so a waiting
+loop can notice it at once), and it is raised when the block ends. ``closing()`` marks the final exit, after which
+signals are recorded and never raised.
+
+A signal that arrives while llama.cpp runs is handled by Python when the C call returns, unless llama.cpp calls
+back into Python first (its log callback, bench's eval callback): an exception raised there is swallowed by
+ctypes ("Exception ignored on calling ctypes callback function"). ``_unraisable`` catches that case and sends the
+signal again a moment later, so it takes effect once control is back in Python.
+
+A terminal that hangs up makes reads, writes and ``termios`` calls on it fail with EIO, sometimes before the
+kernel's SIGHUP has been delivered: ``is_hangup`` recognises that error and ``hangup()`` turns it into the SIGHUP
+it stands for.
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
 import threading
 import time
-from types import FrameType
-from typing import Any
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy reads the name)
+
+if TYPE_CHECKING:  # not imported at run time: this module loads before anything else (cli/entry.py)
+    from types import FrameType, TracebackType
+    from typing import Any, Callable
 
 EXIT_NAMES = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
 if hasattr(signal, "SIGHUP"):
@@ -27,8 +43,17 @@ _HANDLED = tuple(s for s in EXIT_NAMES if s != signal.SIGINT)  # Python already 
 
 RESEND_S = 0.05
 received: int | None = None  # the TERM/HUP being handled, if any
+interrupts = 0  # Ctrl-C presses so far (chat: a second one while the first is handled ends the session)
 _installed = False
 _previous_hook: Any = None
+_depth = 0  # nesting of deferred() blocks (main thread only)
+_recorded: list[int] = []  # signals that arrived inside deferred()
+_wakers: list[Callable[[], None]] = []
+_closing = False
+_woken = threading.Event()  # set when a signal is recorded: ends a nap()
+_ttys: set[int] = set()  # standard fds that were terminals at start
+_held = False  # hold_native() was called
+_native: list["NativeThread"] = []  # threads that may be inside C code: exit hard while one is alive
 
 
 class Terminated(KeyboardInterrupt):
@@ -48,21 +73,42 @@ def _in_hook(frame: FrameType | None) -> bool:
     return False
 
 
+def _record(signum: int) -> None:
+    _recorded.append(signum)
+    _woken.set()
+    for wake in list(_wakers):
+        try:
+            wake()
+        except Exception:  # noqa: BLE001 - a waker must never turn a signal into an error
+            pass
+
+
 def _handler(signum: int, frame: FrameType | None) -> None:
     global received
     if _in_hook(frame):
         _resend(signum)  # not inside the hook: it would be swallowed again
         return
-    if received is not None:
-        return  # cleanup of the first one is under way: let it finish
+    if received is not None or _closing:
+        return  # the first TERM/HUP decides; its cleanup (or the exit) is under way: let it finish
+    if _depth:
+        _record(signum)
+        return
     received = signum
     raise Terminated(signum)
 
 
 def _int_handler(signum: int, frame: FrameType | None) -> None:
-    """Python's own Ctrl-C behaviour (raise KeyboardInterrupt), except inside ``_unraisable``."""
+    """Ctrl-C: raise KeyboardInterrupt, like Python's own handler, except inside ``_unraisable`` (resent), inside
+    ``deferred()`` (recorded) and while a TERM/HUP or the final exit is being handled (ignored)."""
+    global interrupts
     if _in_hook(frame):
         _resend(signum)
+        return
+    interrupts += 1
+    if received is not None or _closing:
+        return
+    if _depth:
+        _record(signum)
         return
     raise KeyboardInterrupt
 
@@ -81,12 +127,14 @@ def _unraisable(hook_args: Any) -> None:
     """An interrupt raised inside a ctypes callback was swallowed: deliver it again once the callback is done
     (each later callback during the same C call may swallow it again; the C call still returns, and then it
     is raised in ordinary Python code)."""
-    global received
+    global received, interrupts
     exc = hook_args.exc_value
     if isinstance(exc, KeyboardInterrupt):
         signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
         if isinstance(exc, Terminated):
             received = None  # not delivered yet
+        else:
+            interrupts -= 1  # counted again when it is resent
         _resend(signum)
         return
     (_previous_hook or sys.__unraisablehook__)(hook_args)
@@ -111,6 +159,195 @@ def install() -> None:
         pass
     _previous_hook = sys.unraisablehook
     sys.unraisablehook = _unraisable
+    for fd in (0, 1, 2):
+        try:
+            if os.isatty(fd):
+                _ttys.add(fd)
+        except OSError:
+            pass
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+class deferred:
+    """``with deferred(wake=f):`` signals that arrive inside are recorded (``f()`` is called at once, from the
+    handler: it must only set an event or put to a ``SimpleQueue``), then raised when the outermost block ends:
+    ``Terminated`` for a TERM/HUP, else ``KeyboardInterrupt``. An exception already leaving the block is
+    replaced (chained) only by a signal that outranks it. Outside the main thread it does nothing (signals are
+    only ever handled there)."""
+
+    def __init__(self, wake: Callable[[], None] | None = None) -> None:
+        self.wake = wake
+        self.active = False
+
+    def __enter__(self) -> "deferred":
+        global _depth
+        if _main_thread():
+            self.active = True
+            _depth += 1
+            if self.wake is not None:
+                _wakers.append(self.wake)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        global _depth, received
+        if not self.active:
+            return
+        if self.wake is not None:
+            _wakers.remove(self.wake)
+        _depth -= 1
+        if _depth or not _recorded:
+            return
+        sigs = list(_recorded)
+        _recorded.clear()
+        _woken.clear()
+        term = next((s for s in sigs if s != signal.SIGINT), None)
+        if term is not None and received is None and not _closing:
+            received = term
+            raise Terminated(term) from exc
+        if exc is None and received is None and not _closing:
+            raise KeyboardInterrupt  # a Ctrl-C; any exception already leaving the block carries the news anyway
+
+
+def pending() -> bool:
+    """Has a signal been recorded by ``deferred()`` and not raised yet (the caller should wind down)?"""
+    return bool(_recorded)
+
+
+def nap(seconds: float) -> None:
+    """``time.sleep`` that a signal ends at once, also inside ``deferred()`` (where the handler only records it
+    and a plain sleep would run to its end)."""
+    if seconds > 0 and not _recorded:
+        _woken.wait(seconds)
+
+
+def closing() -> None:
+    """The process is exiting: from now on signals are ignored (the exit code is already decided)."""
+    global _closing
+    _closing = True
+
+
+class NativeThread(threading.Thread):
+    """A daemon thread that may be inside llama.cpp or ggml when the process exits (rpc-server's worker, chat's
+    decoder). While one has not finished, ``cli/app`` ends the process with ``os._exit``: C++ static
+    destructors at a normal exit would free what it still uses (a segfault at exit).
+
+    ``finished`` is set when its target returns or raises. Use it (``wait_finished``), not ``is_alive()`` or
+    ``join()``: in CPython 3.11 a ``join`` interrupted by Ctrl-C marks a thread that is still running as
+    stopped (the ``bpo-45274`` cleanup in ``Thread._wait_for_tstate_lock``).
+    """
+
+    def __init__(self, target: Callable[[], None], name: str) -> None:
+        super().__init__(target=target, name=name, daemon=True)
+        self.finished = threading.Event()
+        _native[:] = [t for t in _native if not t.finished.is_set()]
+        _native.append(self)
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            self.finished.set()
+
+    def wait_finished(self, poll_s: float = 0.1) -> None:
+        """Wait until the target has ended, whatever signals arrive meanwhile (they are deferred, then
+        raised)."""
+        with deferred():
+            while not self.finished.wait(poll_s):
+                pass
+
+
+def native_alive() -> bool:
+    """Is a started ``NativeThread`` still running its target (or was ``hold_native`` called)?"""
+    return _held or any(t.ident is not None and not t.finished.is_set() for t in _native)
+
+
+def hold_native() -> None:
+    """A thread that is not a ``NativeThread`` may still be inside C code: exit with ``os._exit`` too."""
+    global _held
+    _held = True
+
+
+def raise_first(sigs: list[int]) -> None:
+    """Raise what ``sigs`` (signals caught by someone else, in arrival order) mean by dllm's rule: the first
+    TERM/HUP as ``Terminated``, else ``KeyboardInterrupt`` for a Ctrl-C; nothing for an empty list."""
+    global received
+    term = next((s for s in sigs if s != signal.SIGINT), None)
+    if term is not None:
+        if received is None:
+            received = term
+        raise Terminated(received)
+    if sigs:
+        raise KeyboardInterrupt
+
+
+def is_hangup(e: BaseException) -> bool:
+    """Is ``e`` the EIO of a terminal that hung up (a read, write or termios call on a standard fd that was a
+    terminal at start)? ``termios.error`` is not an OSError but carries the errno first."""
+    return _errno(e) in (errno.EIO, errno.ENXIO) and bool(_ttys) and not _terminal_alive()
+
+
+def _errno(e: BaseException) -> int | None:
+    if isinstance(e, OSError):
+        return e.errno
+    try:
+        import termios
+    except ImportError:
+        return None
+    if isinstance(e, termios.error) and e.args and isinstance(e.args[0], int):
+        return int(e.args[0])
+    return None
+
+
+def _terminal_alive() -> bool:
+    try:
+        import termios
+    except ImportError:
+        return True
+    for fd in _ttys:
+        try:
+            termios.tcgetattr(fd)
+        except (termios.error, OSError):
+            return False
+    return True
+
+
+def on_write_error(e: BaseException) -> None:
+    """A write to a standard stream failed with ``e``: if it is the hangup EIO, handle it as SIGHUP (recorded
+    inside ``deferred()``, raised outside); any other error, or one after the signal is handled, is left to
+    the caller (stderr's writer drops it)."""
+    if received is not None or _closing or not is_hangup(e):
+        return
+    _hung_up()
+
+
+def check_terminal() -> None:
+    """Has a terminal dllm started on hung up? Then handle it as the SIGHUP it stands for (recorded inside
+    ``deferred()``, raised outside). Needed because the kernel sends SIGHUP only to the session leader (the
+    shell), and a hung-up terminal stops looking like one: Rich then quietly stops drawing, and a read ends in
+    EOF, so without this check the decoder would run on to ``--max-tokens`` and the chat exit 0. One
+    ``tcgetattr`` per call."""
+    if received is None and not _closing and _ttys and not _terminal_alive():
+        _hung_up()
+
+
+def _hung_up() -> None:
+    if _depth:
+        if signal.SIGHUP not in _recorded:
+            _record(signal.SIGHUP)
+        return
+    raise hangup()
+
+
+def hangup() -> Terminated:
+    """The terminal is gone: handle it as the SIGHUP the kernel sends (returns the exception to raise)."""
+    global received
+    if received is None:
+        received = signal.SIGHUP
+    return Terminated(received)
 
 
 def exit_code(default: int = 130) -> int:

@@ -200,13 +200,15 @@ def test_slash_commands_interrupt_save_and_exit(chat, tmp_path: Path, dllm_home:
 
 @needs_runtime
 @needs_tmux
-def test_ctrl_c_at_an_empty_prompt_exits_0(chat):
+def test_ctrl_c_at_an_empty_prompt_exits_130(chat):
+    """Like every Ctrl-C that ends dllm (README, exit codes); Ctrl-D and /exit are the ways out with 0."""
     pane = chat()
     pane.send("half a thought", literal=True)
     pane.send("C-c")  # a typed line is dropped, the chat goes on
     pane.wait(lambda t: t.count(PROMPT) >= 2)
     pane.send("C-c")
-    pane.wait_for("EXIT=0")
+    final = pane.wait_for("EXIT=130")
+    assert "interrupted" in final and "Traceback" not in final
 
 
 @needs_runtime

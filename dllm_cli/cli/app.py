@@ -17,6 +17,7 @@ from rich.markup import escape
 from dllm_cli import __version__, signals
 from dllm_cli.cli import output
 from dllm_cli.errors import DllmError, StdoutClosed
+from dllm_cli.runtime import aborts
 
 app = typer.Typer(
     name="dllm", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -57,6 +58,7 @@ for _name in COMMAND_MODULES:
 
 def _interrupted() -> NoReturn:
     """Ctrl-C, SIGTERM or SIGHUP: the cleanup already ran while the exception unwound; say so and exit."""
+    signals.closing()
     try:
         output.err.print(signals.exit_message())
     except OSError:  # a hangup can take the terminal (stderr) with it
@@ -65,27 +67,55 @@ def _interrupted() -> NoReturn:
 
 
 def _exit(code: int) -> NoReturn:
-    """Flush stdout before exiting; a reader that went away is not an error message (exit like a filter)."""
+    """Flush stdout before exiting; a reader that went away is not an error message (exit like a filter).
+
+    A signal handled meanwhile decides the code. While a thread may still be inside llama.cpp or ggml
+    (``signals.track_native``: rpc-server's worker, a decoder that would not stop) the process ends with
+    ``os._exit``: C++ static destructors at a normal exit would free what that thread still uses (a segfault).
+    """
+    signals.closing()
+    if code == 0 and signals.received is not None:
+        code = signals.exit_code()
     try:
         if sys.stdout is not None:
             sys.stdout.flush()
-    except OSError:
+    except (OSError, DllmError):
         output.silence_stdout()
         code = code or 141
+    if signals.native_alive():
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os._exit(code)
     sys.exit(code)
 
 
 def _report(msg: str, code: int) -> NoReturn:
+    signals.closing()
     output.error(escape(output.one_line(msg)))
     _exit(code)
 
 
+def _signalled(e: BaseException) -> bool:
+    """Is ``e`` a consequence of a signal being handled, or of the terminal hanging up (then handled as the
+    SIGHUP it stands for)? Once dllm is stopping, an error in the cleanup is not news: the signal is reported."""
+    if signals.received is not None:
+        return True
+    if signals.is_hangup(e) or (e.__cause__ is not None and signals.is_hangup(e.__cause__)):
+        signals.hangup()
+        return True
+    return False
+
+
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (``cli/entry.py`` installs the signal handlers before importing this)."""
     debug = os.environ.get("DLLM_DEBUG") == "1"
     signals.install()
     output.text_streams()
+    aborts.install_fault_handler()  # SIGBUS (a mapped file truncated): one line, .part files removed, exit 1
     output.quiet_stderr()
+    output.guard_stdout()
     if sys.stdin is None:  # started with stdin closed (<&-): read it as empty, like /dev/null
         sys.stdin = open(os.devnull)
     try:
@@ -97,9 +127,14 @@ def main() -> None:
                 _interrupted()
             _exit(code)
     except StdoutClosed as e:
+        if signals.received is not None:
+            _interrupted()
         output.silence_stdout()
-        sys.exit(e.exit_code)
+        signals.closing()
+        _exit(e.exit_code)
     except DllmError as e:
+        if _signalled(e):
+            _interrupted()  # an error caused by the signal (or the hangup) being handled: report the signal
         if debug:
             raise
         _report(str(e), e.exit_code)
@@ -113,13 +148,15 @@ def main() -> None:
         output.err.print("aborted")
         _exit(130)
     except Exception as e:  # click usage errors arrive here in standalone_mode=False
+        if _signalled(e):
+            _interrupted()
         code = getattr(e, "exit_code", None)
         if code is not None and hasattr(e, "format_message"):
             _report(e.format_message(), code)
         broken = output.stdout_broken(e) if isinstance(e, OSError) else None
         if broken is not None:  # a write to stdout outside output.py (click's --help) failed
             if isinstance(broken, StdoutClosed):
-                sys.exit(broken.exit_code)
+                _exit(broken.exit_code)
             _report(str(broken), broken.exit_code)
         if debug:
             raise

@@ -15,7 +15,7 @@ from typing import Annotated, Iterable, Optional
 import typer
 from rich.markup import escape
 
-from dllm_cli import domains
+from dllm_cli import domains, signals
 from dllm_cli import text as text_rules
 from dllm_cli.chat import SETTINGS, Chat
 from dllm_cli.cli import options as O
@@ -28,6 +28,7 @@ from dllm_cli.cli.replay import paced, read_trace
 from dllm_cli.cli.screen import Screen
 from dllm_cli.decoding.events import DoneEvent, Event
 from dllm_cli.errors import ContextFullError, DllmError, OutputError, StdoutClosed, UsageError, clip
+from dllm_cli.printable import printable
 from dllm_cli.registry import dllm_home
 from dllm_cli.signals import Terminated
 
@@ -38,9 +39,9 @@ HELP = """[bold]commands[/]
   /save PATH              write the transcript (.md or .json)
   /retry                  ask the last question again
   /help                   this help
-  /exit                   leave (also Ctrl-D, or Ctrl-C at an empty prompt)
+  /exit                   leave (also Ctrl-D; Ctrl-C at an empty prompt leaves with exit 130)
   \"\"\"                     start / end a multi-line message
-Ctrl-C while an answer is being written stops it."""
+Ctrl-C while an answer is being written stops it; a second Ctrl-C leaves."""
 VIEW_SETTINGS = ("view_pace",)  # /set names of the screen, not of the decoder (Chat.set owns the others)
 
 # The embedded demo model knows only a few toy task families (docs/DEMO_MODEL.md): say what to type.
@@ -111,7 +112,8 @@ def chat(
     live = not no_live and output.err.is_terminal
     if replay is not None:
         trace = read_trace(replay)
-        Screen(live=live, plain=plain, piece=PieceCache(table=trace.pieces)).show(paced(trace.events, speed))
+        Screen(live=live, plain=plain, piece=PieceCache(table=trace.pieces)).show(
+            paced(trace.events, speed, sleep=signals.nap))
         return
     from dllm_cli.generate import decode_config, load
     from dllm_cli.runtime import options as runtime_options
@@ -146,7 +148,8 @@ def max_message_chars(n_ctx: int) -> int:
 
 
 class Repl:
-    """Read a line, run a slash command or a turn, repeat; returns on /exit, Ctrl-D or Ctrl-C at the prompt."""
+    """Read a line, run a slash command or a turn, repeat; returns on /exit or Ctrl-D (a Ctrl-C at the prompt, or a
+    second one during an answer, raises KeyboardInterrupt: exit 130)."""
 
     def __init__(self, chat: Chat, screen: Screen) -> None:
         self.chat = chat
@@ -157,7 +160,8 @@ class Repl:
     def loop(self) -> None:
         self._start_readline()
         if self.interactive:
-            output.err.print(f"[grey50]dllm chat · {self.chat.loaded.model.path.name} · mode {self.chat.config.mode}"
+            name = escape(printable(self.chat.loaded.model.path.name, lines=False))
+            output.err.print(f"[grey50]dllm chat · {name} · mode {self.chat.config.mode}"
                              " · /help for commands, Ctrl-D to exit[/]")
             if is_demo(self.chat.loaded.model.path):
                 output.err.print(DEMO_EXAMPLES)
@@ -231,6 +235,7 @@ class Repl:
             line = self._input(">>> ")
         except EOFError:
             if self.interactive:
+                signals.check_terminal()  # an EOF because the terminal hung up is a SIGHUP (exit 129)
                 output.err.print()
             return None
         except _TooLong as e:
@@ -239,9 +244,12 @@ class Repl:
         except Terminated:
             raise
         except KeyboardInterrupt:
-            output.err.print()
             typed = self.history.readline.get_line_buffer() if self.history is not None else ""
-            return "" if typed.strip() else None  # Ctrl-C drops a typed line; at an empty prompt it exits
+            if self.interactive:
+                output.err.print()
+            if not typed.strip():
+                raise  # Ctrl-C at an empty prompt ends the chat like any Ctrl-C (exit 130)
+            return ""  # Ctrl-C drops a typed line
         if line.strip() != '"""':
             return line
         lines = []
@@ -318,7 +326,12 @@ class Repl:
 
     # --- one answer ----------------------------------------------------------------------------
     def turn(self, events: Iterable[Event]) -> None:
-        """Show one answer; Ctrl-C stops it (kept, marked interrupted); errors leave the session usable."""
+        """Show one answer; Ctrl-C stops it (kept, marked interrupted); errors leave the session usable.
+
+        A second Ctrl-C before the chat is back at the prompt (while the first one is handled, however close
+        together they came) ends the chat, as a Ctrl-C at the prompt would: exit 130.
+        """
+        pressed = signals.interrupts
         try:
             self.screen.show(events, self.chat.config.mode)
         except (Terminated, OutputError):  # SIGTERM/SIGHUP or a stdout that fails end the session, not the turn
@@ -327,6 +340,8 @@ class Repl:
         except KeyboardInterrupt:
             self._close(events)
             self.screen.finish(interrupted=True)
+            if signals.interrupts - pressed >= 2:
+                raise
         except ContextFullError as e:
             self._close(events)
             output.err.print(f"[yellow]{escape(e.message)}.[/] The conversation no longer fits the context: "
@@ -339,6 +354,8 @@ class Repl:
             self._close(events)
             output.error(escape(str(e)))
         else:
+            if signals.interrupts - pressed >= 2:  # the answer had finished; the view caught up on the first
+                raise KeyboardInterrupt
             done = self.screen.view.done
             if done is not None and done.finish_reason == "length" and self._nearly_full(done):
                 output.err.print("[yellow]the context is almost full:[/] type [bold]/clear[/] to start over")

@@ -21,6 +21,7 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.text import Text
 
 from dllm_cli.decoding.events import BlockEvent, DoneEvent, Event, StartEvent, StepEvent
+from dllm_cli.printable import printable
 
 MASK_CELL = "░"
 MASK_STYLE = "grey42"
@@ -46,11 +47,12 @@ def id_piece(token: int) -> str:
 
 
 def visible(piece: str) -> str:
-    """A token's text for one cell: control characters made visible so a row stays one row, and special tokens
+    """A token's text for one cell: control characters made visible (``printable``: an ESC in a token is drawn
+    ``␛``, never sent to the terminal) so a row stays one row, and special tokens
     short (a finished block is mostly ``<|endoftext|>`` padding: ``␄``; ``<|role_end|>`` -> ``‹role_end›``)."""
     if piece.startswith("<|") and piece.endswith("|>") and len(piece) > 4:
         return "␄" if piece == "<|endoftext|>" else f"‹{piece[2:-2]}›"
-    return piece.replace("\n", "↵").replace("\r", "").replace("\t", "⇥") or "∅"
+    return printable(piece.replace("\n", "↵").replace("\r", "").replace("\t", "⇥"), lines=False) or "∅"
 
 
 class PieceCache:
@@ -276,7 +278,7 @@ class LiveView:
             budget = max((options.height or console.size.height) - 6, 1)
         if self.text:
             text = self.text[:-1] if self.text.endswith("\n") else self.text  # the row below starts a line anyway
-            lines = Text(text).wrap(console, width)
+            lines = Text(printable(text)).wrap(console, width)
             yield from lines[-budget:] if len(lines) > budget else lines
         if self.canvas:
             yield self.block_row()

@@ -9,20 +9,37 @@ import errno
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Iterable
 
 from rich.console import Console
+from rich.segment import Segment
 
+from dllm_cli import signals
 from dllm_cli.errors import OutputError, StdoutClosed
 from dllm_cli.outfiles import describe
+from dllm_cli.printable import is_printable, printable
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False)  # stdout; only for rendered answers (chat's Markdown), plain when not a TTY
+
+
+class SafeConsole(Console):
+    """A Rich console that draws every piece of text through ``printable``: an ESC, BEL or C1 control inside a
+    token, a trace, a file name or a message is shown (``␛``), never obeyed. Rich's own escape sequences
+    (styles, and the live view's cursor moves, which are control segments) are untouched."""
+
+    def _render_buffer(self, buffer: Iterable[Segment]) -> str:
+        return super()._render_buffer(
+            seg if seg.control or is_printable(seg.text) else Segment(printable(seg.text), seg.style, seg.control)
+            for seg in buffer)
+
+
+err = SafeConsole(stderr=True, highlight=False, soft_wrap=True)
+out = SafeConsole(highlight=False)  # stdout; only for rendered answers (chat's Markdown), plain when not a TTY
 MAX_MESSAGE = 600  # characters of one error line (user text inside is clipped before; this is the last guard)
 
 
 def _stdout_failed(e: OSError) -> OutputError:
     silence_stdout()  # what is still buffered can never be written: do not fail again at exit
+    signals.on_write_error(e)  # stdout was the terminal, and it hung up: that is a SIGHUP, not a write error
     if e.errno in (errno.EPIPE, errno.ECONNRESET) or isinstance(e, BrokenPipeError):
         return StdoutClosed("stdout was closed by its reader")
     return OutputError(f"cannot write to stdout: {describe(e)}", "check where stdout is redirected")
@@ -48,13 +65,18 @@ class QuietStream:
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
-        except (OSError, ValueError):
+        except OSError as e:
+            signals.on_write_error(e)  # the terminal hung up: that is a SIGHUP
+            return len(text)
+        except ValueError:
             return len(text)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
-        except (OSError, ValueError):
+        except OSError as e:
+            signals.on_write_error(e)
+        except ValueError:
             pass
 
     def __getattr__(self, name: str) -> Any:
@@ -83,6 +105,35 @@ def ascii_stdout() -> bool:
     """True when stdout cannot encode all of Unicode (``--json`` then escapes non-ASCII characters)."""
     encoding = (getattr(sys.stdout, "encoding", None) or "utf-8").lower().replace("-", "").replace("_", "")
     return encoding not in ("utf8", "utf16", "utf32", "utf8sig")
+
+
+class GuardedStdout(QuietStream):
+    """stdout whose failed writes raise dllm's typed errors (``StdoutClosed`` for a reader that went away, else
+    ``OutputError``) instead of OSError, which click/Typer would turn into exit 1 (``dllm --help | head -c 1``)."""
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as e:
+            raise _stdout_failed(e) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as e:
+            raise _stdout_failed(e) from None
+
+
+def guard_stdout() -> None:
+    """Install ``GuardedStdout`` on ``sys.stdout`` (once)."""
+    if sys.stdout is not None and not isinstance(sys.stdout, GuardedStdout):
+        sys.stdout = GuardedStdout(sys.stdout)  # type: ignore[assignment]
+
+
+def shown(text: str) -> str:
+    """Answer text for stdout: made printable when stdout is a terminal (it is drawn for a person), byte-exact
+    when it is a pipe or a file (it is data)."""
+    return printable(text) if out.is_terminal else text
 
 
 def quiet_stderr() -> None:

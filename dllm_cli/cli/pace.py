@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Generic, Iterable, Iterator, TypeVar, cast
 
-from dllm_cli.signals import Terminated
+from dllm_cli import signals
 
 T = TypeVar("T")
 
@@ -68,29 +68,40 @@ class _Failed:
 
 
 _END = object()
+_WAKE = object()
 
 
 class DecodeAhead(Generic[T]):
     """Pull ``events`` to the end in a thread, as fast as they come, and hand them on with their arrival time.
 
     Iterating yields ``(event, arrived)`` in order (``arrived`` on ``clock``, seconds); an exception raised by
-    ``events`` is raised again by the iteration, after the events before it. ``stop()`` makes the thread stop at
-    the next event and close ``events`` (its ``close()``, in the thread that ran it: a generator's cleanup, such as
-    chat's recording of an interrupted answer, runs there), and waits for it. Signals reach only the main thread,
-    so the decoder itself never sees a KeyboardInterrupt; the consumer turns one into ``stop()``.
+    ``events`` is raised again by the iteration, after the events before it; the iteration also ends early when
+    ``halt()`` turns true (checked whenever ``wake()`` is called, and every ``POLL_S``). ``stop()`` makes the
+    thread stop at the next event and close ``events`` (its ``close()``, in the thread that ran it: a generator's
+    cleanup, such as chat's recording of an interrupted answer, runs there), and waits for it whatever signals
+    arrive meanwhile. Signals reach only the main thread, so the decoder itself never sees a KeyboardInterrupt.
+    The thread is a ``signals.NativeThread``: it may be inside llama.cpp.
     """
 
-    POLL_S = 0.1  # the consumer wakes this often while waiting (a blocked get could delay Ctrl-C on some systems)
+    POLL_S = 0.1  # the consumer wakes this often while waiting
 
-    def __init__(self, events: Iterable[T], *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, events: Iterable[T], *, clock: Callable[[], float] = time.monotonic,
+                 halt: Callable[[], bool] | None = None) -> None:
         self._events = events
         self._clock = clock
+        self._halt = halt
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="dllm-decode", daemon=True)
+        self._thread = signals.NativeThread(self._run, name="dllm-decode")
         self._thread.start()
 
     def _run(self) -> None:
+        try:
+            self._pull()
+        finally:
+            self._queue.put(_END)
+
+    def _pull(self) -> None:
         events = iter(self._events)
         stopped = False
         try:
@@ -108,13 +119,21 @@ class DecodeAhead(Generic[T]):
                     close()
             except BaseException as e:  # noqa: BLE001 - e.g. a cache repair that failed
                 self._queue.put(_Failed(e))
-        self._queue.put(_END)
+
+    def wake(self) -> None:
+        """Make a waiting iteration look at ``halt()`` now (safe from a signal handler: ``SimpleQueue.put`` is
+        reentrant)."""
+        self._queue.put(_WAKE)
 
     def __iter__(self) -> Iterator[tuple[T, float]]:
         while True:
+            if self._halt is not None and self._halt():
+                return
             try:
                 item = self._queue.get(timeout=self.POLL_S)
             except queue.Empty:
+                continue
+            if item is _WAKE:
                 continue
             if item is _END:
                 return
@@ -122,20 +141,15 @@ class DecodeAhead(Generic[T]):
                 raise item.error
             yield cast("tuple[T, float]", item)
 
-    def stop(self) -> KeyboardInterrupt | None:
+    def stop(self) -> None:
         """Stop the decoder at its next event and wait for it (for the forward under way, at worst).
 
-        A Ctrl-C (or SIGTERM) while waiting does not cut the wait short: the events must be closed by their own
-        thread before anyone else touches them. The interrupt is returned for the caller to raise.
+        Signals that arrive meanwhile are deferred and raised when it has ended (``NativeThread.wait_finished``:
+        not ``Thread.join``, which CPython 3.11 lets a Ctrl-C end early): the events must be closed by their
+        own thread before anyone else touches them or frees the model.
         """
         self._stop.set()
-        pending: KeyboardInterrupt | None = None
-        while self._thread.is_alive():
-            try:
-                self._thread.join()
-            except KeyboardInterrupt as e:
-                pending = pending or e
-        return pending
+        self._thread.wait_finished()
 
     def rest(self) -> list[T]:
         """After ``stop()``: the events the decoder produced that were not iterated yet (errors dropped)."""
@@ -153,28 +167,37 @@ def show_paced(events: Iterable[T], fold: Callable[[T], None], picture: Callable
                draw: Callable[[], None], pacer: Pacer) -> None:
     """Fold every event into the view (``fold``); draw (``draw``) each new ``picture()`` when ``pacer`` says so.
 
-    The events are pulled by a ``DecodeAhead`` thread, so the pacer's sleeps never hold the decoder back. On any
-    exception the decoder is stopped first (its events closed in its own thread); on a KeyboardInterrupt every
-    event it had produced is folded too, so the view holds what was decoded, as an unpaced view would, and the
-    interrupt propagates (a SIGTERM that came while the decoder was being stopped wins).
+    The events are pulled by a ``DecodeAhead`` thread, so the pacer's sleeps never hold the decoder back. The
+    whole show runs inside ``signals.deferred``: a signal ends the loop (at once: it wakes the wait), the decoder
+    is stopped (its events closed in its own thread), every event it had produced is folded too, so the view
+    holds what was decoded, as an unpaced view would; then the signal is raised (KeyboardInterrupt, or
+    ``Terminated`` for a TERM/HUP, which wins). Any other exception also stops the decoder before it propagates.
     """
-    ahead = DecodeAhead(events, clock=pacer.clock)
-    drawn: object = None
-    try:
-        for ev, arrived in ahead:
-            fold(ev)
-            now = picture()
-            if now != drawn and pacer.frame(arrived):
-                draw()
-                drawn = now
-    except BaseException as e:
-        pending = ahead.stop()
-        if isinstance(e, KeyboardInterrupt):
+    ahead: DecodeAhead[T] | None = None
+
+    def wake() -> None:
+        if ahead is not None:
+            ahead.wake()
+
+    with signals.deferred(wake=wake):
+        ahead = DecodeAhead(events, clock=pacer.clock, halt=signals.pending)
+        drawn: object = None
+        try:
+            for ev, arrived in ahead:
+                fold(ev)
+                now = picture()
+                if now != drawn and pacer.frame(arrived):
+                    draw()
+                    drawn = now
+                if signals.pending():
+                    break
+        except KeyboardInterrupt:  # raised, not recorded: signals.install() was not called (embedded use)
+            ahead.stop()
             for ev in ahead.rest():
                 fold(ev)
-        if isinstance(pending, Terminated) and not isinstance(e, Terminated):
-            raise pending from e
-        raise
-    pending = ahead.stop()  # the events ran out: this only joins the thread
-    if isinstance(pending, Terminated):  # a SIGTERM meanwhile still ends the session (a Ctrl-C came too late)
-        raise pending
+            raise
+        finally:
+            ahead.stop()
+        if signals.pending():
+            for ev in ahead.rest():
+                fold(ev)

@@ -1,12 +1,12 @@
 """``dllm rpc-server``: a ggml RPC worker that lends this machine's CPU or GPU to a model run elsewhere (``--rpc``)."""
 from __future__ import annotations
 
-import threading
 from enum import Enum
 from typing import Annotated, Optional
 
 import typer
 
+from dllm_cli import signals
 from dllm_cli.cli import output
 from dllm_cli.cli.app import app
 
@@ -57,10 +57,12 @@ def rpc_server(
         except BaseException as e:  # handed to the main thread, which reports it
             failure.append(e)
 
-    worker = threading.Thread(target=run, name="ggml-rpc-server", daemon=True)
+    # ggml's server never returns: on Ctrl-C/TERM/HUP the process ends without C++ static destructors, which
+    # would free the backend under a client's computation (a segfault at exit): signals.NativeThread
+    worker = signals.NativeThread(run, name="ggml-rpc-server")
     worker.start()
     output.info(f"RPC worker ({backend.value}) listening on {shown}:{port}; Ctrl-C stops it")
-    while worker.is_alive():  # the main thread stays in Python so Ctrl-C and SIGTERM are handled at once
-        worker.join(0.2)
+    while not worker.finished.wait(0.2):  # the main thread stays in Python so Ctrl-C and SIGTERM act at once
+        pass
     if failure:
         raise failure[0]

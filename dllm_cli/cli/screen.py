@@ -15,6 +15,7 @@ from dllm_cli.cli import output
 from dllm_cli.cli.live import LiveView, summary_line
 from dllm_cli.cli.pace import FRAME_S, Pacer, show_paced
 from dllm_cli.decoding.events import BlockEvent, DoneEvent, Event, StepEvent
+from dllm_cli import signals
 from dllm_cli.signals import Terminated
 
 
@@ -35,11 +36,19 @@ def keys_unechoed() -> Iterator[None]:
         return
     quiet = list(saved)
     quiet[3] &= ~termios.ECHO
-    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        termios.tcsetattr(fd, termios.TCSANOW, quiet)
+        changed = True
+    except (termios.error, OSError):  # the terminal hung up meanwhile
+        changed = False
     try:
         yield
     finally:
-        termios.tcsetattr(fd, termios.TCSANOW, saved)
+        if changed:
+            try:
+                termios.tcsetattr(fd, termios.TCSANOW, saved)
+            except (termios.error, OSError):  # hung up: there is no terminal left to restore
+                pass
 
 
 class Screen:
@@ -50,7 +59,7 @@ class Screen:
     """
 
     def __init__(self, *, live: bool, plain: bool, piece: Callable[[int], str] | None = None, pace_ms: int = 0,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = signals.nap) -> None:
         self.live = live
         self.plain = plain or not output.out.is_terminal
         self.view = LiveView(piece)
@@ -65,35 +74,47 @@ class Screen:
             for ev in events:
                 self.view.update(ev)
                 if isinstance(ev, BlockEvent) and ev.text:
-                    output.answer(ev.text, end="")
+                    output.answer(output.shown(ev.text), end="")
             if self.view.text and not self.view.text.endswith("\n"):
                 output.answer("")
             return self.view.done
-        with keys_unechoed(), Live(self.view, console=output.err, auto_refresh=False, transient=True,
-                                   redirect_stdout=False, redirect_stderr=False) as live:
-            if self.pace_ms:
-                self._paced(events, live.refresh)
-            else:
-                last = 0.0
-                for ev in events:
-                    self.view.update(ev)
-                    now = time.monotonic()
-                    if isinstance(ev, (StepEvent, BlockEvent)) and now - last >= FRAME_S:
-                        live.refresh()
-                        last = now
+        try:
+            self._live(events)
+        except KeyboardInterrupt as e:
+            # the model had finished and only the view was behind: the answer is whole, show it as recorded
+            if isinstance(e, Terminated) or self.view.done is None:
+                raise
         self.finish()
         return self.view.done
 
-    def _paced(self, events: Iterable[Event], draw: Callable[[], None]) -> None:
-        """The decoder runs ahead in a thread; the view replays its events at ``pace_ms``. Ctrl-C stops the
-        decoder: an answer it had not finished propagates as interrupted (as unpaced); one it had finished, with
-        only the view behind, is shown whole, as it is recorded."""
-        pacer = Pacer(self.pace_ms, clock=self.clock, sleep=self.sleep)
-        try:
-            show_paced(events, self.view.update, self.view.picture, draw, pacer)
-        except KeyboardInterrupt as e:
-            if isinstance(e, Terminated) or self.view.done is None:
-                raise
+    def _live(self, events: Iterable[Event]) -> None:
+        """The live view, drawn while the events come. It runs inside ``signals.deferred``, so a signal never
+        cuts a statement short here: it ends the loop, the decoder is stopped and its events closed, the
+        terminal is restored (echo back on, the transient view erased, the cursor shown), and only then is the
+        signal raised."""
+        with signals.deferred(), keys_unechoed(), Live(self.view, console=output.err, auto_refresh=False,
+                                                      transient=True, redirect_stdout=False,
+                                                      redirect_stderr=False) as live:
+            def draw() -> None:
+                signals.check_terminal()  # a hung-up terminal is a SIGHUP (Rich would just stop drawing)
+                live.refresh()
+
+            if self.pace_ms:
+                pacer = Pacer(self.pace_ms, clock=self.clock, sleep=self.sleep)
+                show_paced(events, self.view.update, self.view.picture, draw, pacer)
+                return
+            last = 0.0
+            for ev in events:
+                self.view.update(ev)
+                now = time.monotonic()
+                if isinstance(ev, (StepEvent, BlockEvent)) and now - last >= FRAME_S:
+                    draw()
+                    last = now
+                if signals.pending():
+                    close = getattr(events, "close", None)
+                    if close is not None:
+                        close()  # the generator's cleanup (an interrupted answer recorded) runs here, whole
+                    return
 
     def finish(self, interrupted: bool = False) -> None:
         """Print the answer for good (after the transient live view is gone) and its stats line."""

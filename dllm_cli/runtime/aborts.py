@@ -5,6 +5,9 @@ RPC worker that dies mid-decode trips ``RPC_STATUS_ASSERT``, which calls ``ggml_
 backtrace and raises SIGABRT (exit 134). ``ggml_set_abort_callback`` runs our handler first: it deletes the
 ``.part`` files registered with ``partial``, prints one line naming the likely fix, and ends the process with
 exit status 1 (a C++ frame cannot be unwound into a Python exception).
+
+A memory-mapped file that shrinks while in use (a model truncated under a running ``dllm``) ends in SIGBUS;
+``install_fault_handler`` gives it the same treatment: partial files removed, one line, exit 1.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from dllm_cli.printable import printable
 
 _CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_char_p)  # void (*ggml_abort_callback_t)(const char * error_message)
 _installed: Any = None
@@ -45,9 +50,9 @@ def explain(message: str) -> str:
             "please report it; DLLM_DEBUG=1 shows more)")
 
 
-def _on_abort(raw: bytes | None) -> None:
-    message = (raw or b"").decode("utf-8", errors="replace")
-    with _lock:
+def _remove_partials() -> None:
+    locked = _lock.acquire(timeout=1.0)  # never wait forever inside an abort or a fault
+    try:
         for p in list(_partials):
             try:
                 if p.is_dir():
@@ -56,11 +61,67 @@ def _on_abort(raw: bytes | None) -> None:
                     p.unlink(missing_ok=True)
             except OSError:
                 pass
+    finally:
+        if locked:
+            _lock.release()
+
+
+def _die(line: str) -> None:
+    """Remove the registered partial files, print ``line``, end the process with exit status 1."""
+    _remove_partials()
     try:
-        sys.stderr.write(explain(message) + "\n")
+        sys.stderr.write(printable(line, lines=False) + "\n")  # the line may echo a file name or ggml text
         sys.stderr.flush()
     finally:
         os._exit(1)
+
+
+def _on_abort(raw: bytes | None) -> None:
+    _die(explain((raw or b"").decode("utf-8", errors="replace")))
+
+
+# --- SIGBUS: a memory-mapped file that shrank -----------------------------------------------------------
+# llama.cpp maps the model (and gguf-py / numpy map the files dllm reads). A file truncated while mapped makes
+# the next read of a page past its new end raise SIGBUS, whose default action kills the process without any
+# cleanup. Python's own signal handling cannot help: its C handler only sets a flag and returns, the faulting
+# load runs again, and it faults again. So a C-level handler is installed through libc's signal(): a ctypes
+# callback that removes the partial files, prints one line and calls _exit(1), never returning to the fault.
+_SIG_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_int)  # void (*sighandler_t)(int)
+_bus_handler: Any = None
+_mapped: list[Path] = []
+
+
+def mapped(path: Path) -> None:
+    """Name ``path`` in the SIGBUS message: a file that is memory-mapped from now on (the loaded model)."""
+    if path not in _mapped:
+        _mapped.append(path)
+
+
+def bus_message() -> str:
+    names = ", ".join(str(p) for p in _mapped[-3:]) or "the model or an input file"
+    return (f"error: a file dllm had mapped into memory shrank while in use ({names[:300]}): it was truncated or "
+            "replaced (do not change input files while dllm runs; re-download or re-convert it)")
+
+
+def _on_bus(_signum: int) -> None:
+    _die(bus_message())
+
+
+def install_fault_handler() -> None:
+    """Handle SIGBUS as above (once per process; where the platform has SIGBUS and a C library)."""
+    global _bus_handler
+    import signal
+
+    if _bus_handler is not None or not hasattr(signal, "SIGBUS"):
+        return
+    try:
+        libc = ctypes.CDLL(None)
+        fn = libc.signal
+    except (OSError, AttributeError):
+        return
+    fn.restype, fn.argtypes = ctypes.c_void_p, [ctypes.c_int, _SIG_HANDLER]
+    _bus_handler = _SIG_HANDLER(_on_bus)  # kept alive for the process: the kernel calls it
+    fn(int(signal.SIGBUS), _bus_handler)
 
 
 def install(libdir: Path) -> None:

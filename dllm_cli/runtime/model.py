@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from dllm_cli import gguf_keys as K
 from dllm_cli.errors import ModelError
 from dllm_cli.registry import Preset, version_presets
+from dllm_cli.runtime import aborts
 from dllm_cli.runtime.deepstack import deep_stack
 from dllm_cli.runtime.library import load as load_runtime
 from dllm_cli.runtime.options import RuntimeOptions
@@ -60,14 +61,24 @@ def inspect_gguf(path: Path) -> GGUFInfo:
     if arch != K.ARCH:
         raise ModelError(f"{path} has architecture {arch!r}, not {K.ARCH!r}",
                          "dllm runs LLaDA2.x GGUFs written by `dllm convert`")
-    if end > path.stat().st_size:
-        raise ModelError(f"{path} is truncated ({path.stat().st_size} of {end} bytes)", "re-download or re-convert it")
+    _check_size(path, end)
     try:
         meta = hparams.validate(reader, path)
     except (ValueError, IndexError, KeyError, TypeError, UnicodeDecodeError) as e:  # gguf-py on a damaged table
         raise ModelError(f"{path} has corrupt metadata ({type(e).__name__}: {e})",
                          "re-download or re-convert it") from None
     return GGUFInfo(arch=arch, n_tensors=len(reader.tensors), data_end=end, meta=meta)
+
+
+def _check_size(path: Path, end: int) -> None:
+    """ModelError unless ``path`` holds the tensor data up to byte ``end`` (mapping a shorter file would end in
+    SIGBUS at the first read past its end)."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise ModelError(f"cannot read {path}: {(e.strerror or type(e).__name__).lower()}", "check the path") from None
+    if end > size:
+        raise ModelError(f"{path} is truncated ({size} of {end} bytes)", "re-download or re-convert it")
 
 
 def block_routing_capacity(model: "Model") -> int | None:
@@ -86,7 +97,8 @@ class Model:
     def __init__(self, path: str | Path, options: RuntimeOptions | None = None) -> None:
         self.path = Path(path)
         self.options = options or RuntimeOptions()
-        self.info = inspect_gguf(self.path).meta
+        inspected = inspect_gguf(self.path)
+        self.info = inspected.meta
         self.rt = load_runtime()
         lib = self.rt.lib
         params = lib.llama_model_default_params()
@@ -105,6 +117,8 @@ class Model:
                                  f"at most {n}", "give one share per offload device (`dllm runtime info`)")
             self._split = (ctypes.c_float * n)(*self.options.tensor_split)
             params.tensor_split = self._split
+        _check_size(self.path, inspected.data_end)  # again: the file may have shrunk since it was inspected
+        aborts.mapped(self.path)
         self.ptr = lib.llama_model_load_from_file(os.fsencode(self.path), params)
         if not self.ptr:
             raise ModelError(f"llama.cpp could not load {self.path}", "run with DLLM_DEBUG=1 to see its log")
