@@ -1,0 +1,118 @@
+"""Constrained steps for the block loop: predictions from the allowed tokens only, and writes that stay feasible.
+
+``Constraint`` is what a front end compiles once (``dllm_cli.constrain``); ``Guide`` applies it to one
+generation. The constrained region of a window is ``[max(P, ws), min(we, P + max_tokens))``: the answer's cells
+that can still be output (cells past ``max_tokens`` are cut anyway, and the future after the region is left
+unbounded, so running out of tokens ends with ``finish_reason`` "length" and the text so far).
+
+**Confidence under a constraint** is the probability renormalised over the allowed set, as masked logits give in
+autoregressive constrained decoding: greedy picks ``argmax`` of the logits over the allowed tokens and its
+confidence is ``softmax(logits restricted to allowed)`` at that token (the mask token excluded, as the confidence
+head does); sampling applies the constraint first, then temperature, top-k and top-p, and draws from that.
+
+**Several writes per step.** Every prediction is allowed *alone* against the pre-step canvas, but two writes may
+conflict. ``settle`` commits them one at a time in confidence order (highest first, ties: lower position),
+re-checking each against the canvas as already updated; a write that became infeasible is replaced by the best
+allowed token of its row under the updated canvas (an edit whose best is the old token is dropped). Cheaper rule,
+used when the step only unmasks: if writing all of them at once is feasible, accept them all. It is equivalent:
+a canvas stays completable when a placed token is turned back into a mask (a mask admits that token), so every
+intermediate canvas of the one-at-a-time order is a relaxation of the joint one and each write passes its check.
+Edits (T2T) are not relaxations (the alternative to an edit is the old token, not a mask), so steps with edits
+always take the one-at-a-time order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dllm_cli.decoding.automaton import Automaton
+from dllm_cli.decoding.constraint import Checker
+from dllm_cli.decoding.sampling import Sampler, filtered_probs
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A compiled constraint: its kind (``json_schema``, ``regex``, ``tool_call``), source text and automaton."""
+
+    kind: str
+    source: str
+    automaton: Automaton
+
+
+class Guide:
+    """One generation's constraint state (see the module doc); arrays span the forwarded window ``[ws, we)``."""
+
+    def __init__(self, constraint: Constraint, *, mask_id: int, P: int, max_tokens: int, sampler: Sampler,
+                 rng: np.random.Generator) -> None:
+        self.checker = Checker(constraint.automaton, mask_id)
+        self.mask_id, self.P, self.end = int(mask_id), int(P), int(P + max_tokens)
+        self.sampler, self.rng = sampler, rng
+        self.rechecks = 0  # writes that had to be re-picked (a test and bench figure)
+
+    def _region(self, canvas: np.ndarray, ws: int, we: int) -> tuple[int, int, np.ndarray]:
+        """``(lo, hi, start)``: region bounds relative to ``ws`` and the start state set after the prefix."""
+        lo, hi = max(self.P, ws), max(min(we, self.end), max(self.P, ws))
+        start = self.checker.start(self.checker.prefix_state(canvas[self.P:lo]))
+        return lo - ws, hi - ws, start
+
+    def predict(self, canvas: np.ndarray, ws: int, we: int, rows: np.ndarray, logits: np.ndarray,
+                ids: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Constrained ``(ids, probs)`` for ``rows`` (window-relative, [n]) from their ``logits`` [n, V];
+        rows outside the region keep the unconstrained ``ids``/``probs``."""
+        lo, hi, start = self._region(canvas, ws, we)
+        sel = np.flatnonzero((rows >= lo) & (rows < hi))  # [k] indices into rows
+        ids, probs = ids.copy(), probs.astype(np.float64).copy()
+        if not len(sel):
+            return ids, probs
+        allowed = self.checker.allowed_rows(start, canvas[ws + lo:ws + hi], rows[sel] - lo)  # [k, V]
+        got, got_p = self.pick(logits[sel], allowed)
+        ids[sel], probs[sel] = got, got_p
+        return ids, probs
+
+    def pick(self, logits: np.ndarray, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Best (greedy) or drawn (sampling) allowed token per row and its renormalised probability. [k], [k]."""
+        lg = np.where(allowed, np.asarray(logits, dtype=np.float64), -np.inf)  # [k, V]
+        lg[:, self.mask_id] = -np.inf
+        s = self.sampler
+        if not s.needs_logits:
+            top = np.argmax(lg, axis=1)  # [k]
+            mx = lg[np.arange(len(top)), top]  # [k]
+            z = np.exp(lg - mx[:, None]).sum(axis=1)  # [k]
+            return top.astype(np.int64), 1.0 / z
+        p = filtered_probs(lg, self.mask_id, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)  # [k, V]
+        cdf = np.cumsum(p, axis=1)  # [k, V]
+        u = self.rng.random(len(p)) * cdf[:, -1]  # [k]
+        got = np.minimum((cdf <= u[:, None]).sum(axis=1), p.shape[1] - 1)  # [k]
+        got = np.where(p[np.arange(len(got)), got] > 0, got, p.argmax(axis=1))
+        return got.astype(np.int64), p[np.arange(len(got)), got]
+
+    def settle(self, canvas: np.ndarray, ws: int, we: int, new: np.ndarray, p: np.ndarray,
+               row_logits: dict[int, np.ndarray]) -> np.ndarray:
+        """The window ``[L]`` after writing ``new`` [L] over ``canvas[ws:we]`` while staying feasible.
+
+        ``p`` [L] orders the writes; ``row_logits`` maps a window position to its logits row [V] (re-picks).
+        Positions outside the region are written as given.
+        """
+        old = canvas[ws:we]
+        lo, hi, start = self._region(canvas, ws, we)
+        cur = new.copy()  # [L]
+        cur[lo:hi] = old[lo:hi]
+        changed = np.flatnonzero(new[lo:hi] != old[lo:hi]) + lo  # [m]
+        if not len(changed):
+            return cur
+        edits = bool((old[changed] != self.mask_id).any())
+        if not edits and self.checker.feasible(start, new[lo:hi]):
+            return new.copy()
+        for i in changed[np.argsort(-p[changed], kind="stable")].tolist():
+            allowed = self.checker.allowed_rows(start, cur[lo:hi], np.array([i - lo]))  # [1, V]
+            if allowed[0, int(new[i])]:
+                cur[i] = new[i]
+                continue
+            self.rechecks += 1
+            if i in row_logits:
+                got, _ = self.pick(row_logits[i][None, :], allowed)
+                cur[i] = got[0]
+            elif old[i] == self.mask_id:  # no logits for this row: the lowest allowed id (never reached by the engine)
+                cur[i] = int(np.flatnonzero(allowed[0])[0])
+        return cur
