@@ -22,6 +22,7 @@ from dllm_cli.errors import UsageError, clip
 from dllm_cli.registry import dllm_home
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+MAX_CALLS = 4  # parallel tool calls in one answer (bounded, so a call list always has to close)
 
 
 class VocabSource(Protocol):
@@ -98,7 +99,7 @@ def tool_calls(vocab: Vocab, tools: Sequence[dict[str, Any]], choice: str | None
     schema = {"anyOf": [{"type": "object", "properties": {"name": {"const": n}, "arguments": by_name[n]},
                          "required": ["name", "arguments"]} for n in names]}
     one = re.escape(CALL_OPEN + "\n") + schema_regex(schema) + re.escape("\n" + CALL_CLOSE)
-    calls = f"{one}(\\n{one})*"
+    calls = f"{one}(\\n{one}){{0,{MAX_CALLS - 1}}}"
     pattern = f"({without(CALL_OPEN)}|{calls})" if choice == "auto" else calls
     return Constraint("tool_call", json.dumps({"tools": names, "choice": choice}),
                       compile_regex(pattern, vocab, cache_dir=cache_dir()))

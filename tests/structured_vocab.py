@@ -1,7 +1,7 @@
 """A small byte-level vocabulary and a random-logits scripted model for the structured-output tests.
 
 Ids: printable ASCII characters one per token, some multi-character tokens, the two UTF-8 bytes of ``é`` as two
-tokens (one character, several byte-level tokens), then EOS, end-of-turn, DELETE, SPLIT and MASK.
+tokens (one character, several byte-level tokens), every non-ASCII byte alone (as byte-level BPE has), then EOS, end-of-turn, DELETE, SPLIT and MASK.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from dllm_cli.decoding.automaton import Vocab, vocab_from_pieces
 
 MULTI = [b'{"', b'":', b'", "', b'"name"', b"true", b"null", b"false", b"<tool_call>", b"</tool_call>",
          b"\n", b"\xc3", b"\xa9", b"\xc3\xa9t\xc3\xa9", b"  ", b"12", b"-0", b"e+", b"\xe2\x82", b"\xac"]
-PIECES: list[bytes | None] = [bytes([c]) for c in range(32, 127)] + MULTI
+PIECES: list[bytes | None] = [bytes([c]) for c in range(32, 127)] + MULTI + [bytes([c]) for c in range(0x80, 0x100)]
 EOS, EOT, DELETE, SPLIT, MASK = len(PIECES), len(PIECES) + 1, len(PIECES) + 2, len(PIECES) + 3, len(PIECES) + 4
 V = MASK + 1
 ALL: list[bytes | None] = PIECES + [None] * 5

@@ -26,7 +26,13 @@ import numpy as np
 
 from dllm_cli.errors import UsageError, clip
 
-FORMAT = "dllm-automaton-1"
+FORMAT = "dllm-automaton-2"
+# outlines-core 0.2.x drops the transitions out of a state where the regex already matches into one where it does
+# not (``a(xy)?`` admits ``a`` but not ``axy``: regex-automata reports matches one byte late and the Index keeps
+# such a step only if it ends in a match). We compile ``(?:regex)SENTINEL`` instead, with SENTINEL a token of our
+# own: no proper prefix matches, so every transition survives, and the regex accepts where SENTINEL leads to a
+# match. U+10FFFF is a noncharacter no tokenizer holds (tokens containing it are left out).
+SENTINEL = "\U0010FFFF".encode()
 
 
 @dataclass(frozen=True)
@@ -91,13 +97,15 @@ def _with_time(a: Automaton, seconds: float, cached: bool) -> Automaton:
 def _build(regex: str, vocab: Vocab) -> Automaton:
     from outlines_core import Index, Vocabulary
 
+    n_vocab = len(vocab.pieces)
     groups: dict[bytes, list[int]] = {}
     for i, p in enumerate(vocab.pieces):
-        if p and i not in vocab.end_ids:
+        if p and i not in vocab.end_ids and SENTINEL not in p:
             groups.setdefault(p, []).append(i)
-    eos = vocab.end_ids[0] if vocab.end_ids else len(vocab.pieces)
+    groups[SENTINEL] = [n_vocab]  # a token of our own: see SENTINEL
+    eos = vocab.end_ids[0] if vocab.end_ids else n_vocab + 1
     try:
-        index = Index(regex, Vocabulary(eos, groups))  # type: ignore[arg-type]
+        index = Index(f"(?:{regex}){SENTINEL.decode()}", Vocabulary(eos, groups))  # type: ignore[arg-type]
     except (ValueError, TypeError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"the constraint cannot be compiled: {clip(msg, 160, quote=False)}",
@@ -105,7 +113,8 @@ def _build(regex: str, vocab: Vocab) -> Automaton:
     trans = index.get_transitions()
     states = sorted(set(trans) | {int(index.get_initial_state())} | {int(s) for s in index.get_final_states()})
     dense = {s: i for i, s in enumerate(states)}
-    n_vocab, S = len(vocab.pieces), len(states) + 1  # + ended
+    S = len(states) + 1  # + ended
+    finals = {int(f) for f in index.get_final_states()}
     sig = np.zeros(n_vocab, dtype=np.uint64)
     sig2 = np.zeros(n_vocab, dtype=np.uint64)
     rows: list[tuple[int, np.ndarray, np.ndarray]] = []
@@ -130,8 +139,11 @@ def _build(regex: str, vocab: Vocab) -> Automaton:
     cls = np.where(pieces_ok, cls, C + 1).astype(np.int32)
     ends = [e for e in vocab.end_ids if 0 <= e < n_vocab]
     cls[ends] = C
-    accepting = np.zeros(S, dtype=bool)
-    accepting[[dense[int(f)] for f in index.get_final_states()]] = True
+    unused = np.ones(C + 2, dtype=bool)
+    unused[cls] = False
+    delta[:, unused] = -1  # a class left without tokens (the EOS column outlines-core wrote) moves nothing
+    accepting = np.zeros(S, dtype=bool)  # where the regex matches: the states the sentinel leads to a match from
+    accepting[[dense[s] for s, out in trans.items() if out.get(n_vocab, -1) in finals]] = True
     delta[accepting, C] = S - 1
     delta[S - 1, C] = S - 1
     accepting[S - 1] = True
