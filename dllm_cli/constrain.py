@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -79,13 +80,9 @@ def json_object(vocab: Vocab) -> Constraint:
 
 def regex(vocab: Vocab, pattern: str) -> Constraint:
     """Answers that ``re.fullmatch`` ``pattern`` (leading ``^`` / trailing ``$`` are implied)."""
-    try:
-        re.compile(pattern)
-    except re.error as e:
-        raise UsageError(f"--regex is not a valid regular expression: {e}", "fix the pattern") from None
-    body = pattern[1:] if pattern.startswith("^") else pattern
-    body = body[:-1] if body.endswith("$") and not body.endswith("\\$") else body
-    return Constraint("regex", pattern, compile_regex(body, vocab, cache_dir=cache_dir()))
+    req = request(regex_arg=pattern)
+    assert req is not None
+    return Constraint("regex", pattern, compile_regex(req.regex, vocab, cache_dir=cache_dir()))
 
 
 def tool_calls(vocab: Vocab, tools: Sequence[dict[str, Any]], choice: str | None) -> Constraint:
@@ -136,3 +133,38 @@ def runtime_piece_bytes(model: Any, token: int) -> bytes:
         buf = ctypes.create_string_buffer(-n)
         n = model.rt.lib.llama_token_to_piece(model.vocab, int(token), buf, len(buf), 0, False)
     return buf.raw[:max(n, 0)]
+
+
+@dataclass(frozen=True)
+class Request:
+    """A constraint as asked for, checked (schema keywords, regex syntax) before any model is loaded."""
+
+    kind: str  # "json_schema" | "regex"
+    source: str  # the schema as JSON text, or the pattern
+    regex: str
+
+
+def request(json_schema_arg: str | None = None, regex_arg: str | None = None, *, what: str = "--json-schema",
+            schema: Any = None) -> Request | None:
+    """``--json-schema`` / ``--regex`` (at most one) -> a checked ``Request``; ``schema`` passes a parsed one."""
+    if json_schema_arg is not None and regex_arg is not None:
+        raise UsageError("--json-schema and --regex cannot be combined", "pick one")
+    if json_schema_arg is not None or schema is not None:
+        parsed = read_schema_arg(json_schema_arg) if json_schema_arg is not None else schema
+        return Request("json_schema", json.dumps(parsed, ensure_ascii=False), schema_regex(parsed))
+    if regex_arg is not None:
+        try:
+            re.compile(regex_arg)
+        except re.error as e:
+            raise UsageError(f"--regex is not a valid regular expression: {e}", "fix the pattern") from None
+        body = regex_arg[1:] if regex_arg.startswith("^") else regex_arg
+        body = body[:-1] if body.endswith("$") and not body.endswith("\\$") else body
+        return Request("regex", regex_arg, body)
+    return None
+
+
+def build(model: VocabSource, req: Request | None) -> Constraint | None:
+    """Compile ``req`` over ``model``'s vocabulary (cached); None passes through."""
+    if req is None:
+        return None
+    return Constraint(req.kind, req.source, compile_regex(req.regex, model_vocab(model), cache_dir=cache_dir()))
