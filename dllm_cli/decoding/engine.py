@@ -175,9 +175,10 @@ def _decode_block(run: _Run, policy: Policy, k: int, ws: int) -> Iterator[StepEv
         rows = np.flatnonzero(~prompt if policy.edits else act)  # [n]
         out = model.step(old.tolist(), ws, rows.tolist(), want_logits=run.want_logits, **extra)
         run.forwards += 1
-        ids, probs = run.sampler(out, run.rng, mask_id)  # [n], [n]
-        if run.guide is not None:
-            ids, probs = run.guide.predict(run.canvas, ws, we, rows, _logits(out), ids, probs)
+        if run.guide is None:
+            ids, probs = run.sampler(out, run.rng, mask_id)  # [n], [n]
+        else:
+            ids, probs = run.guide.predict(run.canvas, ws, we, rows, _logits(out))
         x0, p = old.copy(), np.zeros(len(old))  # [L], [L]
         x0[rows], p[rows] = ids, probs
         p[x0 == mask_id] = -np.inf  # the mask token is never written

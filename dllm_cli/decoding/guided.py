@@ -57,16 +57,24 @@ class Guide:
         return lo - ws, hi - ws, start
 
     def predict(self, canvas: np.ndarray, ws: int, we: int, rows: np.ndarray, logits: np.ndarray,
-                ids: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Constrained ``(ids, probs)`` for ``rows`` (window-relative, [n]) from their ``logits`` [n, V];
-        rows outside the region keep the unconstrained ``ids``/``probs``."""
+                ids: np.ndarray | None = None, probs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Constrained ``(ids, probs)`` for ``rows`` (window-relative, [n]) from their ``logits`` [n, V].
+
+        Rows outside the region keep the given unconstrained ``ids``/``probs``; without them every row is picked
+        here (outside the region from the whole vocabulary), with one draw per row in row order, as the
+        unconstrained sampler draws: a constraint that allows everything changes no token.
+        """
         lo, hi, start = self._region(canvas, ws, we)
-        sel = np.flatnonzero((rows >= lo) & (rows < hi))  # [k] indices into rows
-        ids, probs = ids.copy(), probs.astype(np.float64).copy()
-        if not len(sel):
-            return ids, probs
-        allowed = self.checker.allowed_rows(start, canvas[ws + lo:ws + hi], rows[sel] - lo)  # [k, V]
+        inside = (rows >= lo) & (rows < hi)  # [n]
+        sel = np.flatnonzero(inside) if ids is not None else np.arange(len(rows))  # [k] indices into rows
+        allowed = np.ones((len(sel), logits.shape[1]), dtype=bool)  # [k, V]
+        mine = inside[sel]
+        if mine.any():
+            allowed[mine] = self.checker.allowed_rows(start, canvas[ws + lo:ws + hi], rows[sel][mine] - lo)
         got, got_p = self.pick(logits[sel], allowed)
+        if ids is None or probs is None:
+            return got, got_p
+        ids, probs = ids.copy(), probs.astype(np.float64).copy()
         ids[sel], probs[sel] = got, got_p
         return ids, probs
 
