@@ -142,3 +142,26 @@ def test_compile_cache_is_used(demo: Any, dllm_home: Path) -> None:
     assert (second.automaton.delta == first.automaton.delta).all()
     files = list((dllm_home / "constraints").glob("*.npz"))
     assert len(files) == 1 and not list((dllm_home / "constraints").glob("*.part"))
+
+
+def test_chat_set_schema_and_off(demo: Any, capsys: Any, tmp_path: Path) -> None:
+    from dllm_cli.chat import Chat
+    from dllm_cli.cli.chat_cmd import Repl, Screen
+
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps(SCHEMA))
+    chat = Chat(demo, decode_config(demo.model, "quality", max_tokens=64))
+    repl = Repl(chat, Screen(live=False, plain=True))
+    assert repl.command(f"/set schema {schema}") is None
+    repl.turn(chat.ask("Describe France."))
+    jsonschema.validate(json.loads(chat.conversation.turns[-1].content), SCHEMA)
+    assert repl.command('/set schema {"type": "object", "not": {}}') is None  # refused: the schema stays
+    assert "unsupported JSON Schema keyword 'not'" in capsys.readouterr().err
+    repl.turn(chat.ask("Describe Peru."))
+    jsonschema.validate(json.loads(chat.conversation.turns[-1].content), SCHEMA)
+    assert repl.command("/set regex [0-9]{3}") is None
+    repl.turn(chat.ask("Sort: 5 2 9"))
+    assert re.fullmatch("[0-9]{3}", chat.conversation.turns[-1].content)
+    assert repl.command("/set schema off") is None
+    repl.turn(chat.ask("What is 23 + 45?"))
+    assert chat.conversation.turns[-1].content == "68" and chat.settings()["schema"] == "off"
