@@ -13,6 +13,7 @@ from typing import Any, Iterator, Protocol
 from dllm_cli.decoding.events import Event, StartEvent, StepEvent
 
 PRESET_KNOBS = ("threshold", "editing_threshold", "max_post_steps", "editing", "indel")
+MAX_COMPILED = 32  # compiled constraints kept per model
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class GenerationSpec:
     mode: str | None = None  # None: the server's default mode
     overrides: dict[str, Any] = field(default_factory=dict)  # DecodeConfig fields set by the request
     events: bool = False  # the client wants step views (``step_view``)
+    constraint: Any = None  # a serve.constrain.ConstraintSpec: the answer's format (compiled on the worker)
 
 
 class Backend(Protocol):
@@ -81,6 +83,30 @@ class ModelBackend:
         self.model_id = self.loaded.model.path.stem
         self._pieces: dict[int, str] = {}
         self._start: StartEvent | None = None
+        self._vocab: Any = None
+        self._compiled: dict[str, Any] = {}  # regex -> Constraint, the most recent MAX_COMPILED
+
+    def constraint(self, spec: Any) -> Any:
+        """The compiled ``decoding.guided.Constraint`` of a request's ``ConstraintSpec`` (None: free text).
+
+        The vocabulary is read once per model; compiled automata are kept in memory (and on disk, by
+        ``compile_regex``'s cache), so a client repeating its schema pays the compile once.
+        """
+        if spec is None:
+            return None
+        from dllm_cli.constrain import cache_dir, model_vocab
+        from dllm_cli.decoding.automaton import compile_regex
+        from dllm_cli.decoding.guided import Constraint
+
+        got = self._compiled.pop(spec.regex, None)
+        if got is None:
+            if self._vocab is None:
+                self._vocab = model_vocab(self.loaded.model)
+            got = Constraint(spec.kind, spec.regex, compile_regex(spec.regex, self._vocab, cache_dir=cache_dir()))
+        self._compiled[spec.regex] = got
+        while len(self._compiled) > MAX_COMPILED:
+            self._compiled.pop(next(iter(self._compiled)))
+        return got
 
     def generate(self, spec: GenerationSpec) -> Iterator[Event]:
         from dllm_cli.generate import decode_config, prompt_ids, stream_generate
@@ -92,7 +118,7 @@ class ModelBackend:
             ids = prompt_ids(model, spec.messages)
         else:
             ids = prompt_ids(model, [{"role": "user", "content": spec.prompt or ""}], raw=True)
-        events = stream_generate(self.loaded, ids, config)
+        events = stream_generate(self.loaded, ids, config, self.constraint(spec.constraint))
         try:
             for ev in events:
                 if isinstance(ev, StartEvent):
