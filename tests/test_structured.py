@@ -229,16 +229,25 @@ def test_checker_matches_brute_force() -> None:
 
 
 def test_confidence_is_renormalised_over_the_allowed_set() -> None:
-    from dllm_cli.decoding.guided import Guide
-    from dllm_cli.decoding.sampling import make_sampler
+    """The fast greedy pick (top-2 shortcut, complement sums) equals argmax and softmax over the allowed set."""
+    from dllm_cli.decoding.pick import ClassIndex, greedy
+    from dllm_cli.decoding.stepper import top2_from_logits
 
-    g = Guide(constraint("regex", "date"), mask_id=MASK, P=0, max_tokens=8, sampler=make_sampler(),
-              rng=np.random.default_rng(0))
-    logits = np.random.default_rng(3).standard_normal((2, V))  # [2, V]
-    allowed = np.zeros((2, V), dtype=bool)
-    allowed[0, [16, 17, 18]] = True  # '0', '1', '2'
-    allowed[1, 40] = True
-    ids, p = g.pick(logits, allowed)
-    e = np.exp(logits[0, [16, 17, 18]])
-    assert ids[0] == 16 + int(np.argmax(e)) and p[0] == pytest.approx(e.max() / e.sum())
-    assert ids[1] == 40 and p[1] == pytest.approx(1.0)
+    rng = np.random.default_rng(3)
+    n_vocab, n_cls, mask = 3000, 12, 2999
+    token_class = rng.integers(0, n_cls - 1, n_vocab).astype(np.int32)
+    token_class[mask] = n_cls - 1  # the mask's class (NONE) is never allowed
+    index = ClassIndex(token_class, n_cls)
+    for trial in range(200):
+        logits = (rng.standard_normal(n_vocab) * rng.choice([0.5, 3.0, 12.0])).astype(np.float32)  # [V]
+        allowed = rng.random(n_cls) < rng.choice([0.1, 0.5, 0.95])  # [C]
+        allowed[n_cls - 1] = False
+        if not allowed.any():
+            allowed[trial % (n_cls - 1)] = True
+        head = top2_from_logits(logits[None, :], mask)
+        got, p = greedy(logits, allowed, index, head.ids[0], head.probs[0], mask)
+        ok = allowed[token_class]  # [V]
+        lg = np.where(ok, logits.astype(np.float64), -np.inf)
+        want = int(np.argmax(lg))
+        e = np.exp(lg - lg[want])
+        assert got == want and p == pytest.approx(1.0 / e.sum(), rel=1e-4), trial

@@ -104,9 +104,13 @@ class Checker:
         """Token classes allowed at a cell with forward set ``F_i`` [S] and backward set ``G_next`` [S+1]: [C]."""
         return G_next[self.delta[F_i]].any(axis=0)  # [k, C] -> [C]
 
+    def allowed_class_rows(self, start: np.ndarray, cells: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """Allowed token classes ``[len(idx), n_classes]`` bool for the cells ``idx`` of the canvas ``cells``."""
+        F, G = self.forward(start, cells), self.backward(cells)
+        if not len(idx):
+            return np.zeros((0, self.delta.shape[1]), dtype=bool)
+        return np.stack([self.allowed_classes(F[i], G[i + 1]) for i in idx.tolist()])  # [k, C]
+
     def allowed_rows(self, start: np.ndarray, cells: np.ndarray, idx: np.ndarray) -> np.ndarray:
         """Allowed-token masks ``[len(idx), n_vocab]`` bool for the cells ``idx`` of the canvas ``cells``."""
-        F, G = self.forward(start, cells), self.backward(cells)
-        cls = np.stack([self.allowed_classes(F[i], G[i + 1]) for i in idx.tolist()]) if len(idx) \
-            else np.zeros((0, self.delta.shape[1]), dtype=bool)  # [k, C]
-        return cls[:, self.a.token_class]  # [k, V]
+        return self.allowed_class_rows(start, cells, idx)[:, self.a.token_class]  # [k, V]

@@ -178,7 +178,7 @@ def _decode_block(run: _Run, policy: Policy, k: int, ws: int) -> Iterator[StepEv
         if run.guide is None:
             ids, probs = run.sampler(out, run.rng, mask_id)  # [n], [n]
         else:
-            ids, probs = run.guide.predict(run.canvas, ws, we, rows, _logits(out))
+            ids, probs = run.guide.predict(run.canvas, ws, we, rows, _with_logits(out))
         x0, p = old.copy(), np.zeros(len(old))  # [L], [L]
         x0[rows], p[rows] = ids, probs
         p[x0 == mask_id] = -np.inf  # the mask token is never written
@@ -186,7 +186,7 @@ def _decode_block(run: _Run, policy: Policy, k: int, ws: int) -> Iterator[StepEv
         m2t, t2t = m2t & act, t2t & ~is_mask & ~prompt
         new = np.where(m2t | t2t, x0, old)  # [L]
         if run.guide is not None:
-            new = run.guide.settle(run.canvas, ws, we, new, p, _row_logits(out, rows))
+            new = run.guide.settle(run.canvas, ws, we, new, p, out, rows)
             t2t &= new != old
         run.canvas[ws:we] = new
         un, ed = np.flatnonzero(m2t), np.flatnonzero(t2t)
@@ -217,11 +217,11 @@ def _decode_block_indel(run: _Run, policy: LevenshteinPolicy, k: int) -> Iterato
         pred = _Prediction(run, out, rows, old, s0, banned)
         x0, p = pred.top1(allow_edits=policy.indel)  # [B], [B]
         if run.guide is not None:  # allowed sets never hold DELETE/SPLIT: no shift inside the region
-            x0[rows], p[rows] = run.guide.predict(run.canvas, s0, we, rows, _logits(out), x0[rows], p[rows])
+            x0[rows], p[rows] = run.guide.predict(run.canvas, s0, we, rows, _with_logits(out), x0[rows], p[rows])
             pred.x1[rows] = x0[rows]  # the anti-loop switch may not leave the allowed set
         d = policy.decide(old, x0, p, pred.x1, pred.scrub)
         run.canvas[s0:we] = d.ops.block if run.guide is None else \
-            run.guide.settle(run.canvas, s0, we, d.ops.block, p, _row_logits(out, rows))
+            run.guide.settle(run.canvas, s0, we, d.ops.block, p, out, rows)
         after = d.ops.after  # [B]
         un, ed = np.flatnonzero(d.m2t & ~np.isin(d.new, banned)), np.flatnonzero(d.t2t & ~np.isin(d.new, banned))
         run.steps += 1
@@ -304,16 +304,10 @@ class _Prediction:
         return self.out.logits
 
 
-def _logits(out: StepOutput) -> np.ndarray:
+def _with_logits(out: StepOutput) -> StepOutput:
     if out.logits is None:
         raise DecodeError("a constrained step needs the logits of its rows", "this model step returned none")
-    return out.logits
-
-
-def _row_logits(out: StepOutput, rows: np.ndarray) -> dict[int, np.ndarray]:
-    """Window position -> its logits row [V] (for a constrained re-pick)."""
-    lg = _logits(out)
-    return {int(r): lg[j] for j, r in enumerate(rows.tolist())}
+    return out
 
 
 def _output(canvas: np.ndarray, P: int, upto: int, max_tokens: int, stops: set[int]) -> tuple[list[int], bool]:
