@@ -133,6 +133,22 @@ class Chat:
         self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
         self.conversation = Conversation(system=system)
         self.last_prefill_s: float | None = None  # last turn: seconds from the request to a prefilled prompt
+        self.constraint: Any = None  # a decoding.guided.Constraint while /set schema or /set regex is on
+        self.constraint_label = "off"
+
+    def set_constraint(self, kind: str, value: str) -> str:
+        """``/set schema FILE_OR_JSON`` / ``/set regex PATTERN`` (``off`` for either removes it): compiled over the
+        model's vocabulary now, so a bad schema is refused here (UsageError) and the constraint is unchanged."""
+        from dllm_cli import constrain
+
+        value = value.strip()
+        if value.lower() in ("off", "none"):
+            self.constraint, self.constraint_label = None, "off"
+            return "schema=off"
+        req = constrain.request(value, None) if kind == "schema" else constrain.request(None, value)
+        self.constraint = constrain.build(self.loaded.model, req)
+        self.constraint_label = f"{kind} {clip(value, 40, quote=False)}"
+        return f"{kind}={clip(value, 60, quote=False)}"
 
     # --- settings ------------------------------------------------------------------------------
     def set_mode(self, mode: str) -> DecodeConfig:
@@ -154,8 +170,8 @@ class Chat:
         return self.config
 
     def settings(self) -> dict[str, Any]:
-        return {f.name: getattr(self.config, f.name) for f in fields(DecodeConfig)
-                if f.name in SETTINGS or f.name == "mode"}
+        return {**{f.name: getattr(self.config, f.name) for f in fields(DecodeConfig)
+                   if f.name in SETTINGS or f.name == "mode"}, "schema": self.constraint_label}
 
     # --- turns ---------------------------------------------------------------------------------
     def clear(self) -> None:
@@ -183,7 +199,7 @@ class Chat:
         """Decoding events for ``ids`` (the engine reuses the session's matching KV prefix)."""
         from dllm_cli.generate import stream_generate
 
-        return stream_generate(self.loaded, ids, self.config)
+        return stream_generate(self.loaded, ids, self.config, self.constraint)
 
     def _answer(self) -> Iterator[Event]:
         parts: list[str] = []

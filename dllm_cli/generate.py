@@ -12,6 +12,7 @@ import numpy as np
 from dllm_cli.decoding import engine
 from dllm_cli.decoding.config import DecodeConfig, make_config, with_overrides
 from dllm_cli.decoding.events import DoneEvent, Event
+from dllm_cli.decoding.guided import Constraint
 from dllm_cli.errors import ContextFullError, ModelError, UsageError
 from dllm_cli.registry import resolve_model
 from dllm_cli.runtime.model import Model
@@ -97,17 +98,21 @@ def fit_context(session: Session, n_prompt: int, config: DecodeConfig) -> Decode
     return config if config.max_tokens <= room else with_overrides(config, max_tokens=room)
 
 
-def stream_generate(loaded: Loaded, ids: list[int], config: DecodeConfig) -> Generator[Event, None, None]:
-    """Decode ``ids`` with ``config``, yielding typed step events (the KV prefix is reused when it matches)."""
+def stream_generate(loaded: Loaded, ids: list[int], config: DecodeConfig,
+                    constraint: Constraint | None = None) -> Generator[Event, None, None]:
+    """Decode ``ids`` with ``config``, yielding typed step events (the KV prefix is reused when it matches);
+    ``constraint`` (``dllm_cli.constrain``) keeps the answer inside a JSON Schema, regex or tool-call format."""
     config = fit_context(loaded.session, len(ids), config)
     rng = np.random.default_rng(config.seed)
-    yield from engine.generate(loaded.session, ids, config, rng=rng, detokenize=loaded.model.detokenize)
+    yield from engine.generate(loaded.session, ids, config, rng=rng, detokenize=loaded.model.detokenize,
+                               constraint=constraint)
 
 
-def generate(loaded: Loaded, ids: list[int], config: DecodeConfig) -> DoneEvent:
+def generate(loaded: Loaded, ids: list[int], config: DecodeConfig,
+             constraint: Constraint | None = None) -> DoneEvent:
     """Run to completion and return the summary event."""
     done = None
-    for ev in stream_generate(loaded, ids, config):
+    for ev in stream_generate(loaded, ids, config, constraint):
         if isinstance(ev, DoneEvent):
             done = ev
     assert done is not None

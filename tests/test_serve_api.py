@@ -47,7 +47,8 @@ def test_chat_and_completion_streaming_and_not(scripted):
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (3, 12, 15)
     assert r.usage.dllm == {"mode": "quality", "forwards": 6, "tokens_per_forward": 2.0, "edits": 3, "inserts": 0,
                             "deletes": 0, "steps": 6,
-                            "reused_prompt_tokens": 0, "elapsed_s": 0.06, "tokens_per_second": 200.0}
+                            "reused_prompt_tokens": 0, "constrained": None, "elapsed_s": 0.06,
+                            "tokens_per_second": 200.0}
     chunks = list(c.chat.completions.create(model="any", messages=USER, stream=True,
                                             stream_options={"include_usage": True}))
     deltas = [ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content]

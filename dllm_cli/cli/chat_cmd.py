@@ -15,7 +15,7 @@ from typing import Annotated, Iterable, Optional
 import typer
 from rich.markup import escape
 
-from dllm_cli import domains, signals
+from dllm_cli import constrain, domains, signals
 from dllm_cli import text as text_rules
 from dllm_cli.chat import SETTINGS, Chat
 from dllm_cli.cli import options as O
@@ -35,6 +35,7 @@ from dllm_cli.signals import Terminated
 HELP = """[bold]commands[/]
   /mode speed|quality     switch decode preset (resets thresholds set by hand)
   /set [NAME VALUE]       show settings, or set one: {names}
+  /set schema FILE|off    constrain answers to a JSON Schema (file or inline JSON); /set regex PATTERN|off
   /clear                  forget the conversation (and its KV cache)
   /save PATH              write the transcript (.md or .json)
   /retry                  ask the last question again
@@ -42,6 +43,7 @@ HELP = """[bold]commands[/]
   /exit                   leave (also Ctrl-D; Ctrl-C at an empty prompt leaves with exit 130)
   \"\"\"                     start / end a multi-line message
 Ctrl-C while an answer is being written stops it; a second Ctrl-C leaves."""
+CONSTRAINT_SETTINGS = ("schema", "regex")  # /set schema FILE_OR_JSON|off, /set regex PATTERN|off
 VIEW_SETTINGS = ("view_pace",)  # /set names of the screen, not of the decoder (Chat.set owns the others)
 
 # The embedded demo model knows only a few toy task families (docs/DEMO_MODEL.md): say what to type.
@@ -98,6 +100,8 @@ def chat(
     exact: O.Exact = False,
     rpc: O.Rpc = None,
     tensor_split: O.TensorSplit = None,
+    json_schema: O.JsonSchemaOpt = None,
+    regex: O.RegexOpt = None,
 ) -> None:
     """Chat with a model and watch it unmask and edit its answer, block by block.
 
@@ -124,6 +128,7 @@ def chat(
     overrides = dict(threshold=threshold, editing_threshold=editing_threshold, max_post_steps=max_post_steps,
                      editing=edit, indel=indel, block_length=block_length, temperature=temperature, top_k=top_k, top_p=top_p,
                      seed=seed, max_tokens=max_tokens, mbe=mbe)
+    wanted = constrain.request(json_schema, regex)  # a bad schema is refused before the model loads
     loaded = load(model, opts)
     try:
         config = decode_config(loaded.model, mode.value, **overrides)
@@ -131,6 +136,9 @@ def chat(
             output.warn(w)
         session = Chat(loaded, config, system=text_rules.clean(system, "--system", output.warn) if system else system,
                        overrides=overrides)
+        if wanted is not None:
+            session.set_constraint("schema" if wanted.kind == "json_schema" else "regex",
+                                   json_schema if json_schema is not None else str(regex))
         Repl(session, Screen(live=live, plain=plain, piece=loaded.model.piece, pace_ms=view_pace)).loop()
     finally:
         loaded.close()
@@ -310,8 +318,11 @@ class Repl:
         if not value.strip():
             raise UsageError(f"/set {key} needs a value", "for example: /set threshold 0.6")
         name = key.strip().lower().replace("-", "_")
-        if name not in SETTINGS and name not in VIEW_SETTINGS:
-            raise UsageError(f"unknown setting {clip(key)}", "settings: " + ", ".join([*SETTINGS, *VIEW_SETTINGS]))
+        if name not in SETTINGS and name not in VIEW_SETTINGS and name not in CONSTRAINT_SETTINGS:
+            raise UsageError(f"unknown setting {clip(key)}",
+                             "settings: " + ", ".join([*SETTINGS, *VIEW_SETTINGS, *CONSTRAINT_SETTINGS]))
+        if name in CONSTRAINT_SETTINGS:
+            return self.chat.set_constraint(name, value)
         if name == "view_pace":
             self.screen.pace_ms = domains.parse("view_pace", value)
             return f"view_pace={self.screen.pace_ms} ms"

@@ -97,3 +97,10 @@ Edit = Annotated[Optional[bool], typer.Option("--edit/--no-edit", help="Force to
                                               rich_help_panel=DECODE)]
 Indel = Annotated[Optional[bool], typer.Option("--indel/--no-indel", help="LLaDA2.2: allow DELETE/INSERT edits "
                                                "(--no-indel keeps substitution only).", rich_help_panel=DECODE)]
+STRUCTURED = "Structured output"
+JsonSchemaOpt = Annotated[Optional[str], typer.Option(
+    "--json-schema", rich_help_panel=STRUCTURED, show_default=False,
+    help="Constrain the answer to JSON valid under this JSON Schema (a file, or inline JSON starting with '{').")]
+RegexOpt = Annotated[Optional[str], typer.Option(
+    "--regex", rich_help_panel=STRUCTURED, show_default=False,
+    help="Constrain the whole answer to match this regular expression (Rust regex syntax, no lookarounds).")]

@@ -14,7 +14,7 @@ from typing import IO, Annotated, BinaryIO, Optional
 import typer
 from rich.markup import escape
 
-from dllm_cli import outfiles, registry
+from dllm_cli import constrain, outfiles, registry
 from dllm_cli import text as text_rules
 from dllm_cli.cli import options as O
 from dllm_cli.cli import output
@@ -146,6 +146,8 @@ def run(
     exact: O.Exact = False,
     rpc: O.Rpc = None,
     tensor_split: O.TensorSplit = None,
+    json_schema: O.JsonSchemaOpt = None,
+    regex: O.RegexOpt = None,
 ) -> None:
     """Generate an answer for one prompt and print it on stdout.
 
@@ -153,8 +155,11 @@ def run(
       dllm run "What is 7 plus 5?"
       echo "Reverse: hello" | dllm run model.gguf --mode speed
       dllm run model.gguf - --json < question.txt | jq .text
+      dllm run "Describe France." --json-schema '{"type": "object", "properties": {"capital": {"type": "string"}}}'
+      dllm run "When?" --regex '[0-9]{4}-[0-9]{2}-[0-9]{2}'
     """
     model_name, prompt_arg = split_args(model_or_prompt, prompt)
+    wanted = constrain.request(json_schema, regex)  # schema keywords and regex syntax: before the model loads
     if trace is not None:
         trace = outfiles.check(trace, what="the trace", special=True)  # before any work, not after the answer
     opts = runtime_options.from_flags(kv_type=kv_type.value if kv_type else None, flash_attn=flash_attn.value,
@@ -172,21 +177,22 @@ def run(
         system = text_rules.clean(system, "--system", output.warn) if system else system
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         ids = prompt_ids(loaded.model, messages, raw=raw)
-        done = _drive(loaded, ids, config, stream=not as_json, trace=trace)
+        constraint = constrain.build(loaded.model, wanted)
+        done = _drive(loaded, ids, config, stream=not as_json, trace=trace, constraint=constraint)
     finally:
         loaded.close()
     if as_json:
-        output.document(result_document(done, ids, config, loaded.model.path))
+        output.document(result_document(done, ids, config, loaded.model.path, wanted.kind if wanted else None))
     elif done.text and not done.text.endswith("\n"):
         output.answer("")
 
 
-def _drive(loaded, ids, config, *, stream: bool, trace: Path | None) -> DoneEvent:
+def _drive(loaded, ids, config, *, stream: bool, trace: Path | None, constraint=None) -> DoneEvent:
     with contextlib.ExitStack() as stack:
         sink = stack.enter_context(outfiles.open_text(trace, what="the trace", checked=True)) if trace else None
         seen: set[int] = set()  # token ids whose text the trace already carries (for `dllm chat --replay`)
         done = None
-        for ev in stream_generate(loaded, ids, config):
+        for ev in stream_generate(loaded, ids, config, constraint):
             if sink:
                 _trace_line(sink, trace_record(ev, loaded.model.piece, seen))
             if stream and isinstance(ev, BlockEvent) and ev.text:
@@ -201,8 +207,9 @@ def _trace_line(sink: IO[str], record: dict) -> None:
     sink.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def result_document(done: DoneEvent, prompt: list[int], config, model_path: Path) -> dict:
-    """The ``--json`` document."""
+def result_document(done: DoneEvent, prompt: list[int], config, model_path: Path,
+                    constrained: str | None = None) -> dict:
+    """The ``--json`` document (``constrained``: "json_schema", "regex" or null)."""
     n = len(done.ids)
     return {
         "text": done.text, "tokens": list(done.ids), "prompt_tokens": list(prompt),
@@ -211,5 +218,5 @@ def result_document(done: DoneEvent, prompt: list[int], config, model_path: Path
         "forwards": done.forwards, "commits": done.commits, "tpf": round(done.tpf, 4), "edits": done.edits,
         "inserts": done.inserts, "deletes": done.deletes,
         "elapsed_s": round(done.elapsed_s, 4), "tps": round(n / done.elapsed_s, 3) if done.elapsed_s > 0 else None,
-        "reused_prompt_tokens": done.reused,
+        "reused_prompt_tokens": done.reused, "constrained": constrained,
     }

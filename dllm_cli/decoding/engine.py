@@ -18,6 +18,7 @@ import numpy as np
 from dllm_cli.decoding.config import DecodeConfig
 from dllm_cli.decoding.editing import make_policy
 from dllm_cli.decoding.events import BlockEvent, DoneEvent, Event, StartEvent, StepEvent
+from dllm_cli.decoding.guided import Constraint, Guide
 from dllm_cli.decoding.levenshtein import LevenshteinPolicy
 from dllm_cli.decoding.mbe import Window
 from dllm_cli.decoding.sampling import Sampler, filtered_probs, make_sampler
@@ -46,14 +47,23 @@ class _Run:
     edits: int = 0
     inserts: int = 0
     deletes: int = 0
+    guide: Guide | None = None
+
+    @property
+    def want_logits(self) -> bool:
+        return self.sampler.needs_logits or self.guide is not None
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
 
 def generate(model: StepModel, prompt_ids: Sequence[int], config: DecodeConfig, *,
-             rng: np.random.Generator | None = None, detokenize: Detokenize | None = None) -> Iterator[Event]:
+             rng: np.random.Generator | None = None, detokenize: Detokenize | None = None,
+             constraint: Constraint | None = None) -> Iterator[Event]:
     """Decode a continuation of ``prompt_ids``; the iterator yields Start, Step*, Block*, then one ``DoneEvent``.
+
+    With ``constraint`` every step predicts from the allowed tokens only and every write keeps the answer
+    completable (``guided``), in every policy; the model is then asked for the logits of its rows.
 
     Checked eagerly, before any decode: ``ContextFullError`` when the canvas does not fit ``model.n_ctx``,
     ``UsageError`` when ``config.block_length`` disagrees with the model's.
@@ -74,6 +84,9 @@ def generate(model: StepModel, prompt_ids: Sequence[int], config: DecodeConfig, 
     run = _Run(model, canvas, P, B, policy,
                make_sampler(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p),
                rng if rng is not None else np.random.default_rng(config.seed), t0)
+    if constraint is not None:
+        run.guide = Guide(constraint, mask_id=model.mask_id, P=P, max_tokens=config.max_tokens, sampler=run.sampler,
+                          rng=run.rng)
     return _events(run, prompt, n_blocks, config, detokenize)
 
 
@@ -160,15 +173,22 @@ def _decode_block(run: _Run, policy: Policy, k: int, ws: int) -> Iterator[StepEv
         if not policy.proceed(int(act.sum())):
             return
         rows = np.flatnonzero(~prompt if policy.edits else act)  # [n]
-        out = model.step(old.tolist(), ws, rows.tolist(), want_logits=run.sampler.needs_logits, **extra)
+        out = model.step(old.tolist(), ws, rows.tolist(), want_logits=run.want_logits, **extra)
         run.forwards += 1
-        ids, probs = run.sampler(out, run.rng, mask_id)  # [n], [n]
+        if run.guide is None:
+            ids, probs = run.sampler(out, run.rng, mask_id)  # [n], [n]
+        else:
+            ids, probs = run.guide.predict(run.canvas, ws, we, rows, _with_logits(out))
         x0, p = old.copy(), np.zeros(len(old))  # [L], [L]
         x0[rows], p[rows] = ids, probs
         p[x0 == mask_id] = -np.inf  # the mask token is never written
         m2t, t2t = policy.select(x0, p, act, ~is_mask & ~prompt, old)
         m2t, t2t = m2t & act, t2t & ~is_mask & ~prompt
-        run.canvas[ws:we] = np.where(m2t | t2t, x0, old)
+        new = np.where(m2t | t2t, x0, old)  # [L]
+        if run.guide is not None:
+            new = run.guide.settle(run.canvas, ws, we, new, p, out, rows)
+            t2t &= new != old
+        run.canvas[ws:we] = new
         un, ed = np.flatnonzero(m2t), np.flatnonzero(t2t)
         run.steps += 1
         run.edits += len(ed)
@@ -192,24 +212,28 @@ def _decode_block_indel(run: _Run, policy: LevenshteinPolicy, k: int) -> Iterato
         old = run.canvas[s0:we].copy()  # [B]
         is_mask = (old == mask_id) & ~prompt  # [B]
         rows = np.flatnonzero(~prompt if policy.edits else is_mask)  # [n]
-        out = model.step(old.tolist(), s0, rows.tolist(), want_logits=run.sampler.needs_logits)
+        out = model.step(old.tolist(), s0, rows.tolist(), want_logits=run.want_logits)
         run.forwards += 1
         pred = _Prediction(run, out, rows, old, s0, banned)
         x0, p = pred.top1(allow_edits=policy.indel)  # [B], [B]
+        if run.guide is not None:  # allowed sets never hold DELETE/SPLIT: no shift inside the region
+            x0[rows], p[rows] = run.guide.predict(run.canvas, s0, we, rows, _with_logits(out), x0[rows], p[rows])
+            pred.x1[rows] = x0[rows]  # the anti-loop switch may not leave the allowed set
         d = policy.decide(old, x0, p, pred.x1, pred.scrub)
-        run.canvas[s0:we] = d.ops.block
+        run.canvas[s0:we] = d.ops.block if run.guide is None else \
+            run.guide.settle(run.canvas, s0, we, d.ops.block, p, out, rows)
         after = d.ops.after  # [B]
         un, ed = np.flatnonzero(d.m2t & ~np.isin(d.new, banned)), np.flatnonzero(d.t2t & ~np.isin(d.new, banned))
         run.steps += 1
         run.edits += len(ed)
         run.inserts += len(d.ops.inserted)
         run.deletes += len(d.ops.deleted)
-        yield StepEvent(k, step, s0, tuple(d.ops.block.tolist()),
+        yield StepEvent(k, step, s0, tuple(run.canvas[s0:we].tolist()),
                         tuple(int(after[i]) for i in un if after[i] >= 0),
                         tuple((int(after[i]), int(old[i]), int(d.new[i])) for i in ed if after[i] >= 0),
                         tuple(float(p[i]) for i in (*un, *ed) if after[i] >= 0)
                         + tuple(float(p[b]) for b, _, _ in d.ops.deleted) + tuple(float(p[b]) for b, _ in d.ops.inserted),
-                        run.forwards, run.commits, int((d.ops.block == mask_id).sum()), run.elapsed(),
+                        run.forwards, run.commits, int((run.canvas[s0:we] == mask_id).sum()), run.elapsed(),
                         d.ops.deleted, d.ops.inserted, d.ops.truncated)
         if d.done:
             return
@@ -278,6 +302,12 @@ class _Prediction:
             self.run.forwards += 1
         assert self.out.logits is not None
         return self.out.logits
+
+
+def _with_logits(out: StepOutput) -> StepOutput:
+    if out.logits is None:
+        raise DecodeError("a constrained step needs the logits of its rows", "this model step returned none")
+    return out
 
 
 def _output(canvas: np.ndarray, P: int, upto: int, max_tokens: int, stops: set[int]) -> tuple[list[int], bool]:

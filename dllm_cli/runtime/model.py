@@ -233,6 +233,12 @@ class Model:
         n = self.rt.lib.llama_token_to_piece(self.vocab, int(token), buf, len(buf), 0, True)
         return buf.raw[:max(n, 0)].decode("utf-8", errors="replace")
 
+    def piece_bytes(self, token: int) -> bytes:
+        """One token's raw bytes as text (byte-level BPE undone); control tokens give ``b""``."""
+        from dllm_cli.constrain import runtime_piece_bytes
+
+        return runtime_piece_bytes(self, token)
+
     @cached_property
     def stop_ids(self) -> tuple[int, ...]:
         """EOS plus end-of-turn (``<|role_end|>``) when the vocabulary has one."""

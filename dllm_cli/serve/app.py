@@ -90,6 +90,7 @@ class Exchange:
         self.worker, self.job, self.shape, self.stopping = worker, job, shape, stopping
         self.stream = TextStream(stop, hold_tool_calls=hold_tool_calls)
         self.tally = Tally()
+        self.tally.constrained = getattr(job.spec.constraint, "kind", None)
         self._check_at = 0.0  # loop time of the next client-disconnect check
 
     async def next(self, request: Request | None) -> Item:

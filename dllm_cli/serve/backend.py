@@ -19,6 +19,7 @@ from dllm_cli.serve.errors import bad_request, shutting_down
 from dllm_cli.serve.validate import ContextInfo
 
 PRESET_KNOBS = ("threshold", "editing_threshold", "max_post_steps", "editing", "indel")
+MAX_COMPILED = 32  # compiled constraints kept per model
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class GenerationSpec:
     mode: str | None = None  # None: the server's default mode
     overrides: dict[str, Any] = field(default_factory=dict)  # DecodeConfig fields set by the request
     events: bool = False  # the client wants step views (``step_view``)
+    constraint: Any = None  # a serve.constrain.ConstraintSpec: the answer's format (compiled on the worker)
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class Prepared:
     spec: GenerationSpec
     ids: list[int]
     config: Any = None
+    constraint: Any = None  # decoding.guided.Constraint, None for free text
 
 
 class Backend(Protocol):
@@ -123,6 +126,30 @@ class ModelBackend:
         self.refused = {model.mask_id} | set(model.edit_ids or ())  # decoding's own tokens: never in a prompt
         texts = sorted(model.special_texts, key=len, reverse=True)
         self.specials = re.compile("|".join(map(re.escape, texts))) if texts else None
+        self._vocab: Any = None
+        self._compiled: dict[str, Any] = {}  # regex -> Constraint, the most recent MAX_COMPILED
+
+    def constraint(self, spec: Any) -> Any:
+        """The compiled ``decoding.guided.Constraint`` of a request's ``ConstraintSpec`` (None: free text).
+
+        The vocabulary is read once per model; compiled automata are kept in memory (and on disk, by
+        ``compile_regex``'s cache), so a client repeating its schema pays the compile once.
+        """
+        if spec is None:
+            return None
+        from dllm_cli.constrain import cache_dir, model_vocab
+        from dllm_cli.decoding.automaton import compile_regex
+        from dllm_cli.decoding.guided import Constraint
+
+        got = self._compiled.pop(spec.regex, None)
+        if got is None:
+            if self._vocab is None:
+                self._vocab = model_vocab(self.loaded.model)
+            got = Constraint(spec.kind, spec.regex, compile_regex(spec.regex, self._vocab, cache_dir=cache_dir()))
+        self._compiled[spec.regex] = got
+        while len(self._compiled) > MAX_COMPILED:
+            self._compiled.pop(next(iter(self._compiled)))
+        return got
 
     def prepare(self, spec: GenerationSpec, stopping: Callable[[], bool]) -> Prepared:
         """Decode config, then the prompt's ids, tokenized piece by piece: stops at ``n_ctx`` tokens
@@ -164,12 +191,13 @@ class ModelBackend:
             ids = prompt_ids(model, spec.messages)  # raises the ModelError that says the file has no template
         else:
             ids = model.chat_template.token_ids(spec.messages, tokenize, model.special_texts, True)
-        return Prepared(spec, ids, config)
+        # compiled here, on the preparation thread (the only one that touches the cache), never on the model's
+        return Prepared(spec, ids, config, self.constraint(spec.constraint))
 
     def generate(self, job: Prepared) -> Iterator[Event]:
         from dllm_cli.generate import stream_generate
 
-        events = stream_generate(self.loaded, job.ids, job.config)
+        events = stream_generate(self.loaded, job.ids, job.config, job.constraint)
         try:
             for ev in events:
                 if isinstance(ev, StartEvent):

@@ -82,6 +82,7 @@ class Tally:
     elapsed_s: float = 0.0
     finish: str = "length"
     done: bool = False
+    constrained: str | None = None  # the constraint's kind (json_schema, json_object, tool_call) or None
 
     def update(self, ev: Event) -> None:
         if isinstance(ev, StartEvent):
@@ -109,6 +110,7 @@ class Tally:
                 "total_tokens": self.prompt_tokens + self.completion_tokens,
                 "dllm": {"mode": self.mode, "forwards": self.forwards, "tokens_per_forward": round(tpf, 4),
                          "edits": self.edits, "inserts": self.inserts, "deletes": self.deletes, "steps": self.steps, "reused_prompt_tokens": self.reused,
+                         "constrained": self.constrained,
                          "elapsed_s": round(self.elapsed_s, 4), "tokens_per_second": round(tps, 2)}}
 
 

@@ -9,7 +9,8 @@ from typing import Any
 from dllm_cli.serve.backend import GenerationSpec
 from dllm_cli.serve.completion import Outcome
 from dllm_cli.serve.errors import bad_request
-from dllm_cli.serve.schemas import ChatRequest, CompletionRequest, Message, _Sampling
+from dllm_cli.serve import constrain
+from dllm_cli.serve.schemas import ChatRequest, CompletionRequest, Message, NamedToolChoice, _Sampling
 from dllm_cli.serve.tools import template_messages
 
 MAX_STOPS = 4  # as OpenAI
@@ -54,8 +55,10 @@ def chat_spec(body: ChatRequest) -> GenerationSpec:
     use_tools = bool(body.tools) and body.tool_choice != "none"
     tools = [t.model_dump(exclude_none=True) for t in body.tools or []] if use_tools else None
     max_tokens = body.max_completion_tokens or body.max_tokens
+    choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedToolChoice) else body.tool_choice
     return GenerationSpec(messages=template_messages(messages, tools), mode=body.dllm.mode,
-                          overrides=_overrides(body, max_tokens), events=body.dllm.events)
+                          overrides=_overrides(body, max_tokens), events=body.dllm.events,
+                          constraint=constrain.from_request(body.response_format, tools, choice))
 
 
 def completion_spec(body: CompletionRequest) -> GenerationSpec:
@@ -67,7 +70,7 @@ def completion_spec(body: CompletionRequest) -> GenerationSpec:
     if body.echo:
         raise bad_request("echo is not supported", "echo")
     return GenerationSpec(prompt=prompt, mode=body.dllm.mode, overrides=_overrides(body, body.max_tokens),
-                          events=body.dllm.events)
+                          events=body.dllm.events, constraint=constrain.from_request(body.response_format))
 
 
 @dataclass

@@ -88,6 +88,7 @@ class _Sampling(_Body):
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     dllm: DllmOptions = DllmOptions()  # pydantic copies defaults per instance
+    response_format: Optional[dict[str, Any]] = None  # text | json_object | json_schema (serve/constrain.py)
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
