@@ -31,7 +31,7 @@ class GenerationSpec:
     mode: str | None = None  # None: the server's default mode
     overrides: dict[str, Any] = field(default_factory=dict)  # DecodeConfig fields set by the request
     events: bool = False  # the client wants step views (``step_view``)
-    constraint: Any = None  # a serve.constrain.ConstraintSpec: the answer's format (compiled on the worker)
+    constraint: Any = None  # a serve.constrain.ConstraintSpec: the answer's format (compiled by prepare)
 
 
 @dataclass(frozen=True)
