@@ -20,7 +20,7 @@ from typing import Any, Iterator
 from ggml_patch import build as B
 from ggml_patch import cpu_features
 from dllm_cli.errors import RuntimeMissingError
-from dllm_cli.runtime import aborts
+from dllm_cli.runtime import aborts, bindings
 
 _FIX = "run `dllm runtime build`"
 _lock = threading.Lock()
@@ -40,8 +40,6 @@ class Runtime:
 
     def info(self) -> dict[str, Any]:
         """Library path, backend, marker, llama.cpp commit, build flags and the ggml devices."""
-        from dllm_cli.runtime import bindings
-
         return {
             "library": str(self.path / "lib"), "backend": self.backend, "patchset": self.key,
             "version": bindings.version(self), "llama_cpp_commit": self.build.get("llama_cpp_commit"),
