@@ -443,6 +443,10 @@ def run_benchmark(models: Sequence[str | Path], config: BenchConfig | None = Non
     say = progress or (lambda _msg: None)
     info = machine_info()
     quiet_llama_log()
+    from dllm_cli.runtime import threads as T
+    from dllm_cli.runtime.library import load
+
+    info["threads"] = T.describe(load().wait)  # the default thread count and the barrier wait of this runtime
     if machine is None:
         say("probing matmul throughput and memory bandwidth")
         machine = probe_machine()
@@ -450,7 +454,7 @@ def run_benchmark(models: Sequence[str | Path], config: BenchConfig | None = Non
     results: list[dict[str, Any]] = []
     for path in models:
         for threads in cfg.threads:
-            say(f"loading {Path(path).name} ({threads or 'all'} threads)")
+            say(f"loading {Path(path).name} ({threads or T.default_threads()} threads)")
             b = Bench(Path(path), cfg, threads, _prefixed(say, Path(path).name))
             try:
                 results += b.run(machine)

@@ -71,6 +71,10 @@ def table(doc: dict[str, Any], markdown: bool = False) -> str:
         m = doc.get("machine", {})
         out.append(f"\nmachine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, load {m.get('load_avg', '?')}; "
                    f"matmul {m.get('matmul_gflops', '?')} GFLOP/s, copy {m.get('bandwidth_gbs', '?')} GB/s")
+        t = m.get("threads")
+        if isinstance(t, dict):
+            out.append(f"threads: {t.get('default_threads', '?')} by default ({t.get('physical_cores', '?')} physical "
+                       f"cores, {t.get('logical_cpus', '?')} logical CPUs); thread wait {t.get('wait', '?')}")
     return "\n".join(out)
 
 
