@@ -163,3 +163,29 @@ def test_synthetic_real_shapes_without_writing():
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["moe_intermediate_size"]) == (4096, 32, 1024)
     with pytest.raises(UsageError):
         synthetic_config("llada2-huge")
+
+
+def test_step_and_ar_rows_carry_the_roofline_against_measured_limits(bench_doc):
+    """Issue 28: bytes per layer, achieved GB/s and GFLOP/s as fractions of the probed limits, for the step (with
+    its measured expert union) and the AR token; the text report prints them with the limits."""
+    doc, _ = bench_doc
+    m = doc["machine"]
+    assert m["read_gbs"] > 0 and m["triad_gbs"] > 0 and "threads" in m["read_probe"]
+    assert isinstance(m["threads"]["default_threads"], int) and m["threads"]["wait"]
+    rows = {r["test"]: r for r in doc["results"]}
+    for test, union_range in (("step@64", (2, 8)), ("ar", (2, 2))):
+        r = rows[test]
+        rf, moe = r["roofline"], r["moe_layer"]
+        t = r["step_s"]["mean"]
+        assert rf["achieved_gbs"] == pytest.approx(rf["gbytes"] / t, rel=0.02)
+        assert rf["achieved_gflops"] == pytest.approx(rf["gflop"] / t, rel=0.02)
+        assert rf["pct_of_bandwidth"] == pytest.approx(100 * rf["achieved_gbs"] / m["read_gbs"], rel=0.02)
+        assert rf["pct_of_matmul_peak"] == pytest.approx(100 * rf["achieved_gflops"] / m["matmul_gflops"], rel=0.02)
+        assert rf["mbytes_per_layer"] == pytest.approx(1e3 * rf["gbytes"] / 3, rel=0.02)
+        assert union_range[0] <= moe["experts"] <= union_range[1]  # top-2 of 8: one token uses exactly 2
+        assert moe["floor_ms"] == pytest.approx(moe["mbytes"] / m["read_gbs"], rel=0.02)
+    assert rows["step@64"]["roofline"]["gbytes"] > rows["ar"]["roofline"]["gbytes"]  # more experts, 32 KV rows
+    text = report.table(doc)
+    assert "% read BW" in text and f"read {m['read_gbs']} GB/s" in text
+    assert sum(1 for line in text.splitlines() if line.startswith("| ") and "GB/s" not in line
+               and ("step@64" in line or "| ar " in line)) >= 4  # main table + roofline table rows

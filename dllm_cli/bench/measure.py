@@ -19,7 +19,7 @@ import numpy as np
 
 from dllm_cli.bench.baselines import PAPER_TPF, ar_decode, recompute_step
 from dllm_cli.bench.experts import ExpertProbe
-from dllm_cli.bench.roofline import Shapes, forward_cost, roofline_pct
+from dllm_cli.bench.roofline import Shapes, forward_cost, memory_limit_gbs, roofline_pct
 from dllm_cli.decoding import engine
 from dllm_cli.decoding.events import BlockEvent, DoneEvent
 from dllm_cli.generate import decode_config
@@ -251,10 +251,36 @@ class Bench:
         window = ids + block
         rc_s = self._repeat(lambda: recompute_step(s, window, B))
         ratio = statistics.mean(rc_s) / statistics.mean(kv_s)
-        cost = forward_cost(self.shapes, B, prefix, B, self.shapes.experts)
+        union = self._step_union(ids, block) if self.cfg.experts else float(self.shapes.experts)
+        cost = forward_cost(self.shapes, B, prefix, B, union)
         return [self.row(f"step@{prefix}", kv_s, B, step_s=stats(kv_s), recompute_ratio=round(ratio, 2),
-                         flops_per_step=cost.flops),
+                         flops_per_step=cost.flops, moe_layer=self._moe_floor(union),
+                         roofline=roofline_pct(cost, statistics.mean(kv_s), self.machine, self.shapes.layers)),
                 self.row(f"recompute@{prefix}", rc_s, B, step_s=stats(rc_s))]
+
+    def _step_union(self, prefix_ids: list[int], block: list[int]) -> float:
+        """Distinct routed experts per MoE layer (mean over layers) of the timed step, read from llama.cpp on a
+        separate instrumented context (the timed one carries no callback)."""
+        probe = ExpertProbe(self.model.rt)
+        sess = Session(self.model, self.opts, eval_callback=probe.callback)
+        try:
+            if prefix_ids:
+                sess.commit(prefix_ids, 0)
+            probe.clear()
+            sess.step(block, len(prefix_ids), range(self.B))
+            sizes = probe.union_sizes()
+        finally:
+            sess.close()
+        return float(np.mean(list(sizes.values()))) if sizes else 0.0
+
+    def _moe_floor(self, union: float) -> dict[str, Any] | None:
+        """One MoE layer's routed-expert bytes for ``union`` experts and the time the read bandwidth allows."""
+        sh = self.shapes
+        if sh.layers <= sh.dense_layers or not sh.experts:
+            return None
+        nbytes = sh.expert_bytes_per_layer * min(union, sh.experts) / sh.experts
+        return {"experts": round(union, 2), "mbytes": round(nbytes / 1e6, 2),
+                "floor_ms": round(1e3 * nbytes / (memory_limit_gbs(self.machine) * 1e9), 3)}
 
     # --- autoregressive decoding of the same weights -------------------------------------------------
     def ar(self, n_prompt: int) -> dict[str, Any]:
@@ -270,7 +296,8 @@ class Bench:
         lat = [t / n for t in times]
         cost = forward_cost(self.shapes, 1, n_prompt + n / 2, 1, self.shapes.experts_used)
         return self.row("ar", times, n, step_s=stats(lat), tpf=1.0, n_prompt=n_prompt,
-                        roofline=roofline_pct(cost, statistics.mean(lat), self.machine))
+                        moe_layer=self._moe_floor(self.shapes.experts_used),
+                        roofline=roofline_pct(cost, statistics.mean(lat), self.machine, self.shapes.layers))
 
     # --- diffusion generation ---------------------------------------------------------------------------
     def generation(self, mode: str, prompts: list[tuple[str, list[int]]]) -> dict[str, Any]:
@@ -388,7 +415,7 @@ class Bench:
         union = (row.get("experts") or {}).get("mean", self.shapes.experts)
         prefix = statistics.mean(row["prompt_tokens"]) + self.cfg.max_tokens / 2
         cost = forward_cost(self.shapes, self.B, prefix, row.get("rows_per_step") or self.B, union)
-        row["roofline"] = roofline_pct(cost, step, self.machine)
+        row["roofline"] = roofline_pct(cost, step, self.machine, self.shapes.layers)
         if ar_row is None:
             return
         ar_tps = ar_row["tps"]
@@ -443,6 +470,10 @@ def run_benchmark(models: Sequence[str | Path], config: BenchConfig | None = Non
     say = progress or (lambda _msg: None)
     info = machine_info()
     quiet_llama_log()
+    from dllm_cli.runtime import threads as T
+    from dllm_cli.runtime.library import load
+
+    info["threads"] = T.describe(load().wait)  # the default thread count and the barrier wait of this runtime
     if machine is None:
         say("probing matmul throughput and memory bandwidth")
         machine = probe_machine()
@@ -450,7 +481,7 @@ def run_benchmark(models: Sequence[str | Path], config: BenchConfig | None = Non
     results: list[dict[str, Any]] = []
     for path in models:
         for threads in cfg.threads:
-            say(f"loading {Path(path).name} ({threads or 'all'} threads)")
+            say(f"loading {Path(path).name} ({threads or T.default_threads()} threads)")
             b = Bench(Path(path), cfg, threads, _prefixed(say, Path(path).name))
             try:
                 results += b.run(machine)

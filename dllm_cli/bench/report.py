@@ -65,13 +65,51 @@ def table(doc: dict[str, Any], markdown: bool = False) -> str:
 
     sep = "| " + " | ".join(("-" * (w[i] - 1) + ":") if i in right else "-" * w[i] for i in range(len(w))) + " |"
     out = [line(rows[0]), sep] + [line(r) for r in rows[1:]]
+    roof = roofline_table(doc)
+    if roof:
+        out += ["", roof]
     if doc.get("quality"):
         out += ["", quality_table(doc["quality"])]
     if not markdown:
         m = doc.get("machine", {})
         out.append(f"\nmachine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, load {m.get('load_avg', '?')}; "
                    f"matmul {m.get('matmul_gflops', '?')} GFLOP/s, copy {m.get('bandwidth_gbs', '?')} GB/s")
+        t = m.get("threads")
+        if isinstance(t, dict):
+            out.append(f"threads: {t.get('default_threads', '?')} by default ({t.get('physical_cores', '?')} physical "
+                       f"cores, {t.get('logical_cpus', '?')} logical CPUs); thread wait {t.get('wait', '?')}")
     return "\n".join(out)
+
+
+ROOF_COLUMNS = ("model", "threads", "test", "ms", "MB/layer", "GB/s", "% read BW", "GFLOP", "GFLOP/s",
+                "% matmul peak", "bound", "MoE layer: experts, MB, floor ms")
+
+
+def roofline_table(doc: dict[str, Any]) -> str:
+    """The roofline of every step, AR and generation row: bytes read per layer, achieved GB/s and GFLOP/s, each
+    as a % of the machine limit the bench measured (read bandwidth, matmul peak); empty when no row has one."""
+    m = doc.get("machine", {})
+    body = []
+    for r in doc["results"]:
+        rf = r.get("roofline") or {}
+        if rf.get("achieved_gbs") is None:
+            continue
+        moe = r.get("moe_layer") or {}
+        ms = 1e3 * ((r.get("step_s") or {}).get("mean") or 0.0)
+        body.append([re.sub(r"\s+", " ", str(r["model"])), str(r["threads"]), r["test"], f"{ms:.1f}",
+                     _fmt(rf.get("mbytes_per_layer"), ".1f"), _fmt(rf["achieved_gbs"]), _fmt(rf["pct_of_bandwidth"], ".1f"),
+                     _fmt(rf["gflop"], ".2f"), _fmt(rf["achieved_gflops"], ".1f"), _fmt(rf["pct_of_matmul_peak"], ".1f"),
+                     str(rf.get("bound", "")),
+                     f"{moe['experts']:.1f}, {moe['mbytes']:.1f}, {moe['floor_ms']:.2f}" if moe else ""])
+    if not body:
+        return ""
+    head = list(ROOF_COLUMNS)
+    w = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
+    lines = ["| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(x)) + " |" for x in [head] + body]
+    limits = (f"limits measured by the bench: read {m.get('read_gbs', m.get('bandwidth_gbs', '?'))} GB/s "
+              f"({m.get('read_probe', 'copy probe')}), matmul {m.get('matmul_gflops', '?')} GFLOP/s "
+              f"({m.get('matmul_probe', '?')})")
+    return "\n".join(lines[:1] + ["| " + " | ".join("-" * n for n in w) + " |"] + lines[1:] + [limits])
 
 
 def quality_table(rows: list[dict[str, Any]]) -> str:

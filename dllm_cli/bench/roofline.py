@@ -2,8 +2,9 @@
 
 Costs count the matmuls (2 FLOPs per multiply-add), attention over the cached prefix, and the bytes of every
 weight a forward must read: all dense tensors, the output head, and for each MoE layer only the experts in
-the measured union (bytes from the file's actual tensor types). Peaks come from two probes: a numpy/BLAS
-f32 matmul (all cores) and a large array copy (read + write bytes).
+the measured union (bytes from the file's actual tensor types). Peaks come from probes: a numpy/BLAS
+f32 matmul (all cores), a large array copy (read + write bytes), and STREAM-style read and triad passes on the
+runtime's threads; the read bandwidth is the memory limit (weights are streamed, not written).
 """
 from __future__ import annotations
 
@@ -96,8 +97,54 @@ def forward_cost(s: Shapes, n_tokens: int, n_prefix: float, n_rows: float, union
     return Cost(float(flops), float(weights + kv + n * s.embd_row_bytes))
 
 
+def _read_gbs(threads: int, mib: int) -> float:
+    """STREAM-style read bandwidth in GB/s: ``threads`` threads each scan their own slice of one byte array with
+    ``count_nonzero`` (a SIMD scan that is bound by memory, not by arithmetic as a float sum is); best of several
+    passes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    a = np.ones(mib * (1 << 20), np.uint8)
+    parts = np.array_split(a, threads)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(np.count_nonzero, parts))
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            list(pool.map(np.count_nonzero, parts))
+            best = min(best, time.perf_counter() - t0)
+    return a.nbytes / best / 1e9
+
+
+def _triad_gbs(threads: int, mib: int) -> float:
+    """STREAM triad ``a = b + s * c`` in GB/s (2 reads + 1 write counted; numpy needs two passes over ``a`` for it,
+    so this is a lower bound); ``threads`` threads on their own slices, best of several passes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = mib * (1 << 20) // 8 // 3
+    a, b, c = np.empty(n), np.ones(n), np.ones(n)
+    sl = [slice(int(i * n / threads), int((i + 1) * n / threads)) for i in range(threads)]
+
+    def triad(k: slice) -> None:
+        np.multiply(c[k], 3.0, out=a[k])
+        np.add(a[k], b[k], out=a[k])
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(triad, sl))
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            list(pool.map(triad, sl))
+            best = min(best, time.perf_counter() - t0)
+    return 3 * a.nbytes / best / 1e9
+
+
 def probe_machine(threads: int | None = None, size: int = 2048, copy_mib: int = 512) -> dict[str, float | str]:
-    """Measured peaks: f32 matmul GFLOP/s (numpy BLAS) and copy bandwidth GB/s (best of several runs)."""
+    """Measured peaks: f32 matmul GFLOP/s (numpy BLAS), copy bandwidth GB/s (read + write), and the STREAM-style
+    read and triad bandwidths on ``threads`` threads (default: the runtime's default thread count). The read
+    bandwidth is the roofline's memory limit: a forward streams its weights, it does not write them."""
+    from dllm_cli.runtime.threads import default_threads
+
+    nthreads = threads or default_threads()
     rng = np.random.default_rng(0)
     a = rng.standard_normal((size, size), dtype=np.float32)
     b = rng.standard_normal((size, size), dtype=np.float32)
@@ -119,12 +166,32 @@ def probe_machine(threads: int | None = None, size: int = 2048, copy_mib: int = 
         bestc = min(bestc, time.perf_counter() - t0)
     del src, dst
     return {"matmul_gflops": round(gflops, 2), "bandwidth_gbs": round(2 * n * 8 / bestc / 1e9, 2),
-            "matmul_probe": f"numpy f32 {size}x{size} matmul", "copy_probe": f"{copy_mib} MiB copy (read+write)"}
+            "read_gbs": round(_read_gbs(nthreads, copy_mib), 2), "triad_gbs": round(_triad_gbs(nthreads, copy_mib), 2),
+            "matmul_probe": f"numpy f32 {size}x{size} matmul", "copy_probe": f"{copy_mib} MiB copy (read+write)",
+            "read_probe": f"{copy_mib} MiB scanned by {nthreads} threads (STREAM-style read)"}
 
 
-def roofline_pct(cost: Cost, measured_s: float, machine: Mapping[str, Any]) -> dict[str, float | str | None]:
-    """What the roofline allows for ``cost`` and how close the measured time gets (100% = at the limit)."""
-    t = cost.seconds(machine["matmul_gflops"] * 1e9, machine["bandwidth_gbs"] * 1e9)
-    bound = "memory" if cost.bytes / (machine["bandwidth_gbs"] * 1e9) >= cost.flops / (machine["matmul_gflops"] * 1e9) else "compute"
+def memory_limit_gbs(machine: Mapping[str, Any]) -> float:
+    """The bandwidth a forward's weight stream is held to: the read probe (older documents: the copy probe)."""
+    return float(machine.get("read_gbs") or machine["bandwidth_gbs"])
+
+
+def roofline_pct(cost: Cost, measured_s: float, machine: Mapping[str, Any],
+                 layers: int = 0) -> dict[str, float | str | None]:
+    """What the roofline allows for ``cost`` and how close the measured time gets (100% = at the limit), with the
+    achieved rates: bytes and FLOPs per second, each as a fraction (%) of the measured machine limit (read
+    bandwidth, matmul peak), and bytes read per layer when ``layers`` is given."""
+    bw = memory_limit_gbs(machine) * 1e9
+    peak = machine["matmul_gflops"] * 1e9
+    t = cost.seconds(peak, bw)
+    bound = "memory" if cost.bytes / bw >= cost.flops / peak else "compute"
+    ok = measured_s > 0
+    gbs = cost.bytes / measured_s / 1e9 if ok else None
+    gfl = cost.flops / measured_s / 1e9 if ok else None
     return {"gflop": round(cost.flops / 1e9, 3), "gbytes": round(cost.bytes / 1e9, 4), "roofline_s": round(t, 5),
-            "bound": bound, "pct_of_roofline": round(100 * t / measured_s, 1) if measured_s > 0 else None}
+            "bound": bound, "pct_of_roofline": round(100 * t / measured_s, 1) if ok else None,
+            "mbytes_per_layer": round(cost.bytes / 1e6 / layers, 2) if layers else None,
+            "achieved_gbs": round(gbs, 2) if gbs is not None else None,
+            "pct_of_bandwidth": round(100 * gbs * 1e9 / bw, 1) if gbs is not None else None,
+            "achieved_gflops": round(gfl, 2) if gfl is not None else None,
+            "pct_of_matmul_peak": round(100 * gfl * 1e9 / peak, 1) if gfl is not None else None}

@@ -129,7 +129,7 @@ def bench_cmd(
     modes: Annotated[str, typer.Option("--modes", help="Decode modes to generate with.", rich_help_panel=BENCH)] = "speed,quality",
     tests: Annotated[str, typer.Option("--tests", help="pp (prefill), step (KV step vs recompute), gen, ar.",
                                        rich_help_panel=BENCH)] = "pp,step,gen,ar",
-    threads: Annotated[Optional[str], typer.Option("--threads", "-t", help="Thread counts, e.g. 1,2 (default: all cores).",
+    threads: Annotated[Optional[str], typer.Option("--threads", "-t", help="Thread counts, e.g. 1,2 (default: one per physical core).",
                                                    rich_help_panel=O.RUNTIME)] = None,
     reps: Annotated[int, typer.Option("--reps", "-r", callback=O.domain("reps"), help="Timed repetitions.", rich_help_panel=BENCH)] = 3,
     warmup: Annotated[int, typer.Option("--warmup", callback=O.domain("warmup"), help="Untimed warm-up runs.", rich_help_panel=BENCH)] = 1,

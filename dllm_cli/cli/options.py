@@ -45,7 +45,8 @@ ModelArg = Annotated[Optional[str], typer.Argument(
 ModeOpt = Annotated[Mode, typer.Option("--mode", "-m", help="Decode preset: speed (more tokens per forward, edits) "
                                        "or quality.", rich_help_panel=DECODE)]
 Threads = Annotated[Optional[int], typer.Option("--threads", "-t", callback=domain("threads"),
-                                                help="CPU threads (default: all cores).", rich_help_panel=RUNTIME)]
+                                                help="CPU threads (default: one per physical core).",
+                                                rich_help_panel=RUNTIME)]
 GpuLayers = Annotated[Optional[int], typer.Option(
     "--n-gpu-layers", "-ngl", callback=domain("n_gpu_layers"),
     help="Layers to offload to the GPU (default: all when the runtime has a GPU).", rich_help_panel=RUNTIME)]

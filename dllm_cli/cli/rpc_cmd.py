@@ -9,6 +9,7 @@ import typer
 from dllm_cli import signals
 from dllm_cli.cli import output
 from dllm_cli.cli.app import app
+from dllm_cli.runtime.threads import default_threads
 
 
 class WorkerBackend(str, Enum):
@@ -24,8 +25,8 @@ def rpc_server(
     port: Annotated[int, typer.Option("--port", "-p", min=1, max=65535, help="TCP port.")] = 50052,
     backend: Annotated[WorkerBackend, typer.Option("--backend", "-b", help="Device to lend: the CPU, or the GPU of "
                                                    "a cuda/metal runtime.")] = WorkerBackend.cpu,
-    threads: Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="CPU threads (default: all "
-                                                   "cores).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="CPU threads (default: one per "
+                                                   "physical core).")] = None,
 ) -> None:
     """Serve this machine's device to `dllm run/chat/bench --rpc HOST:PORT` (ggml's RPC backend).
 
@@ -53,7 +54,7 @@ def rpc_server(
 
     def run() -> None:
         try:
-            rpc.serve(rt, address, port, devices, threads or os.cpu_count() or 1)
+            rpc.serve(rt, address, port, devices, threads or default_threads())
         except BaseException as e:  # handed to the main thread, which reports it
             failure.append(e)
 

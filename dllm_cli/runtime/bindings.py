@@ -7,12 +7,26 @@ from __future__ import annotations
 
 import ctypes
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from dllm_cli.runtime.library import Runtime
+from dllm_cli.errors import RuntimeMissingError
+
+
+class Runtime(Protocol):
+    """What these bindings need of a loaded runtime (``library.Runtime`` has it). A structural type, so that this
+    module does not import ``library``, which imports it: the runtime package has no import cycle."""
+
+    @property
+    def lib(self) -> ModuleType: ...          # the llama_cpp module
+    @property
+    def cdll(self) -> ctypes.CDLL: ...        # the loaded libllama
+    @property
+    def path(self) -> Path: ...               # the runtime directory (``lib/`` holds the libraries)
+
 
 c_ctx = ctypes.c_void_p  # struct llama_context *
 
@@ -43,7 +57,6 @@ def _fn(cdll: ctypes.CDLL, name: str) -> Any:
 def _call(rt: Runtime, name: str, *args: Any) -> Any:
     fn = _fn(rt.cdll, name)
     if fn is None:
-        from dllm_cli.errors import RuntimeMissingError
         raise RuntimeMissingError(f"the loaded libllama has no {name}", "run `dllm runtime build`")
     return fn(*args)
 

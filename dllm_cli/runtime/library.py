@@ -21,7 +21,7 @@ from ggml_patch import backends as BK
 from ggml_patch import build as B
 from ggml_patch import cpu_features
 from dllm_cli.errors import RuntimeMissingError
-from dllm_cli.runtime import aborts
+from dllm_cli.runtime import aborts, bindings, threads
 
 _FIX = "run `dllm runtime build`"
 _lock = threading.Lock()
@@ -38,11 +38,10 @@ class Runtime:
     backend: str             # cpu | cuda | metal | vulkan
     key: str                 # patch-set key, also inside llama_dllm_version()
     build: dict = field(default_factory=dict, repr=False)   # build.json
+    wait: threads.WaitPolicy | None = None  # how ggml's threads wait at barriers (libgomp), fixed at load
 
     def info(self) -> dict[str, Any]:
         """Library path, backend, marker, llama.cpp commit, build flags and the ggml devices."""
-        from dllm_cli.runtime import bindings
-
         return {
             "library": str(self.path / "lib"), "backend": self.backend, "patchset": self.key,
             "version": bindings.version(self), "llama_cpp_commit": self.build.get("llama_cpp_commit"),
@@ -51,7 +50,7 @@ class Runtime:
             "devices": bindings.devices(self), "amx": bool(self.build.get("amx")),
             "cpu_compiled": bindings.compiled_cpu_features(self),
             "cpu_host": sorted(cpu_features.host_features()),
-            "cuda": cuda_info(self.build),
+            "cuda": cuda_info(self.build), "threads": threads.describe(self.wait),
             "vulkan": BK.VULKAN.info(self.build),
         }
 
@@ -162,6 +161,7 @@ def _import(backend: str, key: str, path: Path, explicit: bool = False) -> Runti
         from dllm_cli.cli import output
         output.warn(warning)
     os.environ["LLAMA_CPP_LIB_PATH"] = str(libdir)
+    wait = threads.configure_wait()  # libgomp reads it when libggml-cpu brings it in, just below
     try:
         import llama_cpp  # noqa: F401  (binds every symbol of our libllama now)
     except (OSError, RuntimeError, FileNotFoundError, AttributeError) as e:
@@ -174,7 +174,7 @@ def _import(backend: str, key: str, path: Path, explicit: bool = False) -> Runti
     _quiet_logs(llama_cpp)
     aborts.install(libdir)
     llama_cpp.llama_backend_init()
-    return Runtime(lib=llama_cpp, cdll=cdll, path=path, backend=backend, key=key, build=info)
+    return Runtime(lib=llama_cpp, cdll=cdll, path=path, backend=backend, key=key, build=info, wait=wait)
 
 
 _CUDA_LIBS = ("libcudart.so", "libcublasLt.so", "libcublas.so")  # dependency order

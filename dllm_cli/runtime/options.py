@@ -1,11 +1,11 @@
 """Runtime options shared by ``run``, ``chat`` and ``bench``."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 from dllm_cli.errors import UsageError
+from dllm_cli.runtime.threads import default_threads
 
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type values
 
@@ -49,7 +49,8 @@ class RuntimeOptions:
 
     @property
     def n_threads(self) -> int:
-        return self.threads or max(1, os.cpu_count() or 1)
+        """``threads``, or one per physical core this process may use (``runtime.threads``)."""
+        return self.threads or default_threads()
 
 
 EXACT = RuntimeOptions(kv_type="f32", flash_attn=False)
