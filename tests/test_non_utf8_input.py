@@ -190,3 +190,42 @@ def test_ascii_stdout_end_to_end(env):
         assert r.stdout.strip()
         if "--json" in args:
             json.loads(r.stdout.decode("ascii"))
+
+
+@pytest.mark.parametrize("raw", [b"\xff\xfe", b"\x80x", b" \xfe\xfe ok"])  # readline drops a cut sequence itself
+def test_typed_chat_lines_warn_and_the_chat_goes_on(raw, tmp_path):
+    """On a terminal (readline): the issue's instance, where typing such bytes ended the chat."""
+    runtime_or_skip()
+    import pty
+    import select
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the chat on the pty, its own DLLM_HOME (history)
+        os.environ["DLLM_HOME"] = str(tmp_path)
+        os.execv(os.fsdecode(DLLM), ["dllm", "chat", "--no-live"])
+
+    def read_until(needle: bytes, timeout: float = 60) -> bytes:
+        out, end = b"", time.monotonic() + timeout
+        while needle not in out and time.monotonic() < end:
+            if select.select([fd], [], [], 0.2)[0]:
+                try:
+                    out += os.read(fd, 65536)
+                except OSError:
+                    break
+        return out
+
+    try:
+        read_until(b">>> ")
+        os.write(fd, b"What is 2 + 3?" + raw + b"\r")
+        first = read_until(b">>> ")
+        os.write(fd, b"Sort: 3 1 2\r")
+        second = read_until(b">>> ")
+        os.write(fd, b"\x04")
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    assert WARNING in first and b"internal error" not in first + second
+    assert b"1 2 3" in second  # the chat went on to the next line
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert (tmp_path / "chat_history").read_bytes().count(b"\n") == 2
