@@ -50,6 +50,7 @@ _depth = 0  # nesting of deferred() blocks (main thread only)
 _recorded: list[int] = []  # signals that arrived inside deferred()
 _wakers: list[Callable[[], None]] = []
 _closing = False
+_wakeup_r: int | None = None  # read end of the signal wakeup pipe (``_presses``)
 _woken = threading.Event()  # set when a signal is recorded: ends a nap()
 _ttys: set[int] = set()  # standard fds that were terminals at start
 _held = False  # hold_native() was called
@@ -97,6 +98,24 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     raise Terminated(signum)
 
 
+def _presses() -> int:
+    """Ctrl-Cs delivered since the last call, at least 1. Python runs its handler once for several deliveries
+    that came while the main thread was inside one C call (a forward); its wakeup fd gets a byte per delivery,
+    so two Ctrl-Cs 50 ms apart during a forward still count as two."""
+    global _wakeup_r
+    if _wakeup_r is None:
+        return 1
+    n = 0
+    try:
+        while chunk := os.read(_wakeup_r, 512):
+            n += chunk.count(bytes([signal.SIGINT]))
+    except BlockingIOError:
+        pass
+    except OSError:
+        _wakeup_r = None
+    return max(n, 1)
+
+
 def _int_handler(signum: int, frame: FrameType | None) -> None:
     """Ctrl-C: raise KeyboardInterrupt, like Python's own handler, except inside ``_unraisable`` (resent), inside
     ``deferred()`` (recorded) and while a TERM/HUP or the final exit is being handled (ignored)."""
@@ -104,7 +123,7 @@ def _int_handler(signum: int, frame: FrameType | None) -> None:
     if _in_hook(frame):
         _resend(signum)
         return
-    interrupts += 1
+    interrupts += _presses()
     if received is not None or _closing:
         return
     if _depth:
@@ -155,6 +174,7 @@ def install() -> None:
     try:
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             signal.signal(signal.SIGINT, _int_handler)
+            _count_deliveries()
     except (ValueError, OSError):
         pass
     _previous_hook = sys.unraisablehook
@@ -165,6 +185,21 @@ def install() -> None:
                 _ttys.add(fd)
         except OSError:
             pass
+
+
+def _count_deliveries() -> None:
+    """Point Python's signal wakeup fd at a pipe of ours (``_presses`` reads it), unless someone set one."""
+    global _wakeup_r
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    if previous != -1:  # taken (an event loop): put it back, count handler calls instead
+        signal.set_wakeup_fd(previous)
+        os.close(r)
+        os.close(w)
+        return
+    _wakeup_r = r
 
 
 def _main_thread() -> bool:

@@ -267,6 +267,35 @@ def test_deferred_signals_are_raised_at_the_end_and_term_outranks_ctrl_c():
     assert r.stdout.split("\n")[:2] == ["ran whole True 3", "raised True 143 2"], (r.stdout, r.stderr)
 
 
+def test_two_ctrl_c_during_one_c_call_count_as_two():
+    """Python runs its handler once for deliveries that pile up while the main thread is busy in C (a forward):
+    chat must still see the second Ctrl-C (it ends the chat). SIGINT blocked in the main thread stands in for
+    the C call: the deliveries go to another thread, the handler runs once when it is unblocked."""
+    r = python("""
+        import os, signal, threading, time
+        from dllm_cli import signals
+        signals.install()
+        go = threading.Event()
+        def pelt():
+            go.wait()
+            for _ in range(2):
+                time.sleep(0.05)
+                os.kill(os.getpid(), signal.SIGINT)
+        threading.Thread(target=pelt).start()
+        try:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            go.set()
+            time.sleep(0.3)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            for _ in range(100):
+                time.sleep(0.001)
+            print("none")
+        except KeyboardInterrupt:
+            print("interrupts", signals.interrupts)
+    """)
+    assert r.stdout.strip() == "interrupts 2", (r.stdout, r.stderr)
+
+
 @pytest.fixture(scope="module")
 def slow_model(tmp_path_factory):
     """A random LLaDA2.1 model whose forwards take about 0.1 s on one thread (~390 MB of f32): a second Ctrl-C
