@@ -50,6 +50,12 @@ def explain(message: str) -> str:
             "please report it; DLLM_DEBUG=1 shows more)")
 
 
+def remove_partials() -> None:
+    """Remove every partial file still registered: at exit, one whose writer did not finish (its own cleanup
+    cut short by a second signal). Never raises."""
+    _remove_partials()
+
+
 def _remove_partials() -> None:
     locked = _lock.acquire(timeout=1.0)  # never wait forever inside an abort or a fault
     try:
