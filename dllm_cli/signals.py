@@ -46,6 +46,7 @@ received: int | None = None  # the TERM/HUP being handled, if any
 _swallowed: int | None = None  # the first TERM/HUP, when a ctypes callback swallowed its exception
 interrupts = 0  # Ctrl-C presses so far (chat: a second one while the first is handled ends the session)
 _installed = False
+_owned = False  # install(owns_process=True): the dllm entry point, the process ends with dllm
 _previous_hook: Any = None
 _depth = 0  # nesting of deferred() blocks (main thread only)
 _recorded: list[int] = []  # signals that arrived inside deferred()
@@ -175,9 +176,13 @@ def _unraisable(hook_args: Any) -> None:
     (_previous_hook or sys.__unraisablehook__)(hook_args)
 
 
-def install() -> None:
-    """Handle TERM and HUP like INT (idempotent). Signals the parent set to "ignore" (nohup) stay ignored."""
-    global _installed, _previous_hook, _closing
+def install(*, owns_process: bool = False) -> None:
+    """Handle TERM and HUP like INT (idempotent). Signals the parent set to "ignore" (nohup) stay ignored.
+
+    ``owns_process``: the caller is the ``dllm`` entry point, and the process ends when dllm does, so
+    ``closing()`` may ignore signals at the OS level (never in a process that goes on, such as a test's)."""
+    global _installed, _previous_hook, _closing, _owned
+    _owned = _owned or owns_process
     if _installed:  # again (in-process callers of cli.app.main, tests): re-arm what closing() silenced
         _closing = False
         for sig, handler in list(_silenced.items()):
@@ -288,8 +293,10 @@ def closing() -> None:
     the OS: at interpreter shutdown Python puts the default actions back, and a late SIGTERM would then kill
     the process by the signal instead of letting it exit with its code."""
     global _closing
+    if not _owned:  # an in-process caller (a test): its process lives on, signals stay its own, and its
+        return      # children must not inherit SIG_IGN (install() leaves ignored signals ignored, as for nohup)
     _closing = True
-    if _installed and _main_thread():
+    if _main_thread():
         for s in EXIT_NAMES:
             try:
                 handler = signal.getsignal(s)
