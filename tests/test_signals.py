@@ -320,7 +320,8 @@ class Tmux:
     def __init__(self, command: str, tmp: Path) -> None:
         self.socket = f"dllm-sig-{uuid.uuid4().hex[:8]}"
         self.rc = tmp / f"rc-{self.socket}"
-        script = f"trap : HUP; {command}; echo $? > {shlex.quote(str(self.rc))}; sleep 600"
+        # after the status is written the shell becomes a plain sleep (exec), which the hang-up of close() ends
+        script = f"trap : HUP; {command}; echo $? > {shlex.quote(str(self.rc))}; trap - HUP; exec sleep 600"
         self.tmux("new-session", "-d", "-s", "s", "-x", "120", "-y", "40", script)
 
     def tmux(self, *args: str) -> str:
@@ -467,7 +468,11 @@ def test_rpc_server_ends_cleanly_with_a_client_connected(long_model, tmp_path, s
             log.extend(srv.stderr.read() or b"")
             return text in log
 
-        wait_for(srv, lambda: seen(b"listening on"), "the worker listening")
+        try:
+            wait_for(srv, lambda: seen(b"listening on"), "the worker listening")
+        except BaseException:
+            srv.kill()
+            raise
         trace = tmp_path / f"t{port}.jsonl.part"
         cli = subprocess.Popen([DLLM, "run", long_model, "go", "--rpc", f"127.0.0.1:{port}", "--max-tokens", "3000",
                                 "--mode", "speed", "--trace", str(trace)[:-5]], stdin=subprocess.DEVNULL,
@@ -482,6 +487,8 @@ def test_rpc_server_ends_cleanly_with_a_client_connected(long_model, tmp_path, s
         finally:
             cli.kill()
             cli.communicate()
+            if srv.poll() is None:
+                srv.kill()
         assert srv.returncode == code, (log + rest)[-800:]
         assert (log + rest).decode().strip().splitlines()[-1] == word
 
