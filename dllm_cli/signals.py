@@ -43,13 +43,17 @@ _HANDLED = tuple(s for s in EXIT_NAMES if s != signal.SIGINT)  # Python already 
 
 RESEND_S = 0.05
 received: int | None = None  # the TERM/HUP being handled, if any
+_swallowed: int | None = None  # the first TERM/HUP, when a ctypes callback swallowed its exception
 interrupts = 0  # Ctrl-C presses so far (chat: a second one while the first is handled ends the session)
 _installed = False
+_owned = False  # install(owns_process=True): the dllm entry point, the process ends with dllm
 _previous_hook: Any = None
 _depth = 0  # nesting of deferred() blocks (main thread only)
 _recorded: list[int] = []  # signals that arrived inside deferred()
 _wakers: list[Callable[[], None]] = []
 _closing = False
+_silenced: dict[int, Any] = {}  # handlers closing() replaced with SIG_IGN
+_wakeup_r: int | None = None  # read end of the signal wakeup pipe (``_drain``)
 _woken = threading.Event()  # set when a signal is recorded: ends a nap()
 _ttys: set[int] = set()  # standard fds that were terminals at start
 _held = False  # hold_native() was called
@@ -83,13 +87,31 @@ def _record(signum: int) -> None:
             pass
 
 
-def _handler(signum: int, frame: FrameType | None) -> None:
+def _drain() -> list[int]:
+    """The signals delivered since the last call, in delivery order, from Python's wakeup fd (a byte per
+    delivery; ``_count_deliveries``). Python runs the handlers of signals that arrived during one C call (a
+    forward) once each and in signal-number order (HUP before INT before TERM), so only these bytes tell how
+    many came and which came first."""
+    global _wakeup_r
+    if _wakeup_r is None:
+        return []
+    new: list[int] = []
+    try:
+        while chunk := os.read(_wakeup_r, 512):
+            new.extend(chunk)
+    except BlockingIOError:
+        pass
+    except OSError:
+        _wakeup_r = None
+    return new
+
+
+def _terminate(signum: int) -> None:
+    """A TERM/HUP: the first one decides (raised, or recorded inside ``deferred()``); later ones are ignored."""
     global received
-    if _in_hook(frame):
-        _resend(signum)  # not inside the hook: it would be swallowed again
-        return
     if received is not None or _closing:
         return  # the first TERM/HUP decides; its cleanup (or the exit) is under way: let it finish
+    signum = _swallowed or signum  # one a ctypes callback swallowed came first (``_unraisable``)
     if _depth:
         _record(signum)
         return
@@ -97,14 +119,27 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     raise Terminated(signum)
 
 
+def _handler(signum: int, frame: FrameType | None) -> None:
+    if _in_hook(frame):
+        _resend(signum)  # not inside the hook: it would be swallowed again
+        return
+    _terminate(next((s for s in _drain() if s in _HANDLED), signum))
+
+
 def _int_handler(signum: int, frame: FrameType | None) -> None:
     """Ctrl-C: raise KeyboardInterrupt, like Python's own handler, except inside ``_unraisable`` (resent), inside
-    ``deferred()`` (recorded) and while a TERM/HUP or the final exit is being handled (ignored)."""
+    ``deferred()`` (recorded) and while a TERM/HUP or the final exit is being handled (ignored). A TERM/HUP
+    delivered together with it (the same C call) outranks it."""
     global interrupts
     if _in_hook(frame):
         _resend(signum)
         return
-    interrupts += 1
+    new = _drain()
+    interrupts += max(new.count(signal.SIGINT), 1)
+    term = next((s for s in new if s in _HANDLED), None)
+    if term is not None:
+        _terminate(term)
+        return
     if received is not None or _closing:
         return
     if _depth:
@@ -127,12 +162,13 @@ def _unraisable(hook_args: Any) -> None:
     """An interrupt raised inside a ctypes callback was swallowed: deliver it again once the callback is done
     (each later callback during the same C call may swallow it again; the C call still returns, and then it
     is raised in ordinary Python code)."""
-    global received, interrupts
+    global received, interrupts, _swallowed
     exc = hook_args.exc_value
     if isinstance(exc, KeyboardInterrupt):
         signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
         if isinstance(exc, Terminated):
             received = None  # not delivered yet
+            _swallowed = _swallowed or signum  # but it came first: a TERM/HUP meanwhile does not overtake it
         else:
             interrupts -= 1  # counted again when it is resent
         _resend(signum)
@@ -140,10 +176,22 @@ def _unraisable(hook_args: Any) -> None:
     (_previous_hook or sys.__unraisablehook__)(hook_args)
 
 
-def install() -> None:
-    """Handle TERM and HUP like INT (idempotent). Signals the parent set to "ignore" (nohup) stay ignored."""
-    global _installed, _previous_hook
-    if _installed:
+def install(*, owns_process: bool = False) -> None:
+    """Handle TERM and HUP like INT (idempotent). Signals the parent set to "ignore" (nohup) stay ignored.
+
+    ``owns_process``: the caller is the ``dllm`` entry point, and the process ends when dllm does, so
+    ``closing()`` may ignore signals at the OS level (never in a process that goes on, such as a test's)."""
+    global _installed, _previous_hook, _closing, _owned
+    _owned = _owned or owns_process
+    if _installed:  # again (in-process callers of cli.app.main, tests): re-arm what closing() silenced
+        _closing = False
+        for sig, handler in list(_silenced.items()):
+            try:
+                if signal.getsignal(sig) == signal.SIG_IGN:
+                    signal.signal(sig, handler)
+            except (ValueError, OSError):
+                pass
+        _silenced.clear()
         return
     _installed = True
     for s in _HANDLED:
@@ -155,6 +203,7 @@ def install() -> None:
     try:
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             signal.signal(signal.SIGINT, _int_handler)
+            _count_deliveries()
     except (ValueError, OSError):
         pass
     _previous_hook = sys.unraisablehook
@@ -165,6 +214,21 @@ def install() -> None:
                 _ttys.add(fd)
         except OSError:
             pass
+
+
+def _count_deliveries() -> None:
+    """Point Python's signal wakeup fd at a pipe of ours (``_drain`` reads it), unless someone set one."""
+    global _wakeup_r
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    if previous != -1:  # taken (an event loop): put it back, count handler calls instead
+        signal.set_wakeup_fd(previous)
+        os.close(r)
+        os.close(w)
+        return
+    _wakeup_r = r
 
 
 def _main_thread() -> bool:
@@ -225,9 +289,22 @@ def nap(seconds: float) -> None:
 
 
 def closing() -> None:
-    """The process is exiting: from now on signals are ignored (the exit code is already decided)."""
+    """The process is exiting: from now on signals are ignored (the exit code is already decided), also by
+    the OS: at interpreter shutdown Python puts the default actions back, and a late SIGTERM would then kill
+    the process by the signal instead of letting it exit with its code."""
     global _closing
+    if not _owned:  # an in-process caller (a test): its process lives on, signals stay its own, and its
+        return      # children must not inherit SIG_IGN (install() leaves ignored signals ignored, as for nohup)
     _closing = True
+    if _main_thread():
+        for s in EXIT_NAMES:
+            try:
+                handler = signal.getsignal(s)
+                if handler in (_handler, _int_handler):
+                    signal.signal(s, signal.SIG_IGN)
+                    _silenced[s] = handler
+            except (ValueError, OSError):
+                pass
 
 
 class NativeThread(threading.Thread):

@@ -76,6 +76,7 @@ def _exit(code: int) -> NoReturn:
     signals.closing()
     if code == 0 and signals.received is not None:
         code = signals.exit_code()
+    aborts.remove_partials()  # a .part whose writer's cleanup a second signal cut short
     try:
         if sys.stdout is not None:
             sys.stdout.flush()

@@ -28,7 +28,7 @@ def _early_exit() -> None:
 
 def main() -> None:
     """Install the signal handlers, then run ``cli.app.main``."""
-    signals.install()
+    signals.install(owns_process=True)
     try:
         from dllm_cli.cli import app
     except KeyboardInterrupt:

@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -50,6 +51,12 @@ def explain(message: str) -> str:
             "please report it; DLLM_DEBUG=1 shows more)")
 
 
+def remove_partials() -> None:
+    """Remove every partial file still registered: at exit, one whose writer did not finish (its own cleanup
+    cut short by a second signal). Never raises."""
+    _remove_partials()
+
+
 def _remove_partials() -> None:
     locked = _lock.acquire(timeout=1.0)  # never wait forever inside an abort or a fault
     try:
@@ -66,8 +73,16 @@ def _remove_partials() -> None:
             _lock.release()
 
 
+_dying = threading.Lock()
+
+
 def _die(line: str) -> None:
-    """Remove the registered partial files, print ``line``, end the process with exit status 1."""
+    """Remove the registered partial files, print ``line``, end the process with exit status 1. Several
+    threads can fault at once (ggml's workers all read the shrunken file): the first one does this, the others
+    wait for the end (a write releases the GIL, and a second line would follow)."""
+    if not _dying.acquire(blocking=False):
+        while True:
+            time.sleep(60)
     _remove_partials()
     try:
         sys.stderr.write(printable(line, lines=False) + "\n")  # the line may echo a file name or ggml text
