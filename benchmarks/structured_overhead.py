@@ -3,8 +3,11 @@
 For each GGUF: read the vocabulary as bytes, compile three JSON Schemas of growing size into token automata
 (cold: an empty cache directory; cached: the same call again), then decode one prompt unconstrained and under
 each schema, interleaved, ``--reps`` times, and report the median seconds per forward and its ratio to the
-unconstrained run. Per forward, because a random-weight model takes a different path under a constraint; the
-constrained forward includes the logits read-back, the feasibility passes and the sequential commit.
+unconstrained run ("ratio_end_to_end"). Per forward, because a random-weight model takes a different path under a
+constraint; the constrained forward includes the logits read-back, the feasibility passes and the sequential
+commit. On a shared machine that ratio is noisy, so the parts are also measured on their own: one 32-row step
+without and with the logits read back, interleaved, and the host time spent in the constraint per forward
+("ratio_isolated" = (step + read-back + constraint host time) / step).
 
 Usage: python benchmarks/structured_overhead.py GGUF [GGUF ...] [--reps 3] [--max-tokens 64] [--mode quality]
 """
@@ -66,12 +69,49 @@ def compile_times(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return out, built
 
 
-def per_forward(loaded: Any, ids: list[int], config: Any, constraint: Any) -> tuple[float, int, str]:
+GUIDE_S = [0.0]  # seconds spent in Guide.predict / Guide.settle (the constraint's host work)
+
+
+def _timed(fn: Any) -> Any:
+    def wrapper(*a: Any, **kw: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            GUIDE_S[0] += time.perf_counter() - t0
+    return wrapper
+
+
+def per_forward(loaded: Any, ids: list[int], config: Any, constraint: Any) -> tuple[float, float, int, str]:
+    """(seconds per forward, constraint host seconds per forward, forwards, text) of one decode."""
     from dllm_cli.generate import generate
 
     loaded.session.reset()
+    GUIDE_S[0] = 0.0
     done = generate(loaded, ids, config, constraint)
-    return done.elapsed_s / max(done.forwards, 1), done.forwards, done.text
+    n = max(done.forwards, 1)
+    return done.elapsed_s / n, GUIDE_S[0] / n, done.forwards, done.text
+
+
+def step_cost(loaded: Any, ids: list[int], reps: int) -> dict[str, float]:
+    """Median ms of one 32-row step without and with the logits read back (interleaved)."""
+    s = loaded.session
+    s.reset()
+    B = s.block_length
+    keep = len(ids) // B * B
+    if keep:
+        s.commit(ids[:keep], 0)
+    block = (ids[keep:] + [s.mask_id] * B)[:B]
+    rows = list(range(len(ids) - keep, B))
+    plain, logits = [], []
+    for _ in range(reps):
+        for want, out in ((False, plain), (True, logits)):
+            t0 = time.perf_counter()
+            s.step(block, keep, rows, want_logits=want)
+            out.append(time.perf_counter() - t0)
+    s.reset()
+    return {"step_ms": round(1e3 * statistics.median(plain), 2),
+            "step_with_logits_ms": round(1e3 * statistics.median(logits), 2), "rows": len(rows)}
 
 
 def main() -> None:
@@ -87,6 +127,10 @@ def main() -> None:
 
     report: dict[str, Any] = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                               "load_avg_start": os.getloadavg()[0], "models": {}}
+    from dllm_cli.decoding.guided import Guide
+
+    Guide.predict = _timed(Guide.predict)  # type: ignore[method-assign]
+    Guide.settle = _timed(Guide.settle)  # type: ignore[method-assign]
     for path in args.gguf:
         loaded = load(path, RuntimeOptions(ctx_size=1024, n_threads=args.threads) if args.threads
                       else RuntimeOptions(ctx_size=1024))
@@ -94,17 +138,26 @@ def main() -> None:
             comp, built = compile_times(loaded.model)
             ids = loaded.model.tokenize("Write the record as JSON, please.", special=False)
             config = decode_config(loaded.model, args.mode, max_tokens=args.max_tokens)
+            cost = step_cost(loaded, ids, 2 * args.reps + 1)
             runs: dict[str, list[float]] = {k: [] for k in ["none", *SCHEMAS]}
+            host: dict[str, list[float]] = {k: [] for k in runs}
             texts: dict[str, str] = {}
             for _ in range(args.reps):
                 for name in runs:
-                    s, n, text = per_forward(loaded, ids, config, built.get(name))
+                    s, g, n, text = per_forward(loaded, ids, config, built.get(name))
                     runs[name].append(s)
+                    host[name].append(g)
                     texts[name] = text
             base = statistics.median(runs["none"])
-            steps = {k: {"ms_per_forward": round(1e3 * statistics.median(v), 2),
-                         "all_ms": [round(1e3 * x, 1) for x in v],
-                         "ratio": round(statistics.median(v) / base, 3)} for k, v in runs.items()}
+            read = cost["step_with_logits_ms"] - cost["step_ms"]
+            steps: dict[str, Any] = {"isolated": cost}
+            for k, v in runs.items():
+                g_ms = 1e3 * statistics.median(host[k])
+                steps[k] = {"ms_per_forward": round(1e3 * statistics.median(v), 2),
+                            "all_ms": [round(1e3 * x, 1) for x in v], "ratio_end_to_end": round(statistics.median(v) / base, 3),
+                            "constraint_host_ms_per_forward": round(g_ms, 2)}
+                if k != "none":
+                    steps[k]["ratio_isolated"] = round((cost["step_ms"] + read + g_ms) / cost["step_ms"], 3)
             for name, schema in SCHEMAS.items():
                 try:
                     json.loads(texts[name])
