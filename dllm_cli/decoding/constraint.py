@@ -119,6 +119,13 @@ class Checker:
             return np.zeros((0, self.delta.shape[1]), dtype=bool)
         return np.stack([self.allowed_classes(F[i], G[i + 1]) for i in idx.tolist()])  # [k, C]
 
+    def allowed_at(self, start: np.ndarray, cells: np.ndarray, i: int) -> np.ndarray:
+        """Allowed token classes ``[n_classes]`` at cell ``i`` alone: one forward pass up to it, one backward pass
+        after it (half the work of both full passes)."""
+        F_i = self.forward(start, cells[:i])[-1]  # [S]
+        G_next = self.backward(cells[i + 1:])[0]  # [S + 1]
+        return self.allowed_classes(F_i, G_next)
+
     def allowed_rows(self, start: np.ndarray, cells: np.ndarray, idx: np.ndarray) -> np.ndarray:
         """Allowed-token masks ``[len(idx), n_vocab]`` bool for the cells ``idx`` of the canvas ``cells``."""
         return self.allowed_class_rows(start, cells, idx)[:, self.a.token_class]  # [k, V]
