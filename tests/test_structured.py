@@ -251,3 +251,25 @@ def test_confidence_is_renormalised_over_the_allowed_set() -> None:
         want = int(np.argmax(lg))
         e = np.exp(lg - lg[want])
         assert got == want and p == pytest.approx(1.0 / e.sum(), rel=1e-4), trial
+
+
+@pytest.mark.parametrize("first", [0, 1])
+def test_conflicting_picks_are_committed_in_confidence_order(first: int) -> None:
+    """Each pick is allowed alone ('a' fits both cells of ab|ba) but not together: the more confident one is
+    written, the other re-picked against the updated canvas; without the re-check the block would read 'aa'."""
+    from dllm_cli.decoding.automaton import vocab_from_pieces
+    from dllm_cli.decoding.guided import Guide
+    from dllm_cli.decoding.sampling import make_sampler
+    from dllm_cli.decoding.stepper import top2_from_logits
+
+    pieces: list[bytes | None] = [b"a", b"b", None, None]  # 2: END, 3: MASK
+    c = Constraint("regex", "ab|ba", compile_regex("ab|ba", vocab_from_pieces(pieces, (2,))))
+    g = Guide(c, mask_id=3, P=0, max_tokens=2, sampler=make_sampler(), rng=np.random.default_rng(0))
+    canvas = np.array([3, 3])
+    logits = np.array([[2.0, 0.0, -5.0, -9.0], [2.0, 0.0, -5.0, -9.0]])  # both rows prefer 'a'
+    out = top2_from_logits(logits, 3, want_logits=True)
+    ids, p = g.predict(canvas, 0, 2, np.array([0, 1]), out)
+    assert ids.tolist() == [0, 0]  # 'a' is allowed at each cell alone
+    p = np.array([0.9, 0.5]) if first == 0 else np.array([0.5, 0.9])
+    new = g.settle(canvas, 0, 2, np.array([0, 0]), p, out, np.array([0, 1]))
+    assert new.tolist() == ([0, 1] if first == 0 else [1, 0]) and g.rechecks == 1

@@ -150,20 +150,14 @@ def _build(regex: str, vocab: Vocab) -> Automaton:
     return Automaton(delta, cls, dense[int(index.get_initial_state())], accepting)
 
 
-def successors(a: Automaton) -> np.ndarray:
-    """``adj[s, t]``: some token leads from state s to state t. ``[n_states, n_states]`` bool."""
-    adj = np.zeros((a.n_states, a.n_states), dtype=bool)
-    src, col = np.nonzero(a.delta >= 0)
-    adj[src, a.delta[src, col]] = True
-    return adj
-
-
 def _live(a: Automaton) -> np.ndarray:
     """States from which an accepting state is reachable (zero or more tokens). ``[n_states]`` bool."""
-    adj = successors(a)
+    src, col = np.nonzero(a.delta >= 0)
+    dst = a.delta[src, col]
     live = a.accepting.copy()
     while True:
-        grown = live | adj[:, live].any(axis=1)
+        grown = live.copy()
+        grown[src[live[dst]]] = True
         if (grown == live).all():
             return live
         live = grown

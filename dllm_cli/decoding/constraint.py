@@ -18,15 +18,15 @@ so they are allowed only where the automaton accepts, and only masks (to become 
 This is the check vLLM lacked when it answered ``response_format`` for its diffusion model with HTTP 500
 (vllm-project/vllm #45436, where refusing was the proposed fix).
 
-State sets are boolean vectors over the automaton's states and tokens are grouped into classes (``automaton``),
-so one pass costs O(cells × states × classes) numpy work, independent of the 157k vocabulary; only the final
-allowed-token mask of a row is expanded to ``[n_vocab]``.
+State sets are boolean vectors over the automaton's states, tokens are grouped into classes (``automaton``) and
+transitions are kept as edge lists, so a pass costs O(cells × transitions) numpy work, independent of the 157k
+vocabulary; allowed sets are per class, expanded to token ids only where a pick needs them (``pick``).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from dllm_cli.decoding.automaton import Automaton, successors
+from dllm_cli.decoding.automaton import Automaton
 
 
 class Checker:
@@ -37,10 +37,16 @@ class Checker:
         self.mask_id = int(mask_id)
         S = a.n_states
         self.delta = np.where(a.delta >= 0, a.delta, S).astype(np.int64)  # [S, C]: -1 -> the dead state S
-        self.adj = successors(a)  # [S, S]
+        # transitions as edge lists: O(edges) per cell instead of O(states^2) for a mask
+        self.t_src, self.t_cls = np.nonzero(a.delta >= 0)  # [E]
+        self.t_dst = a.delta[self.t_src, self.t_cls].astype(np.int64)  # [E]
+        pairs = np.unique(self.t_src * S + self.t_dst)  # distinct (state, successor) pairs
+        self.e_src, self.e_dst = pairs // S, pairs % S  # [E']
+        self.n_classes = int(a.delta.shape[1])
         live = a.accepting.copy()
         while True:
-            grown = live | self.adj[:, live].any(axis=1)
+            grown = live.copy()
+            grown[self.e_src[live[self.e_dst]]] = True
             if (grown == live).all():
                 break
             live = grown
@@ -71,7 +77,7 @@ class Checker:
         F[0] = start
         for i, t in enumerate(cells.tolist()):
             if t == self.mask_id:
-                F[i + 1] = self.adj[F[i]].any(axis=0)
+                F[i + 1, self.e_dst[F[i][self.e_src]]] = True
             else:
                 nxt = self.delta[F[i], self.a.token_class[t]]  # [k]
                 F[i + 1, nxt[nxt < S]] = True
@@ -85,7 +91,7 @@ class Checker:
         for i in range(len(cells) - 1, -1, -1):
             t = int(cells[i])
             if t == self.mask_id:
-                G[i, :S] = self.adj[:, G[i + 1, :S]].any(axis=1)
+                G[i, self.e_src[G[i + 1][self.e_dst]]] = True
             else:
                 G[i, :S] = G[i + 1][self.delta[:, self.a.token_class[t]]]
         return G
@@ -102,7 +108,9 @@ class Checker:
 
     def allowed_classes(self, F_i: np.ndarray, G_next: np.ndarray) -> np.ndarray:
         """Token classes allowed at a cell with forward set ``F_i`` [S] and backward set ``G_next`` [S+1]: [C]."""
-        return G_next[self.delta[F_i]].any(axis=0)  # [k, C] -> [C]
+        out = np.zeros(self.n_classes, dtype=bool)
+        out[self.t_cls[F_i[self.t_src] & G_next[self.t_dst]]] = True
+        return out
 
     def allowed_class_rows(self, start: np.ndarray, cells: np.ndarray, idx: np.ndarray) -> np.ndarray:
         """Allowed token classes ``[len(idx), n_classes]`` bool for the cells ``idx`` of the canvas ``cells``."""
@@ -110,6 +118,13 @@ class Checker:
         if not len(idx):
             return np.zeros((0, self.delta.shape[1]), dtype=bool)
         return np.stack([self.allowed_classes(F[i], G[i + 1]) for i in idx.tolist()])  # [k, C]
+
+    def allowed_at(self, start: np.ndarray, cells: np.ndarray, i: int) -> np.ndarray:
+        """Allowed token classes ``[n_classes]`` at cell ``i`` alone: one forward pass up to it, one backward pass
+        after it (half the work of both full passes)."""
+        F_i = self.forward(start, cells[:i])[-1]  # [S]
+        G_next = self.backward(cells[i + 1:])[0]  # [S + 1]
+        return self.allowed_classes(F_i, G_next)
 
     def allowed_rows(self, start: np.ndarray, cells: np.ndarray, idx: np.ndarray) -> np.ndarray:
         """Allowed-token masks ``[len(idx), n_vocab]`` bool for the cells ``idx`` of the canvas ``cells``."""

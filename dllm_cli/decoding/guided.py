@@ -128,7 +128,7 @@ class Guide:
             return new.copy()
         where = {int(r): j for j, r in enumerate(rows.tolist())}
         for i in changed[np.argsort(-p[changed], kind="stable")].tolist():
-            allowed = self.checker.allowed_class_rows(start, cur[lo:hi], np.array([i - lo]))  # [1, C]
+            allowed = self.checker.allowed_at(start, cur[lo:hi], i - lo)[None, :]  # [1, C]
             if allowed[0, self.index.token_class[int(new[i])]]:
                 cur[i] = new[i]
                 continue

@@ -1,7 +1,8 @@
 """JSON Schema -> regular expression, through outlines-core, refusing what it would silently get wrong.
 
 outlines-core's ``build_regex_from_schema`` ignores keywords it does not know (``minimum``, ``multipleOf``,
-``uniqueItems``, ``not`` inside objects, ...) and turns ``allOf`` into a concatenation, so its regex would accept
+``uniqueItems``, ...), turns ``allOf`` into a concatenation and ``oneOf`` into ``anyOf`` (an answer matching two
+branches would be invalid), so its regex would accept
 JSON the schema rejects. ``schema_regex`` therefore walks the schema first and raises ``UsageError`` naming the
 first keyword outside ``SUPPORTED`` (one line, before any decoding: CLI exit 2, HTTP 400). The only rewrite is
 bounded integers: ``{"type": "integer", "minimum": a, "maximum": b}`` becomes an ``enum`` of the (at most
@@ -21,7 +22,7 @@ MAX_INT_RANGE = 1000  # widest [minimum, maximum] turned into an enum
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
                          "readOnly", "writeOnly", "format_hint"})
 SUPPORTED = frozenset({"type", "properties", "required", "additionalProperties", "items", "prefixItems",
-                       "minItems", "maxItems", "enum", "const", "anyOf", "oneOf", "minLength", "maxLength",
+                       "minItems", "maxItems", "enum", "const", "anyOf", "minLength", "maxLength",
                        "pattern", "format", "$ref", "$defs", "definitions", "minimum", "maximum",
                        "exclusiveMinimum", "exclusiveMaximum", "minDigits", "maxDigits"}) | ANNOTATIONS
 _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
@@ -67,7 +68,7 @@ def check_schema(schema: Any, path: str = "#") -> Any:
             raise UsageError(f"unsupported JSON Schema keyword {key!r} at {path}",
                              "remove it: structured output supports " + ", ".join(sorted(SUPPORTED - ANNOTATIONS)))
     out = {k: v for k, v in schema.items() if k not in ANNOTATIONS}
-    for key in ("anyOf", "oneOf", "prefixItems"):
+    for key in ("anyOf", "prefixItems"):
         if key in out:
             if not isinstance(out[key], list) or not out[key]:
                 raise UsageError(f"{key} at {path} must be a non-empty list", "an empty one forbids every value")
