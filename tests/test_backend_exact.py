@@ -1,7 +1,8 @@
 """A GPU backend against the numpy reference and the CPU runtime, every layer offloaded (issue 27).
 
-Written once for any backend: ``DLLM_TEST_BACKEND`` names it (default ``vulkan``, which CI runs on Mesa's
-software lavapipe; ``make gpu-check BACKEND=cuda`` runs the same file on a lent NVIDIA GPU). Each backend runs in a
+Written once for any backend: ``DLLM_TEST_BACKEND`` names it (``make vulkan-test`` runs it on Mesa's software
+lavapipe, ``make gpu-check BACKEND=cuda`` on a lent NVIDIA GPU); without it the module skips with the reason, since
+a cold lavapipe run does not fit the suite's time yet (docs/PERFORMANCE.md, "Vulkan on lavapipe"). Each backend runs in a
 child process (``backend_worker.py``: llama-cpp-python binds one library per process), all jobs in one go so that
 the device starts once; the CPU runtime runs the same jobs in another child.
 
@@ -39,12 +40,17 @@ B = 32
 TOL = 1e-4        # max abs logit error vs the float64 reference (f32 weights, f32 KV, FA off)
 FA_TOL = 1e-4     # the same with flash attention on
 QUANT_TOL = 1e-2  # quantized files: max abs logit difference to the CPU runtime on the same file
-WORKER_TIMEOUT = 3600  # a cold lavapipe compiles every pipeline first (minutes); warm, seconds
+# a cold lavapipe compiles every pipeline first (tens of minutes on 2 busy cores); warm, seconds
+WORKER_TIMEOUT = float(os.environ.get("DLLM_TEST_WORKER_TIMEOUT", "5400"))
 
 
 def _why_not() -> str | None:
-    """Why ``BACKEND`` cannot run here (no build, no device), or None."""
+    """Why ``BACKEND`` cannot run here (not asked for, no build, no device), or None."""
     from dllm_cli.errors import RuntimeMissingError
+
+    if "DLLM_TEST_BACKEND" not in os.environ:
+        return ("set DLLM_TEST_BACKEND=vulkan|cuda to run these (make vulkan-test, make gpu-check): on lavapipe the "
+                "first run compiles pipelines for over an hour on 2 busy cores (docs/PERFORMANCE.md)")
     from dllm_cli.runtime.library import check
 
     try:

@@ -143,10 +143,11 @@ def _probe_tag() -> str:
 
 @lru_cache(maxsize=1)
 def devices() -> tuple[dict[str, Any], ...]:
-    """The Vulkan devices of this machine (``vulkan_devices.probe``), remembered in ``$DLLM_HOME/vulkan-devices``
-    per driver selection, ICD set and boot, so that ``auto`` does not start a probe process at every load."""
-    from ggml_patch.build import home
-    cache = home() / "vulkan-devices" / f"{_probe_tag()}.json"
+    """The Vulkan devices of this machine (``vulkan_devices.probe``), remembered beside the built runtimes
+    (``<runtime root>/.vulkan-devices/``: machine state, like the builds) per driver selection, ICD set and boot, so
+    that ``auto`` does not start a probe process at every load."""
+    from ggml_patch.build import runtime_root
+    cache = runtime_root() / ".vulkan-devices" / f"{_probe_tag()}.json"
     try:
         return tuple(json.loads(cache.read_text()))
     except (OSError, ValueError):
