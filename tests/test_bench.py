@@ -117,7 +117,7 @@ def test_compare_and_formats(bench_doc, tmp_path):
     assert all(r["tps_delta_pct"] == pytest.approx(-50.0, abs=0.1) for r in rows)
     text = CliRunner().invoke(app, ["bench", "--compare", str(a), "--compare", str(b)])
     assert text.exit_code == 0 and "gen/speed" in text.stdout
-    md = report.table(doc, markdown=True).splitlines()
+    md = report.table(doc, markdown=True).split("\n\n")[0].splitlines()  # the main table; the roofline follows
     assert md[0].startswith("| model") and len(md) == 2 + len(doc["results"])
     csv_lines = report.to_csv(doc).splitlines()
     assert len(csv_lines) == 1 + len(doc["results"]) and "experts.mean" in csv_lines[0]

@@ -19,7 +19,7 @@ import numpy as np
 
 from dllm_cli.bench.baselines import PAPER_TPF, ar_decode, recompute_step
 from dllm_cli.bench.experts import ExpertProbe
-from dllm_cli.bench.roofline import Shapes, forward_cost, memory_limit_gbs, roofline_pct
+from dllm_cli.bench.roofline import Shapes, forward_cost, memory_limit_gbs, roofline_pct, sig
 from dllm_cli.decoding import engine
 from dllm_cli.decoding.events import BlockEvent, DoneEvent
 from dllm_cli.generate import decode_config
@@ -279,8 +279,8 @@ class Bench:
         if sh.layers <= sh.dense_layers or not sh.experts:
             return None
         nbytes = sh.expert_bytes_per_layer * min(union, sh.experts) / sh.experts
-        return {"experts": round(union, 2), "mbytes": round(nbytes / 1e6, 2),
-                "floor_ms": round(1e3 * nbytes / (memory_limit_gbs(self.machine) * 1e9), 3)}
+        return {"experts": round(union, 2), "mbytes": sig(nbytes / 1e6),
+                "floor_ms": sig(1e3 * nbytes / (memory_limit_gbs(self.machine) * 1e9))}
 
     # --- autoregressive decoding of the same weights -------------------------------------------------
     def ar(self, n_prompt: int) -> dict[str, Any]:

@@ -97,10 +97,10 @@ def roofline_table(doc: dict[str, Any]) -> str:
         moe = r.get("moe_layer") or {}
         ms = 1e3 * ((r.get("step_s") or {}).get("mean") or 0.0)
         body.append([re.sub(r"\s+", " ", str(r["model"])), str(r["threads"]), r["test"], f"{ms:.1f}",
-                     _fmt(rf.get("mbytes_per_layer"), ".1f"), _fmt(rf["achieved_gbs"]), _fmt(rf["pct_of_bandwidth"], ".1f"),
-                     _fmt(rf["gflop"], ".2f"), _fmt(rf["achieved_gflops"], ".1f"), _fmt(rf["pct_of_matmul_peak"], ".1f"),
+                     _fmt(rf.get("mbytes_per_layer"), ".4g"), _fmt(rf["achieved_gbs"], ".3g"), _fmt(rf["pct_of_bandwidth"], ".3g"),
+                     _fmt(rf["gflop"], ".3g"), _fmt(rf["achieved_gflops"], ".3g"), _fmt(rf["pct_of_matmul_peak"], ".3g"),
                      str(rf.get("bound", "")),
-                     f"{moe['experts']:.1f}, {moe['mbytes']:.1f}, {moe['floor_ms']:.2f}" if moe else ""])
+                     f"{moe['experts']:.1f}, {moe['mbytes']:.4g}, {moe['floor_ms']:.3g}" if moe else ""])
     if not body:
         return ""
     head = list(ROOF_COLUMNS)

@@ -176,6 +176,11 @@ def memory_limit_gbs(machine: Mapping[str, Any]) -> float:
     return float(machine.get("read_gbs") or machine["bandwidth_gbs"])
 
 
+def sig(x: float, digits: int = 4) -> float:
+    """``x`` to ``digits`` significant digits (bench figures span tiny test models to 100B ones)."""
+    return float(f"{x:.{digits}g}")
+
+
 def roofline_pct(cost: Cost, measured_s: float, machine: Mapping[str, Any],
                  layers: int = 0) -> dict[str, float | str | None]:
     """What the roofline allows for ``cost`` and how close the measured time gets (100% = at the limit), with the
@@ -188,10 +193,10 @@ def roofline_pct(cost: Cost, measured_s: float, machine: Mapping[str, Any],
     ok = measured_s > 0
     gbs = cost.bytes / measured_s / 1e9 if ok else None
     gfl = cost.flops / measured_s / 1e9 if ok else None
-    return {"gflop": round(cost.flops / 1e9, 3), "gbytes": round(cost.bytes / 1e9, 4), "roofline_s": round(t, 5),
+    return {"gflop": sig(cost.flops / 1e9), "gbytes": sig(cost.bytes / 1e9), "roofline_s": sig(t),
             "bound": bound, "pct_of_roofline": round(100 * t / measured_s, 1) if ok else None,
-            "mbytes_per_layer": round(cost.bytes / 1e6 / layers, 2) if layers else None,
-            "achieved_gbs": round(gbs, 2) if gbs is not None else None,
-            "pct_of_bandwidth": round(100 * gbs * 1e9 / bw, 1) if gbs is not None else None,
-            "achieved_gflops": round(gfl, 2) if gfl is not None else None,
-            "pct_of_matmul_peak": round(100 * gfl * 1e9 / peak, 1) if gfl is not None else None}
+            "mbytes_per_layer": sig(cost.bytes / 1e6 / layers) if layers else None,
+            "achieved_gbs": sig(gbs) if gbs is not None else None,
+            "pct_of_bandwidth": sig(100 * gbs * 1e9 / bw) if gbs is not None else None,
+            "achieved_gflops": sig(gfl) if gfl is not None else None,
+            "pct_of_matmul_peak": sig(100 * gfl * 1e9 / peak) if gfl is not None else None}
