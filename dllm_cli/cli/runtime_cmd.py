@@ -105,10 +105,11 @@ def runtime_info(
     output.answer(f"{'amx kernels':17} {'on (unsafe, --amx)' if info['amx'] else 'off'}")
     output.answer(f"{'cpu compiled':17} {' '.join(info['cpu_compiled'])}")
     output.answer(f"{'cpu host':17} {' '.join(info['cpu_host'])}")
-    t = info["threads"]
-    output.answer(f"{'threads':17} {t['default_threads']} by default (--threads N overrides): {t['physical_cores']} "
-                  f"physical cores of {t['logical_cpus']} logical CPUs usable")
-    output.answer(f"{'thread wait':17} {t['wait']}")
+    t = info.get("threads")
+    if t:  # absent from the info of a library that cannot say (test doubles, older callers)
+        output.answer(f"{'threads':17} {t['default_threads']} by default (--threads N overrides): "
+                      f"{t['physical_cores']} physical cores of {t['logical_cpus']} logical CPUs usable")
+        output.answer(f"{'thread wait':17} {t['wait']}")
     for line in cuda_lines(info.get("cuda")) + BK.VULKAN.info_lines(info.get("vulkan")):
         output.answer(line)
     for d in info["devices"]:
