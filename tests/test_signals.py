@@ -473,13 +473,17 @@ def test_rpc_server_ends_cleanly_with_a_client_connected(long_model, tmp_path, s
         except BaseException:
             srv.kill()
             raise
-        trace = tmp_path / f"t{port}.jsonl.part"
+        trace = tmp_path / f"t{port}.jsonl"
         cli = subprocess.Popen([DLLM, "run", long_model, "go", "--rpc", f"127.0.0.1:{port}", "--max-tokens", "3000",
-                                "--mode", "speed", "--trace", str(trace)[:-5]], stdin=subprocess.DEVNULL,
+                                "--mode", "speed", "--trace", str(trace)], stdin=subprocess.DEVNULL,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+        def computing() -> bool:  # the trace is written to its writer's own temporary (.NAME.XXXXXXXX.part)
+            parts = list(tmp_path.glob(f".{trace.name}.*.part"))
+            return bool(parts) and parts[0].read_text().count("\n") >= 2
+
         try:  # ggml's own lines are block-buffered here: the client's trace says when the worker computes
-            wait_for(srv, lambda: seen(b"") and trace.exists() and trace.read_text().count("\n") >= 2,
-                     "a client computing")
+            wait_for(srv, lambda: seen(b"") and computing(), "a client computing")
             time.sleep(random.uniform(0.0, 0.5))
             srv.send_signal(sig)
             os.set_blocking(srv.stderr.fileno(), True)
@@ -533,19 +537,37 @@ def test_serve_two_signals_close_together(first, second, code, word):
         assert text.strip().splitlines()[-1] == word
 
 
-def test_a_model_truncated_while_mapped_is_one_line_and_no_part_file(long_model, tmp_path):
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory):
+    """A larger random model (115 MB f32) whose answer to "go" takes about 1.5 s on 2 cores: long enough to
+    truncate its file while the decode runs (the tiny ``long_model`` answers in under 0.1 s)."""
+    from converters import convert
+    from dllm_cli.demo.checkpoint import tiny_config, write_checkpoint
+
+    d = tmp_path_factory.mktemp("sigslow")
+    cfg = tiny_config(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
+                      head_dim=64, intermediate_size=1024, moe_intermediate_size=256, num_experts=16,
+                      num_experts_per_tok=4, n_group=4, topk_group=2)
+    write_checkpoint(d / "ckpt", cfg, seed=7, head_scale=10.0)
+    return str(convert(d / "ckpt", d / "slow.gguf", outtype="f32").path)
+
+
+def test_a_model_truncated_while_mapped_is_one_line_and_no_part_file(slow_model, tmp_path):
     """Truncating the model under a running decode makes the next read of a mapped page fault (SIGBUS): one
     line, exit 1, the --trace .part removed. At random moments of the answer."""
     runtime_or_skip()
     for _ in range(3):
         model = tmp_path / "m.gguf"
-        shutil.copyfile(long_model, model)
+        shutil.copyfile(slow_model, model)
         out = tmp_path / "out"
         out.mkdir(exist_ok=True)
         p = start("run", str(model), "go", "--max-tokens", "3000", "--ctx-size", "4096", "--mode", "speed",
                   "--trace", str(out / "t.jsonl"))
-        part = out / "t.jsonl.part"
-        wait_for(p, lambda: part.exists() and part.read_text().count("\n") >= 2, "decoding started")
+        def started() -> bool:  # the trace's writer has its own temporary (.t.jsonl.XXXXXXXX.part)
+            parts = list(out.glob(".t.jsonl.*.part"))
+            return bool(parts) and parts[0].read_text().count("\n") >= 2
+
+        wait_for(p, started, "decoding started")
         time.sleep(random.uniform(0.0, 0.3))
         os.truncate(model, 4096)
         out_b, err = p.communicate(timeout=120)
