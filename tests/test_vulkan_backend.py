@@ -186,7 +186,10 @@ def test_the_device_probe_reads_this_machines_vulkan_devices(monkeypatch):
         assert lavapipe.VERSION.split("-")[0] in devs[0]["driver_info"], devs[0]
 
 
-def test_the_device_list_is_probed_once_per_driver_set_and_boot(monkeypatch):
+def test_the_device_list_is_probed_once_per_driver_set_and_boot(monkeypatch, tmp_path):
+    import ggml_patch.build as build_module
+
+    monkeypatch.setattr(build_module, "runtime_root", lambda: tmp_path)  # not the machine's remembered list
     calls = []
     monkeypatch.setattr(vulkan_devices, "probe", lambda: calls.append(1) or [RADEON])
     V.devices.cache_clear()
