@@ -31,7 +31,7 @@ class ScriptedBackend:
         self.closed = False
         self.thread: threading.Thread | None = None
 
-    def generate(self, spec: GenerationSpec) -> Iterator[Event]:
+    def generate(self, spec: GenerationSpec, slot: int = 0, cancelled: Any = None) -> Iterator[Event]:
         self.thread = threading.current_thread()
         self.specs.append(spec)
         blocks = self.answer(spec)
@@ -71,8 +71,8 @@ class RunningServer:
     """``dllm serve``'s app over ``open_backend`` on 127.0.0.1, in a thread; ``stop()`` shuts it down."""
 
     def __init__(self, open_backend: Callable[[], Any], *, settings: ServeSettings | None = None,
-                 queue_size: int = 16) -> None:
-        self.worker = Worker(open_backend, queue_size=queue_size)
+                 queue_size: int = 16, parallel: int = 1) -> None:
+        self.worker = Worker(open_backend, queue_size=queue_size, parallel=parallel)
         self.worker.start()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -52,9 +52,10 @@ def make_server(worker: Worker, settings: ServeSettings, host: str, port: int, *
 
 
 def serve(open_backend: Callable[[], Backend], settings: ServeSettings, host: str, port: int, *,
-          queue_size: int, log_level: str = "info", on_ready: Callable[[Worker], None] | None = None) -> None:
+          queue_size: int, parallel: int = 1, log_level: str = "info",
+          on_ready: Callable[[Worker], None] | None = None) -> None:
     """Load the model (errors raise here), then serve until Ctrl-C or SIGTERM."""
-    worker = Worker(open_backend, queue_size=queue_size)
+    worker = Worker(open_backend, queue_size=queue_size, parallel=parallel)
     worker.start()
     try:
         if on_ready is not None:
