@@ -159,4 +159,19 @@ def test_batch_context_refuses_what_llama_cpp_would_abort_on(tiny):
         ctx.rollback(1, Bl)
         out = ctx.decode([Work(1, blk, Bl, False, [3])])[0]
         assert out is not None and out.ids.shape == (1, 2) and len(ctx.cached[1]) == Bl
-        assert ctx.kv_bytes_per_seq > 0
+
+
+
+@needs_runtime
+def test_the_kv_memory_printed_at_start_up_is_what_llama_cpp_allocates(tiny):
+    import re
+
+    from dllm_cli.runtime import library
+    from dllm_cli.runtime.batch import BatchContext
+
+    for n_seq, ctx_size, kv in ((1, 4096, "f32"), (4, 1000, "f32"), (3, 512, "f16")):
+        with library.captured_log() as lines:
+            ctx = BatchContext(tiny, RuntimeOptions(threads=1, ctx_size=ctx_size, kv_type=kv), n_seq=n_seq)
+        with ctx:
+            sizes = [float(m.group(1)) for line in lines if (m := re.search(r"KV buffer size = +([0-9.]+) MiB", line))]
+            assert sizes and abs(sum(sizes) - n_seq * ctx.kv_bytes_per_seq / 2**20) < 0.01, (sizes, n_seq, ctx_size)
