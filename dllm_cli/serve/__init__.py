@@ -1,9 +1,9 @@
 """``dllm serve``: an OpenAI-compatible HTTP server over one loaded model, and a page that draws the diffusion.
 
 Modules: ``schemas`` (request bodies), ``requests`` (bodies -> ``GenerationSpec``, response shapes), ``tools``
-(LLaDA2 function calling), ``completion`` (events -> final text, stop strings, usage), ``worker`` (FIFO queue on
-the model's thread), ``backend`` (the generation function the worker owns; injectable), ``app`` (routes and
-errors), ``server`` (uvicorn), ``static/index.html`` (the live page).
+(LLaDA2 function calling), ``completion`` (events -> final text, stop strings, usage), ``worker`` (``--parallel``
+slots and a FIFO queue; the model's thread pumps the batching scheduler), ``backend`` (the generation function
+the worker owns; injectable), ``app`` (routes and errors), ``server`` (uvicorn), ``static/index.html`` (the live page).
 """
 from __future__ import annotations
 
