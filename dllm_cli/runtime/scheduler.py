@@ -104,7 +104,12 @@ class Scheduler:
         with self.cv:
             if not self.cv.wait_for(self._ready, timeout):
                 return False
-            self._tick()
+            try:
+                self._tick()
+            except BaseException as e:  # never leave a request waiting on a tick that will not come
+                for op in list(self._pending.values()):
+                    self._finish(op, e)
+                raise
             return True
 
     def close(self) -> None:

@@ -134,7 +134,10 @@ class Worker:
                         break
                     active = bool(self._active)
                 if active and pump is not None:
-                    pump(IDLE_S)
+                    try:
+                        pump(IDLE_S)
+                    except Exception:  # its requests got the error; the server goes on
+                        log.exception("a scheduler tick failed")
                 else:
                     self._wake.wait(IDLE_S)
                 self._wake.clear()
