@@ -154,3 +154,52 @@ def test_neighbours_that_would_leak_change_nothing(models):
                                    Work(2, list(reversed(nb)), 2 * B, False, rows, True)])
                 assert outs[0] is not None and outs[0].logits is not None
                 assert np.array_equal(outs[0].logits, want)
+
+
+@pytest.fixture(scope="module")
+def q4km(tmp_path_factory):
+    """A 256-wide tiny MoE LLaDA2 at Q4_K_M (its output head Q6_K, vocab a multiple of 8: repacked on x86)."""
+    from dllm_cli.demo.checkpoint import tiny_config, write_checkpoint
+    from dllm_cli.runtime.quantize import quantize
+
+    d = tmp_path_factory.mktemp("q4km")
+    cfg = tiny_config(hidden_size=256, intermediate_size=512, moe_intermediate_size=256, head_dim=64)
+    vocab = write_checkpoint(d / "probe", cfg)["vocab_size"]
+    write_checkpoint(d / "ckpt", cfg, seed=5, head_scale=2.0, vocab_pad=13 + (-vocab) % 8)
+    f32 = convert(d / "ckpt", d / "m-f32.gguf", outtype="f32").path
+    model = Model(quantize(f32, d / "m-q4_k_m.gguf", "q4_k_m"), EXACT)
+    yield model
+    model.close()
+
+
+def test_quantized_batched_logits_are_bounded_and_greedy_answers_equal(q4km):
+    """Quantized weights are multiplied by ggml's repacked kernels, which take rows four at a time and the rest one
+    at a time: a request's output rows can land in the other kernel when a neighbour adds rows, and sum in
+    another order. The difference stays at float32 rounding (bounded here) and greedy answers are unchanged."""
+    model = q4km
+    B = model.block_length
+    a, blk, other = prompt(model, 2 * B, 21), prompt(model, B, 22), prompt(model, 2 * B, 23)
+    worst = 0.0
+    with Session(model, EXACT, device_confidence=False) as s, \
+            BatchContext(model, EXACT, n_seq=2, device_confidence=False) as ctx:
+        s.commit(a, 0)
+        ctx.decode([Work(0, a, 0, True), Work(1, other, 0, True)])
+        for rows in ([5], list(range(B)), list(range(0, B, 3)), list(range(7))):
+            want = s.step(blk, 2 * B, rows, want_logits=True).logits
+            for rb in ([], [2], list(range(B)), list(range(5))):
+                out = ctx.decode([Work(0, blk, 2 * B, False, rows, True), Work(1, other[:B], 2 * B, False, rb, True)])
+                got = out[0].logits if out[0] is not None else None
+                assert got is not None and np.array_equal(got.argmax(1), want.argmax(1))
+                worst = max(worst, float(np.abs(got - want).max()))
+    assert worst < 1e-4, worst
+    reqs = mixed(model, 4)
+    for r in reqs:
+        r.config = cfg(model, r.config.mode, max_tokens=24)  # greedy
+    with BatchContext(model, EXACT, n_seq=4) as ctx:
+        run_batched(Scheduler(ctx), reqs)
+    with Session(model, EXACT) as s:
+        for r in reqs:
+            assert r.error is None
+            want = [ev for ev in alone(s, r) if isinstance(ev, DoneEvent)][0]
+            done = r.events[-1]
+            assert isinstance(done, DoneEvent) and (done.ids, done.forwards) == (want.ids, want.forwards)
