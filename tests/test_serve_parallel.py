@@ -2,7 +2,7 @@
 
 * Concurrent clients get exactly the answer ``dllm run --json`` gives alone (text, tokens, forwards, edits,
   inserts/deletes) in every mode: LLaDA2.0 threshold, 2.1 speed and quality (the demo model), 2.2 insert/delete,
-  with stop strings and seeded sampling, on the exact path (``--exact``).
+  with stop strings, seeded sampling and tools, on the exact path (``--exact``).
 * A short request arriving while a long one decodes is answered before the long one ends.
 * A client that disconnects frees its slot; the others go on and still get their answers alone.
 * /health reports active and waiting requests and the prefix each slot holds; a conversation goes back to the
@@ -144,6 +144,20 @@ def test_demo_model_8_clients_on_4_slots_get_their_answers_alone(tmp_path):
         stops = concurrently([lambda: complete(srv, chat_prompt(DEMO_CASES[0][0]), stop=["even"])[0],
                               lambda: complete(srv, chat_prompt(DEMO_CASES[4][0]))[0]])
         assert stops == [full[:full.index("even")], refs[4]["text"]]
+        # tool calls: the same answer (content, tool calls, finish reason) alone and among three other requests
+        tool = {"type": "function", "function": {"name": "sort", "parameters": {"type": "object"}}}
+
+        def with_tools():
+            r = srv.client().chat.completions.create(model="m", tools=[tool],
+                                                     messages=[{"role": "user", "content": "Sort: 5 2 9"}])
+            c = r.choices[0]
+            return c.message.content, c.message.tool_calls, c.finish_reason, r.usage.completion_tokens
+
+        alone_tools = with_tools()
+        together = concurrently([with_tools] + [lambda p=p, kw=kw: complete(srv, chat_prompt(p), **kw)
+                                                for p, _, kw in DEMO_CASES[4:7]])
+        assert together[0] == alone_tools
+        assert [t[0] for t in together[1:]] == [r["text"] for r in refs[4:7]]
         health = srv.health()
         assert health["parallel"] == 4 and health["active"] == 0 and health["waiting"] == 0
         prefixes = [s["prefix_tokens"] for s in health["slots"]]
