@@ -14,6 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from dllm_cli import signals  # noqa: E402
 from dllm_cli.serve import ServeSettings  # noqa: E402
 from dllm_cli.serve.connections import ConnectionLimits  # noqa: E402
 from dllm_cli.serve.server import serve  # noqa: E402
@@ -37,5 +38,7 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
+    except signals.Terminated as e:  # SIGTERM / SIGHUP, raised by serve() once the model is closed (as the CLI)
+        sys.exit(128 + e.signum)
     except KeyboardInterrupt:
         sys.exit(130)
