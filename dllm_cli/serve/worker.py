@@ -87,7 +87,8 @@ class Worker:
         self._threads: dict[int, threading.Thread] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._stopping = threading.Event()
+        self._stopping = threading.Event()  # no more submissions or admissions
+        self._closing = False  # preparation has ended: the model's thread may close the backend
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._prep = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllm-prepare")
@@ -112,6 +113,8 @@ class Worker:
         for job in active:
             job.cancel()
         self._prep.shutdown(wait=True, cancel_futures=True)  # the model must outlive any use of its tokenizer
+        with self._lock:
+            self._closing = True
         for job in waiting:
             self._release(job)
             job.post(shutting_down())
@@ -189,7 +192,7 @@ class Worker:
             while True:
                 self._admit(backend)
                 with self._lock:
-                    if self._stopping.is_set() and not self._active:
+                    if self._closing and not self._active:
                         break
                     active = bool(self._active)
                 if active and pump is not None:
