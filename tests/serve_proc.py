@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -24,7 +23,7 @@ from serve_fakes import ScriptedBackend  # noqa: E402
 def main() -> None:
     port = int(sys.argv[1])
     opts = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # as the CLI: uvicorn re-raises it after shutdown
+    signals.install()  # as the CLI: serve() raises the signals uvicorn caught once the model is closed
     if "nofile" in opts:
         resource.setrlimit(resource.RLIMIT_NOFILE, (opts["nofile"], opts["nofile"]))
     backend = ScriptedBackend(lambda spec: ["x "] * opts.get("blocks", 2), delay=opts.get("delay", 0.0),
@@ -38,7 +37,5 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
-    except signals.Terminated as e:  # SIGTERM / SIGHUP, raised by serve() once the model is closed (as the CLI)
-        sys.exit(128 + e.signum)
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(signals.exit_code())
