@@ -51,7 +51,7 @@ class ScriptedBackend:
             time.sleep(0.01)
         return Prepared(spec, [])
 
-    def generate(self, job: Prepared) -> Iterator[Event]:
+    def generate(self, job: Prepared, slot: int = 0, cancelled: Any = None) -> Iterator[Event]:
         spec = job.spec
         self.thread = threading.current_thread()
         self.specs.append(spec)
@@ -92,10 +92,11 @@ class RunningServer:
     """``dllm serve``'s app over ``open_backend`` on 127.0.0.1, in a thread; ``stop()`` shuts it down."""
 
     def __init__(self, open_backend: Callable[[], Any], *, settings: ServeSettings | None = None,
-                 queue_size: int = 16, limits: ConnectionLimits = ConnectionLimits(),
+                 queue_size: int = 16, parallel: int = 1, limits: ConnectionLimits = ConnectionLimits(),
                  request_timeout_s: float | None = None) -> None:
         settings = settings or ServeSettings()
-        self.worker = Worker(open_backend, queue_size=queue_size, request_timeout_s=request_timeout_s)
+        self.worker = Worker(open_backend, queue_size=queue_size, parallel=parallel,
+                             request_timeout_s=request_timeout_s)
         self.worker.start()
         self.sock = bind("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]

@@ -172,8 +172,11 @@ def test_preparation_runs_off_the_models_thread_and_does_not_hold_it():
         for t in threads:
             t.join(30)
         model_thread = server.worker._thread
-        assert backend.thread is model_thread
-        assert backend.prepare_threads and all(t is not model_thread for t in backend.prepare_threads)
+        # generation iterates on a slot thread (the model's thread pumps its decodes); preparation on neither
+        assert backend.thread is not None and backend.thread.name.startswith("dllm-slot-")
+        assert backend.prepare_threads and all(t is not model_thread and t is not backend.thread
+                                               and t.name.startswith("dllm-prepare")
+                                               for t in backend.prepare_threads)
         # b's preparation overlapped a's decoding (0.6 + 1.0 s), not after it (0.6 + 1.0 + 0.6 + 1.0 s)
         assert max(done) < 3.0, done
     finally:

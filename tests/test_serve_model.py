@@ -206,10 +206,10 @@ def test_prepared_prompts_equal_the_librarys_ids():
                      "content": "".join(rng.choice(words) for _ in range(rng.randint(0, 8)))} for i in range(n)]
             msgs[-1]["role"] = "user"
             got = backend.prepare(GenerationSpec(messages=msgs), lambda: False).ids
-            assert got == prompt_ids(backend.loaded.model, msgs), n
+            assert got == prompt_ids(backend.model, msgs), n
             raw = "".join(rng.choice([w for w in words if "mask" not in w]) for _ in range(n * 5)) + "x"
             got = backend.prepare(GenerationSpec(prompt=raw), lambda: False).ids
-            assert got == prompt_ids(backend.loaded.model, [{"role": "user", "content": raw}], raw=True), raw
+            assert got == prompt_ids(backend.model, [{"role": "user", "content": raw}], raw=True), raw
     finally:
         backend.close()
 

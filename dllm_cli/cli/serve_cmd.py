@@ -19,7 +19,10 @@ def serve(
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port to listen on.")] = 8000,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="DLLM_API_KEY", show_default=False,
                                                    help="Require 'Authorization: Bearer KEY' on /v1/*.")] = None,
-    queue_size: Annotated[int, typer.Option("--queue-size", min=1, help="Requests that may wait for the model; "
+    parallel: Annotated[int, typer.Option("--parallel", "-np", min=1, max=64,
+                                          help="Requests decoded at once, batched into one forward per step "
+                                          "(each a slot of --ctx-size tokens with its own KV cache).")] = 4,
+    queue_size: Annotated[int, typer.Option("--queue-size", min=1, help="Requests that may wait for a free slot; "
                                             "more get HTTP 429.")] = 16,
     max_body: Annotated[int, typer.Option("--max-body", min=1024, help="Largest request body in bytes (413 above).")] = 1 << 20,
     request_timeout: Annotated[float, typer.Option(
@@ -47,7 +50,9 @@ def serve(
     mbe: O.Mbe = 0,
     threads: O.Threads = None,
     n_gpu_layers: O.GpuLayers = None,
-    ctx_size: O.CtxSize = 4096,
+    ctx_size: Annotated[int, typer.Option("--ctx-size", "-c", callback=O.domain("ctx_size"),
+                                          help="Context tokens per slot (KV memory grows with --parallel x "
+                                          "--ctx-size; printed at start-up).", rich_help_panel=O.RUNTIME)] = 4096,
     kv_type: O.KvType = None,
     flash_attn: O.FlashAttnOpt = O.FlashAttn.auto,
     exact: O.Exact = False,
@@ -94,6 +99,10 @@ def serve(
         shown = f"[{host.strip('[]')}]" if ":" in host else host
         output.info(escape(f"dllm serve: {worker.model_id} on http://{shown}:{bound}  (OpenAI API at /v1, live "
                            "page at /; Ctrl-C stops)"))
+        per = getattr(worker.backend, "kv_bytes_per_slot", None)
+        if per is not None:
+            output.info(f"{parallel} slot{'s' if parallel > 1 else ''} x {ctx_size} tokens: KV cache "
+                        f"{per / 2**20:.1f} MiB per slot, {parallel * per / 2**20:.1f} MiB in all ({opts.kv_type})")
 
-    run_server(partial(ModelBackend, model, opts, defaults), settings, host, port, queue_size=queue_size,
-               limits=ConnectionLimits(max_connections=max_connections), on_ready=ready)
+    run_server(partial(ModelBackend, model, opts, defaults, parallel), settings, host, port, queue_size=queue_size,
+               parallel=parallel, limits=ConnectionLimits(max_connections=max_connections), on_ready=ready)

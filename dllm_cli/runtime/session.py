@@ -33,6 +33,19 @@ def resolve_flash_attn(opts: RuntimeOptions, backend: str) -> bool | None:
     return False if backend == "cpu" and not opts.rpc else None
 
 
+def widen_rows(rows: list[int], n_tokens: int) -> tuple[list[int], list[int]]:
+    """The output rows to decode for the sorted ``rows``, and where ``rows`` sit among them.
+
+    A lone output row is decoded with a neighbour: ggml multiplies a single row by the output head with its
+    matrix-vector kernel and two or more with its matrix-matrix kernel, which sums in another order (5e-7 apart
+    in f32). With never fewer than two rows a request's logits do not depend on how many rows other requests
+    add to a batched decode (``runtime.batch``), so a batched answer is bit-identical to the answer alone."""
+    if len(rows) != 1 or n_tokens < 2:
+        return rows, list(range(len(rows)))
+    r = rows[0]
+    return ([r, r + 1], [0]) if r + 1 < n_tokens else ([r - 1, r], [1])
+
+
 class Session:
     """One decoding context. ``cached`` are the committed token ids at positions 0..len-1."""
 
@@ -140,14 +153,16 @@ class Session:
                 bindings.set_confidence(self.model.rt, self.ctx, True, self.mask_id, want_logits)
                 self._conf_mode = mode
         self._set_attn_block(self.block_length if attn_block is None else attn_block)
+        drows, pick = widen_rows(srows, len(tokens))
         try:
-            self._decode(tokens, start, srows)
+            self._decode(tokens, start, drows)
             logits = None
             if srows and (want_logits or not use_device):
                 ptr = self.lib.llama_get_logits(self.ctx)
-                logits = np.ctypeslib.as_array(ptr, shape=(len(srows), self.n_vocab)).copy()
+                logits = np.ctypeslib.as_array(ptr, shape=(len(drows), self.n_vocab))[pick].copy()
             if srows and self.device_confidence:
-                ids, probs = bindings.get_confidence(self.model.rt, self.ctx, len(srows))
+                ids, probs = bindings.get_confidence(self.model.rt, self.ctx, len(drows))
+                ids, probs = ids[pick], probs[pick]
             elif srows:
                 assert logits is not None  # read above: without device confidence use_device is False
                 host = top2_from_logits(logits, self.mask_id, dtype=np.float32)

@@ -5,9 +5,9 @@ repeated log lines collapsed), ``guard`` (Host header, API key, body size and ti
 ``validate`` (JSON -> strict typed body, valid Unicode, the server's ceilings, cheap size checks), ``schemas``
 (request bodies), ``requests`` (bodies -> ``GenerationSpec``, response shapes), ``tools`` (LLaDA2 function
 calling), ``completion`` (events -> final text, stop strings, usage), ``worker`` (queue slots, the preparation
-thread, the FIFO queue on the model's thread, the request timeout), ``backend`` (prompt preparation and the
-generation function the worker owns; injectable), ``app`` (routes and errors), ``server`` (uvicorn),
-``static/index.html`` (the live page).
+thread, ``--parallel`` decoding slots fed by a FIFO queue, the model's thread pumping the batching scheduler,
+the request timeout), ``backend`` (prompt preparation and the generation function the worker owns;
+injectable), ``app`` (routes and errors), ``server`` (uvicorn), ``static/index.html`` (the live page).
 """
 from __future__ import annotations
 

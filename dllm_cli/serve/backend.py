@@ -1,16 +1,20 @@
-"""What the worker thread runs: a request's prompt and knobs in, decoding events out.
+"""What the worker runs: a request's prompt and knobs in, decoding events out.
 
-``ModelBackend`` drives one loaded model through the public library (``decode_config``, the chat template,
-``stream_generate``); its session keeps the KV cache of the last request, so a request that extends a cached
-conversation prefills only its new tokens. ``prepare`` (template, tokenizer, decode config) runs on the worker's
-preparation thread, never on the model's, and stops tokenizing as soon as the prompt cannot fit the context.
-Tests inject any object with the ``Backend`` methods (a scripted event stream) instead.
+``ModelBackend`` drives one loaded model with ``--parallel`` slots through the public library (``decode_config``,
+the chat template, the engine) and the batching scheduler (``runtime.scheduler``); each slot keeps the KV cache
+of its last request, so a request that extends a cached conversation prefills only its new tokens. ``prepare``
+(template, tokenizer, decode config, compiled constraint) runs on the worker's preparation thread, never on the
+model's, and stops tokenizing as soon as the prompt cannot fit the context. Tests inject any object with the
+``Backend`` methods (a scripted event stream) instead.
 """
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
+
+import numpy as np
 
 from dllm_cli.decoding.config import with_overrides
 from dllm_cli.decoding.events import Event, StartEvent, StepEvent
@@ -46,14 +50,18 @@ class Prepared:
 
 class Backend(Protocol):
     """The generation function the worker owns. ``prepare`` runs on the preparation thread (it must only read the
-    model: template, tokenizer); every other method on the model's thread."""
+    model: template, tokenizer); ``generate`` on the request's slot thread, ``cancelled`` telling whether the
+    request has ended (client gone, timeout, server stopping); every other method on the model's thread.
+
+    Optional: ``slots`` (how many requests it decodes at once), ``choose_slot(job, free)``, ``pump(timeout)``
+    (one scheduler tick) and ``slot_info()`` (``[{"slot", "prefix_tokens"}]`` for /health)."""
 
     model_id: str
     context: ContextInfo
 
     def prepare(self, spec: GenerationSpec, stopping: Callable[[], bool]) -> Prepared: ...
 
-    def generate(self, job: Prepared) -> Iterator[Event]: ...
+    def generate(self, job: Prepared, slot: int, cancelled: Callable[[], bool]) -> Iterator[Event]: ...
 
     def step_view(self, ev: StepEvent) -> dict[str, Any]: ...
 
@@ -108,26 +116,42 @@ def step_view(ev: StepEvent, prompt_tokens: int, mask_id: int, piece: Any) -> di
 
 
 class ModelBackend:
-    """A model loaded with ``generate.load``; create, use and close it on the worker thread only."""
+    """A model with ``parallel`` slots in one batched context (``runtime.batch``); a request runs on a slot
+    and its ``step``/``commit`` calls are batched with the other slots' by the scheduler the worker pumps.
+    Each slot keeps the KV prefix of its last request, so a request extending a cached conversation goes to
+    that slot (when free) and prefills only its new tokens. ``context.n_ctx`` is per slot."""
 
-    def __init__(self, name: str | None, options: Any, defaults: ServerDefaults) -> None:
-        from dllm_cli.generate import load
+    def __init__(self, name: str | None, options: Any, defaults: ServerDefaults, parallel: int = 1) -> None:
+        from dllm_cli.registry import resolve_model
+        from dllm_cli.runtime.batch import BatchContext
+        from dllm_cli.runtime.model import Model
+        from dllm_cli.runtime.scheduler import Scheduler
 
-        self.loaded = load(name, options)
+        self.model = model = Model(resolve_model(name), options)
+        try:
+            self.ctx = BatchContext(model, options, n_seq=parallel)
+        except BaseException:
+            model.close()
+            raise
+        self.scheduler = Scheduler(self.ctx)
+        self.slots = parallel
         self.defaults = defaults
-        model = self.loaded.model
         self.model_id = model.path.stem
         self._pieces: dict[int, str] = {}
-        self._start: StartEvent | None = None
+        self._local = threading.local()  # the StartEvent of the request on this slot thread
         text_of, vocab = model.rt.lib.llama_vocab_get_text, model.vocab  # bytes >= characters: a safe bound
         longest = max((len(text_of(vocab, t) or b"") for t in range(model.n_vocab)), default=1)
-        self.context = ContextInfo(n_ctx=int(self.loaded.session.n_ctx), block_length=int(model.block_length),
+        self.context = ContextInfo(n_ctx=int(self.ctx.n_ctx), block_length=int(model.block_length),
                                    max_token_chars=max(1, longest))
         self.refused = {model.mask_id} | set(model.edit_ids or ())  # decoding's own tokens: never in a prompt
         texts = sorted(model.special_texts, key=len, reverse=True)
         self.specials = re.compile("|".join(map(re.escape, texts))) if texts else None
         self._vocab: Any = None
         self._compiled: dict[str, Any] = {}  # regex -> Constraint, the most recent MAX_COMPILED
+
+    @property
+    def kv_bytes_per_slot(self) -> int:
+        return self.ctx.kv_bytes_per_seq
 
     def constraint(self, spec: Any) -> Any:
         """The compiled ``decoding.guided.Constraint`` of a request's ``ConstraintSpec`` (None: free text).
@@ -144,7 +168,7 @@ class ModelBackend:
         got = self._compiled.pop(spec.regex, None)
         if got is None:
             if self._vocab is None:
-                self._vocab = model_vocab(self.loaded.model)
+                self._vocab = model_vocab(self.model)
             got = Constraint(spec.kind, spec.regex, compile_regex(spec.regex, self._vocab, cache_dir=cache_dir()))
         self._compiled[spec.regex] = got
         while len(self._compiled) > MAX_COMPILED:
@@ -156,7 +180,7 @@ class ModelBackend:
         (``ContextFullError``) or when ``stopping()`` turns true (503)."""
         from dllm_cli.generate import decode_config, prompt_ids
 
-        model, n_ctx = self.loaded.model, self.context.n_ctx
+        model, n_ctx = self.model, self.context.n_ctx
         mode, overrides = self.defaults.for_request(spec)
         config = decode_config(model, mode, **overrides)
         cap = self.defaults.max_post_steps_cap
@@ -194,34 +218,49 @@ class ModelBackend:
         # compiled here, on the preparation thread (the only one that touches the cache), never on the model's
         return Prepared(spec, ids, config, self.constraint(spec.constraint))
 
-    def generate(self, job: Prepared) -> Iterator[Event]:
-        from dllm_cli.generate import stream_generate
+    def choose_slot(self, job: Prepared, free: list[int]) -> int:
+        """The free slot whose cached prefix shares the most whole blocks with the prompt; else the lowest."""
+        ids, B = job.ids, self.ctx.block_length
 
-        events = stream_generate(self.loaded, job.ids, job.config, job.constraint)
-        try:
-            for ev in events:
+        def shared(slot: int) -> int:
+            cached, n = self.ctx.cached[slot], 0
+            while n < min(len(cached), len(ids)) and cached[n] == ids[n]:
+                n += 1
+            return n // B
+
+        return max(free, key=lambda s: (shared(s), -s))
+
+    def generate(self, job: Prepared, slot: int = 0,
+                 cancelled: Callable[[], bool] = lambda: False) -> Iterator[Event]:
+        from dllm_cli.decoding import engine
+        from dllm_cli.generate import fit_context
+
+        with self.scheduler.attached(slot, cancelled) as model:
+            config = fit_context(model, len(job.ids), job.config)  # type: ignore[arg-type]
+            rng = np.random.default_rng(config.seed)
+            for ev in engine.generate(model, job.ids, config, rng=rng, detokenize=self.model.detokenize,
+                                      constraint=job.constraint):
                 if isinstance(ev, StartEvent):
-                    self._start = ev
+                    self._local.start = ev
                 yield ev
-        finally:
-            events.close()
-            self._repair()
 
-    def _repair(self) -> None:
-        """After a cancelled request: drop the cells a stopped step or commit left behind (as chat does)."""
-        session = self.loaded.session
-        if getattr(session, "ctx", None):
-            session.rollback(len(session.cached))
+    def pump(self, timeout: float) -> bool:
+        return self.scheduler.pump(timeout)
+
+    def slot_info(self) -> list[dict[str, Any]]:
+        return [{"slot": s, "prefix_tokens": len(c)} for s, c in enumerate(self.ctx.cached)]
 
     def piece(self, token: int) -> str:
         text = self._pieces.get(token)
         if text is None:
-            text = self._pieces[token] = self.loaded.model.piece(token)
+            text = self._pieces[token] = self.model.piece(token)
         return text
 
     def step_view(self, ev: StepEvent) -> dict[str, Any]:
-        prompt = self._start.prompt_tokens if self._start else 0
-        return step_view(ev, prompt, self.loaded.model.mask_id, self.piece)
+        start = getattr(self._local, "start", None)
+        return step_view(ev, start.prompt_tokens if start else 0, self.model.mask_id, self.piece)
 
     def close(self) -> None:
-        self.loaded.close()
+        self.scheduler.close()
+        self.ctx.close()
+        self.model.close()

@@ -133,14 +133,16 @@ def server_class(on_started: Callable[[list[socket.socket]], None] | None = None
 
 
 def serve(open_backend: Callable[[], Backend], settings: ServeSettings, host: str, port: int, *,
-          queue_size: int, log_level: str = "info", limits: ConnectionLimits = ConnectionLimits(),
+          queue_size: int, parallel: int = 1, log_level: str = "info",
+          limits: ConnectionLimits = ConnectionLimits(),
           on_ready: Callable[[Worker, int], None] | None = None) -> None:
-    """Bind ``host:port`` (errors raise here, before anything loads), load the model (errors raise here), then
-    serve until Ctrl-C, SIGTERM or SIGHUP, which are raised here (``KeyboardInterrupt`` /
-    ``signals.Terminated``) once the model is closed. ``on_ready(worker, port)`` runs once connections are
+    """Bind ``host:port`` (errors raise here, before anything loads), load the model with ``parallel`` slots
+    (errors raise here), then serve until Ctrl-C, SIGTERM or SIGHUP, which are raised here (``KeyboardInterrupt``
+    / ``signals.Terminated``) once the model is closed. ``on_ready(worker, port)`` runs once connections are
     accepted (``port``: the bound one, also for port 0)."""
     sock = bind(host, port)
-    worker = Worker(open_backend, queue_size=queue_size, request_timeout_s=settings.ceilings.request_timeout_s)
+    worker = Worker(open_backend, queue_size=queue_size, parallel=parallel,
+                    request_timeout_s=settings.ceilings.request_timeout_s)
     server: Any = None
     try:
         worker.start()
