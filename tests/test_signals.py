@@ -132,11 +132,17 @@ def test_checkpoint_to_quant_interrupted_leaves_nothing(slow_checkpoint, tmp_pat
 
 @pytest.fixture(scope="module")
 def long_model(tmp_path_factory):
+    """A random model (115 MB f32) whose speed-mode answer to "go" runs 165 forwards, about 1.5 s on 2 idle cores:
+    long enough for a signal or a truncation to land while it decodes (the 3-layer tiny model answers in under
+    0.1 s since the barrier wait was shortened, issue 28)."""
     from converters import convert
     from dllm_cli.demo.checkpoint import tiny_config, write_checkpoint
 
     d = tmp_path_factory.mktemp("sigrun")
-    write_checkpoint(d / "ckpt", tiny_config(), seed=7, head_scale=10.0)  # this seed runs to max-tokens
+    cfg = tiny_config(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
+                      head_dim=64, intermediate_size=1024, moe_intermediate_size=256, num_experts=16,
+                      num_experts_per_tok=4, n_group=4, topk_group=2)
+    write_checkpoint(d / "ckpt", cfg, seed=7, head_scale=10.0)
     return str(convert(d / "ckpt", d / "long.gguf", outtype="f32").path)
 
 
@@ -537,28 +543,13 @@ def test_serve_two_signals_close_together(first, second, code, word):
         assert text.strip().splitlines()[-1] == word
 
 
-@pytest.fixture(scope="module")
-def slow_model(tmp_path_factory):
-    """A larger random model (115 MB f32) whose answer to "go" takes about 1.5 s on 2 cores: long enough to
-    truncate its file while the decode runs (the tiny ``long_model`` answers in under 0.1 s)."""
-    from converters import convert
-    from dllm_cli.demo.checkpoint import tiny_config, write_checkpoint
-
-    d = tmp_path_factory.mktemp("sigslow")
-    cfg = tiny_config(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
-                      head_dim=64, intermediate_size=1024, moe_intermediate_size=256, num_experts=16,
-                      num_experts_per_tok=4, n_group=4, topk_group=2)
-    write_checkpoint(d / "ckpt", cfg, seed=7, head_scale=10.0)
-    return str(convert(d / "ckpt", d / "slow.gguf", outtype="f32").path)
-
-
-def test_a_model_truncated_while_mapped_is_one_line_and_no_part_file(slow_model, tmp_path):
+def test_a_model_truncated_while_mapped_is_one_line_and_no_part_file(long_model, tmp_path):
     """Truncating the model under a running decode makes the next read of a mapped page fault (SIGBUS): one
     line, exit 1, the --trace .part removed. At random moments of the answer."""
     runtime_or_skip()
     for _ in range(3):
         model = tmp_path / "m.gguf"
-        shutil.copyfile(slow_model, model)
+        shutil.copyfile(long_model, model)
         out = tmp_path / "out"
         out.mkdir(exist_ok=True)
         p = start("run", str(model), "go", "--max-tokens", "3000", "--ctx-size", "4096", "--mode", "speed",
