@@ -26,6 +26,7 @@ from dllm_cli.runtime import bindings
 from dllm_cli.runtime.model import Model
 from dllm_cli.runtime.options import KV_TYPES, RuntimeOptions
 from dllm_cli.runtime.session import _FLASH, resolve_flash_attn, widen_rows
+from dllm_cli import signals
 
 KV_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}  # bytes per cached K or V element
 
@@ -219,10 +220,16 @@ class BatchContext:
 
     # --- lifetime --------------------------------------------------------------------------------
     def close(self) -> None:
-        if getattr(self, "ctx", None):
+        """Free the context once; a signal arriving meanwhile waits until it is freed (``signals.deferred``)."""
+        with signals.deferred():
+            self._release()
+
+    def _release(self) -> None:
+        # the pointer is cleared before the free: an interrupt between the two leaks at exit, never frees twice
+        ctx, self.ctx = getattr(self, "ctx", None), None
+        if ctx:
             self.lib.llama_batch_free(self.batch)
-            self.lib.llama_free(self.ctx)
-            self.ctx = None
+            self.lib.llama_free(ctx)
 
     def __enter__(self) -> "BatchContext":
         return self
@@ -232,6 +239,6 @@ class BatchContext:
 
     def __del__(self) -> None:
         try:
-            self.close()
+            self._release()
         except Exception:
             pass

@@ -21,6 +21,7 @@ from dllm_cli.runtime.deepstack import deep_stack
 from dllm_cli.runtime.library import load as load_runtime
 from dllm_cli.runtime.options import RuntimeOptions
 from dllm_cli.runtime.template import ChatTemplate
+from dllm_cli import signals
 
 _CONTROL_ATTRS = 1 << 0 | 1 << 3  # LLAMA_TOKEN_ATTR_UNKNOWN | LLAMA_TOKEN_ATTR_CONTROL (include/llama.h)
 
@@ -274,9 +275,15 @@ class Model:
 
     # --- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
-        if getattr(self, "ptr", None):
-            self.rt.lib.llama_model_free(self.ptr)
-            self.ptr = None
+        """Free the model once; a signal arriving meanwhile waits until it is freed (``signals.deferred``)."""
+        with signals.deferred():
+            self._release()
+
+    def _release(self) -> None:
+        # the pointer is cleared before the free: an interrupt between the two leaks at exit, never frees twice
+        ptr, self.ptr = getattr(self, "ptr", None), None
+        if ptr:
+            self.rt.lib.llama_model_free(ptr)
 
     def __enter__(self) -> "Model":
         return self
@@ -286,6 +293,6 @@ class Model:
 
     def __del__(self) -> None:  # best effort; explicit close() is preferred
         try:
-            self.close()
+            self._release()
         except Exception:
             pass

@@ -18,6 +18,7 @@ from dllm_cli.errors import ContextFullError, DecodeError, ModelError, UsageErro
 from dllm_cli.runtime import bindings
 from dllm_cli.runtime.model import Model
 from dllm_cli.runtime.options import KV_TYPES, RuntimeOptions
+from dllm_cli import signals
 
 _FLASH = {None: -1, False: 0, True: 1}  # llama_flash_attn_type: auto, disabled, enabled
 
@@ -213,10 +214,16 @@ class Session:
 
     # --- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:
-        if getattr(self, "ctx", None):
+        """Free the context once; a signal arriving meanwhile waits until it is freed (``signals.deferred``)."""
+        with signals.deferred():
+            self._release()
+
+    def _release(self) -> None:
+        # the pointer is cleared before the free: an interrupt between the two leaks at exit, never frees twice
+        ctx, self.ctx = getattr(self, "ctx", None), None
+        if ctx:
             self.lib.llama_batch_free(self.batch)
-            self.lib.llama_free(self.ctx)
-            self.ctx = None
+            self.lib.llama_free(ctx)
 
     def __enter__(self) -> "Session":
         return self
@@ -226,6 +233,6 @@ class Session:
 
     def __del__(self) -> None:
         try:
-            self.close()
+            self._release()
         except Exception:
             pass
