@@ -25,8 +25,7 @@ from dllm_cli.errors import ContextFullError, DecodeError, ModelError
 from dllm_cli.runtime import bindings
 from dllm_cli.runtime.model import Model
 from dllm_cli.runtime.options import KV_TYPES, RuntimeOptions
-from dllm_cli.runtime.session import _FLASH, resolve_flash_attn, widen_rows
-from dllm_cli import signals
+from dllm_cli.runtime.session import _FLASH, OwnedContext, resolve_flash_attn, widen_rows
 
 KV_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}  # bytes per cached K or V element
 
@@ -53,7 +52,7 @@ def kv_bytes(model: Model, n_cells: int, kv_type: str) -> int:
     return int(per_cell * n_cells)
 
 
-class BatchContext:
+class BatchContext(OwnedContext):
     """One llama.cpp context holding ``n_seq`` independent sequences of ``n_ctx`` positions each.
 
     ``cached[s]`` are the committed token ids of sequence ``s``. Not thread-safe: one thread at a time (the
@@ -217,28 +216,3 @@ class BatchContext:
         pos = max(0, min(pos, len(cached)))
         self.lib.llama_memory_seq_rm(self.mem, seq, pos, -1)
         del cached[pos:]
-
-    # --- lifetime --------------------------------------------------------------------------------
-    def close(self) -> None:
-        """Free the context once; a signal arriving meanwhile waits until it is freed (``signals.deferred``)."""
-        with signals.deferred():
-            self._release()
-
-    def _release(self) -> None:
-        # the pointer is cleared before the free: an interrupt between the two leaks at exit, never frees twice
-        ctx, self.ctx = getattr(self, "ctx", None), None
-        if ctx:
-            self.lib.llama_batch_free(self.batch)
-            self.lib.llama_free(ctx)
-
-    def __enter__(self) -> "BatchContext":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self._release()
-        except Exception:
-            pass

@@ -9,7 +9,7 @@ ranges, output-row count).
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Sequence
+from typing import Any, Self, Sequence
 
 import numpy as np
 
@@ -47,7 +47,40 @@ def widen_rows(rows: list[int], n_tokens: int) -> tuple[list[int], list[int]]:
     return ([r, r + 1], [0]) if r + 1 < n_tokens else ([r - 1, r], [1])
 
 
-class Session:
+class OwnedContext:
+    """The lifetime of a llama.cpp context and its batch (``ctx``, ``batch``, ``lib``): freed once by ``close`` or
+    the ``with`` block, best effort by ``__del__``."""
+
+    lib: Any
+    ctx: Any
+    batch: Any
+
+    def close(self) -> None:
+        """Free the context once; a signal arriving meanwhile waits until it is freed (``signals.deferred``)."""
+        with signals.deferred():
+            self._release()
+
+    def _release(self) -> None:
+        # the pointer is cleared before the free: an interrupt between the two leaks at exit, never frees twice
+        ctx, self.ctx = getattr(self, "ctx", None), None
+        if ctx:
+            self.lib.llama_batch_free(self.batch)
+            self.lib.llama_free(ctx)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # no deferred region here: an exception raised in __del__ is swallowed
+        try:
+            self._release()
+        except Exception:
+            pass
+
+
+class Session(OwnedContext):
     """One decoding context. ``cached`` are the committed token ids at positions 0..len-1."""
 
     def __init__(self, model: Model, options: RuntimeOptions | None = None, *, device_confidence: bool = True,
@@ -211,28 +244,3 @@ class Session:
 
     def reset(self) -> None:
         self.rollback(0)
-
-    # --- lifetime ----------------------------------------------------------------------------
-    def close(self) -> None:
-        """Free the context once; a signal arriving meanwhile waits until it is freed (``signals.deferred``)."""
-        with signals.deferred():
-            self._release()
-
-    def _release(self) -> None:
-        # the pointer is cleared before the free: an interrupt between the two leaks at exit, never frees twice
-        ctx, self.ctx = getattr(self, "ctx", None), None
-        if ctx:
-            self.lib.llama_batch_free(self.batch)
-            self.lib.llama_free(ctx)
-
-    def __enter__(self) -> "Session":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self._release()
-        except Exception:
-            pass
