@@ -280,14 +280,12 @@ def commit(part: Path, path: Path, what: str = "output", *, overwrite: bool = Tr
         try:
             os.link(part, path)  # atomic create-if-absent; never follows a symlink at ``path``
         except FileExistsError:
-            raise OutputError(f"{_short(path)} already exists (another writer finished first)",
-                              "pass --force to overwrite it") from None
+            raise _taken(path) from None
         except OSError as e:
             if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
                 raise
             if os.path.lexists(path):  # no hard links here (vfat, some FUSE): check, then rename
-                raise OutputError(f"{_short(path)} already exists (another writer finished first)",
-                                  "pass --force to overwrite it") from None
+                raise _taken(path) from None
             os.replace(part, path)
             return
         remove_quietly(part)
@@ -297,6 +295,12 @@ def commit(part: Path, path: Path, what: str = "output", *, overwrite: bool = Tr
     except BaseException:
         remove_quietly(part)
         raise
+
+
+def _taken(path: Path) -> OutputError:
+    """``path`` appeared while this writer worked (without ``--force`` the first finished file is kept)."""
+    return OutputError(f"{_short(path)} already exists (another writer finished first)",
+                       "pass --force to overwrite it")
 
 
 def open_nofollow(path: str | Path, flags: int) -> int:
