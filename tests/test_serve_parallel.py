@@ -199,7 +199,12 @@ def test_short_request_is_not_stuck_behind_a_long_one_and_disconnects_free_slots
             return out
 
         def short_req():
-            time.sleep(1.0)  # arrives while the long one decodes
+            # arrives while the long one decodes: once a request is active (a fixed 1 s sleep was longer than the
+            # whole 600-token answer of this tiny model on a quiet machine)
+            t = time.monotonic()
+            while srv.health()["active"] < 1:
+                assert time.monotonic() - t < 30, "no request became active"
+                time.sleep(0.01)
             out = complete(srv, short_p, max_tokens=3)
             done["short"] = time.monotonic()
             return out
