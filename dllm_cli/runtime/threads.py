@@ -20,12 +20,12 @@ from typing import MutableMapping
 
 SPIN_ENV = "GOMP_SPINCOUNT"
 POLICY_ENV = "OMP_WAIT_POLICY"
-DEFAULT_SPINCOUNT = 10000  # spin rounds before a waiting thread sleeps (libgomp's default: 300000)
+DEFAULT_SPINCOUNT = 1000  # spin rounds before a waiting thread sleeps (libgomp's default: 300000)
 
 
 @dataclass(frozen=True)
 class WaitPolicy:
-    """The barrier wait libgomp was given: ``setting`` (``GOMP_SPINCOUNT=10000``) and where it came from."""
+    """The barrier wait libgomp was given: ``setting`` (``GOMP_SPINCOUNT=1000``) and where it came from."""
 
     setting: str
     source: str  # "dllm default" | "environment" | "ignored: libgomp was loaded before dllm set it"
