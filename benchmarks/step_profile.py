@@ -93,6 +93,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", type=int, default=32, help="output rows per step (32: T2T needs every row)")
     ap.add_argument("--names", action="store_true", help="also print the top node names")
+    ap.add_argument("--block", choices=("half-masks", "distinct"), default="half-masks",
+                    help="half-masks: 16 random tokens + 16 masks (a decoding block, as dllm bench); distinct: 32 "
+                    "distinct random tokens (the most experts per step, issue 28's shape)")
     args = ap.parse_args()
     opts = RuntimeOptions(threads=args.threads, ctx_size=args.prefix + 64, ubatch=512)
     model = Model(args.model, opts)
@@ -101,7 +104,10 @@ def main() -> None:
     B = model.block_length
     rng = np.random.default_rng(0)
     prefix = [int(t) for t in rng.integers(0, model.mask_id, size=args.prefix)]
-    block = [int(t) for t in rng.integers(0, model.mask_id, size=B // 2)] + [model.mask_id] * (B - B // 2)
+    if args.block == "distinct":
+        block = [int(t) for t in rng.choice(model.mask_id, size=B, replace=False)]
+    else:
+        block = [int(t) for t in rng.integers(0, model.mask_id, size=B // 2)] + [model.mask_id] * (B - B // 2)
     rows = list(range(B - args.rows, B))
     for s in (plain, probed):
         if prefix:
