@@ -1,6 +1,10 @@
 """Where one 32-token diffusion step spends its time, per op group (issue 17).
 
 Usage: .venv/bin/python benchmarks/step_profile.py MODEL.gguf [--prefix 256] [--reps 5] [--threads 2] [--rows 32]
+           [--block half-masks|distinct] [--names]
+
+The last line compares the routed-expert time per MoE layer with its bandwidth floor: the bytes of the experts the
+block routed to (read from llama.cpp) over the read bandwidth measured on the same threads.
 
 Two contexts over the same model. The plain one times the step as decoding runs it (all rows out, through the
 confidence head). The probed one installs a ggml scheduler eval callback that asks for every node, so ggml
@@ -32,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dllm_cli.bench.experts import ExpertProbe
+from dllm_cli.bench.roofline import Shapes, memory_limit_gbs, probe_machine
 from dllm_cli.runtime.model import Model
 from dllm_cli.runtime.options import RuntimeOptions
 from dllm_cli.runtime.session import Session
@@ -142,9 +148,37 @@ def main() -> None:
     if args.names:
         for (name, op), sec in sorted(timer.times.items(), key=lambda kv: -kv[1])[:40]:
             print(f"  {1e3 * sec / n:8.2f} ms  {op:14s} {name}  -> {group_of(name, op)}")
+    moe_floor(model, opts, prefix, block, rows, 1e3 * groups["routed experts"] / n, args.threads)
     plain.close()
     probed.close()
     model.close()
+
+
+def moe_floor(model: Model, opts: RuntimeOptions, prefix: list[int], block: list[int], rows: list[int],
+              routed_ms: float, threads: int) -> None:
+    """Per MoE layer: the profiled routed-expert time against the bandwidth floor, i.e. the bytes of the experts
+    this block really routed to (read from llama.cpp) over the machine's measured read bandwidth (issue 28)."""
+    sh = Shapes.from_gguf(model.path)
+    n_moe = sh.layers - sh.dense_layers
+    if n_moe <= 0 or not sh.experts:
+        return
+    probe = ExpertProbe(model.rt)
+    s = Session(model, opts, eval_callback=probe.callback)
+    try:
+        if prefix:
+            s.commit(prefix, 0)
+        s.step(block, len(prefix), rows)
+    finally:
+        s.close()
+    union = float(np.mean(list(probe.union_sizes().values())))
+    mbytes = sh.expert_bytes_per_layer * union / sh.experts / 1e6
+    machine = probe_machine(threads)
+    gbs = memory_limit_gbs(machine)
+    floor = mbytes / gbs  # MB / (GB/s) = ms
+    per_layer = routed_ms / n_moe
+    print(f"MoE layer: {per_layer:.2f} ms ({n_moe} MoE layers); experts touched {union:.1f} of {sh.experts}, "
+          f"{mbytes:.1f} MB; read bandwidth {gbs:.1f} GB/s ({machine['read_probe']}); floor {floor:.2f} ms; "
+          f"{per_layer / floor:.2f}x the floor")
 
 
 if __name__ == "__main__":
