@@ -1,0 +1,284 @@
+"""Structured output with LLaDA2.2 insert/delete edits on (``dllm_cli.decoding.guided_indel``).
+
+* ``edit_feasibility`` (pick time) equals applying the edit with ``apply_edit_ops`` and checking the shifted canvas.
+* ``EditGuide.settle`` on hand-made canvases: an edit that breaks completability is skipped, one that keeps it is
+  applied, two edits feasible alone but not together keep the more confident one, and a token that a delete pulls
+  into the answer is re-checked there.
+* Random-logits 2.2 models (garbage unconstrained, see ``structured_vocab``) with DELETE/SPLIT pushed up: every answer
+  validates, edits really happen (and some are refused), and without the re-check after each shift answers break.
+* A constraint that allows everything changes no token, no forward and no edit of a 2.2 decode with indel on.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from structured_vocab import DELETE, EOS, EOT, MASK, SPLIT, V, answer, random_model, vocab  # noqa: E402
+from test_structured import REGEXES, SCHEMAS, constraint  # noqa: E402
+
+from dllm_cli.decoding import ScriptedModel, collect, generate, make_config  # noqa: E402
+from dllm_cli.decoding.automaton import compile_regex, vocab_from_pieces  # noqa: E402
+from dllm_cli.decoding.constraint import Checker  # noqa: E402
+from dllm_cli.decoding.guided import Constraint, Guide  # noqa: E402
+from dllm_cli.decoding.guided_indel import EditGuide, edit_feasibility  # noqa: E402
+from dllm_cli.decoding.levenshtein import apply_edit_ops  # noqa: E402
+from dllm_cli.decoding.sampling import make_sampler  # noqa: E402
+from dllm_cli.decoding.stepper import top2_from_logits  # noqa: E402
+
+# A small vocabulary for hand-made canvases: digits, letters, braces; then END, DELETE, SPLIT, MASK.
+SMALL: list[bytes | None] = [b"0", b"1", b"2", b"3", b"a", b"b", b"{", b"}", None, None, None, None]
+S_END, S_DEL, S_SPL, S_M = 8, 9, 10, 11
+S_ID = {ch: i for i, ch in enumerate(["0", "1", "2", "3", "a", "b", "{", "}"])}
+EDIT_BIAS = {DELETE: 3.0, SPLIT: 3.0}  # random logits with edits in the lead often: the mode is exercised
+
+
+def small_guide(regex: str, *, P: int = 0, max_tokens: int = 8) -> EditGuide:
+    c = Constraint("regex", regex, compile_regex(regex, vocab_from_pieces(SMALL, (S_END,))))
+    g = Guide(c, mask_id=S_M, P=P, max_tokens=max_tokens, sampler=make_sampler(), rng=np.random.default_rng(0))
+    return EditGuide(g, delete_id=S_DEL, split_id=S_SPL, indel=True)
+
+
+def ids(text: str) -> list[int]:
+    return [S_ID[ch] for ch in text]
+
+
+def settle(eg: EditGuide, block: list[int], written: list[int], p: list[float],
+           logits: np.ndarray | None = None) -> list[int]:
+    """Settle ``written`` over the canvas ``block`` (one block at position 0, no prompt); the rows' step output
+    prefers token '0' unless ``logits`` [B, V] are given. Returns the block after the accepted writes' shifts."""
+    B = len(block)
+    lg = np.full((B, len(SMALL)), -5.0) if logits is None else logits
+    if logits is None:
+        lg[:, 0] = 5.0
+    out = top2_from_logits(lg, S_M, want_logits=True)
+    canvas, rows, prompt = np.array(block), np.arange(B), np.zeros(B, dtype=bool)
+    acc = eg.settle(canvas, 0, B, np.array(written), np.array(p, dtype=float), out, rows, prompt)
+    return apply_edit_ops(acc, canvas, prompt, prompt, mask_id=S_M, delete_id=S_DEL, split_id=S_SPL).block.tolist()
+
+
+# --- pick time: the closed form equals applying the edit -------------------------------------------------------
+
+def test_edit_feasibility_equals_applying_the_edit() -> None:
+    rng = np.random.default_rng(7)
+    for regex in [r"\{[ab]*\}", r"[0-3]{2,4}", r"(a|b1)*2?", r"\{[0-3]{3}\}|ab"]:
+        eg = small_guide(regex)
+        ch = eg.checker
+        for _ in range(400):
+            B = int(rng.integers(2, 8))
+            block = rng.choice(list(range(8)) + [S_END, S_M, S_M, S_M], size=B)
+            lo = int(rng.integers(0, B))
+            hi = int(rng.integers(lo + 1, B + 1))
+            start = ch.start(ch.a.initial)
+            if not ch.feasible(start, block[lo:hi]):
+                continue
+            prompt = np.arange(B) < lo
+            got_d, got_s = edit_feasibility(ch, start, block, lo, hi)
+            for j in range(lo, hi):
+                for edit, got in ((S_DEL, got_d), (S_SPL, got_s)):
+                    written = block.copy()
+                    written[j] = edit
+                    shifted = apply_edit_ops(written, block, prompt, prompt, mask_id=S_M, delete_id=S_DEL,
+                                             split_id=S_SPL).block
+                    assert got[j - lo] == ch.feasible(start, shifted[lo:hi]), (regex, block, lo, hi, j, edit)
+
+
+# --- settle: the re-check after each shift ---------------------------------------------------------------------
+
+def test_deleting_a_closing_brace_that_cannot_be_refilled_is_refused() -> None:
+    eg = small_guide(r"\{[ab]*\}")
+    block = ids("{ab}") + [S_END] * 4
+    got = settle(eg, block, ids("{ab") + [S_DEL] + [S_END] * 4, [0.1] * 3 + [0.9] + [0.1] * 4)
+    assert got == block and eg.rejected == 1 and eg.accepted == 0  # '{ab' then END: never valid
+
+
+def test_deleting_a_letter_before_the_brace_is_applied() -> None:
+    eg = small_guide(r"\{[ab]*\}")
+    block = ids("{ab}") + [S_END] * 4
+    got = settle(eg, block, ids("{a") + [S_DEL] + ids("}") + [S_END] * 4, [0.1, 0.1, 0.9] + [0.1] * 5)
+    assert got == ids("{a}") + [S_END] * 4 + [S_M] and eg.accepted == 1 and eg.rejected == 0
+
+
+def test_an_insert_that_needs_a_fourth_digit_is_refused_and_one_that_fits_is_applied() -> None:
+    block = ids("123") + [S_END] * 5
+    written = ids("1") + [S_SPL] + ids("3") + [S_END] * 5
+    eg = small_guide(r"[0-3]{3}")  # the new slot would make four digits
+    assert settle(eg, block, written, [0.1, 0.9] + [0.1] * 6) == block and eg.rejected == 1
+    eg = small_guide(r"[0-3]{3,4}")
+    assert settle(eg, block, written, [0.1, 0.9] + [0.1] * 6) == ids("1") + [S_M] + ids("23") + [S_END] * 4
+    assert eg.accepted == 1
+
+
+@pytest.mark.parametrize("first", [0, 1])
+def test_two_deletes_feasible_alone_but_not_together_keep_the_more_confident(first: int) -> None:
+    eg = small_guide(r"a{2,3}")
+    block = ids("aaa") + [S_END] * 3
+    written = [S_DEL, S_DEL] + ids("a") + [S_END] * 3
+    p = [0.9, 0.5] if first == 0 else [0.5, 0.9]
+    got = settle(eg, block, written, p + [0.1] * 4)
+    assert got == ids("aa") + [S_END] * 3 + [S_M]
+    assert eg.accepted == 1 and eg.rejected == 1  # either alone leaves 'aa'; both would leave 'a'
+
+
+def test_a_token_a_delete_pulls_into_the_answer_is_rechecked_there() -> None:
+    """max_tokens 3 ends the answer inside the block: cell 3 is outside it and written freely (END), until the
+    delete at cell 0 pulls it in; '23' then END is not a 3-digit answer, so it is re-picked from its row."""
+    eg = small_guide(r"[0-3]{3}", max_tokens=3)
+    block = ids("1230") + [S_M] * 4
+    lg = np.full((8, len(SMALL)), -5.0)
+    lg[:, S_END], lg[:, 1] = 5.0, 3.0  # every row prefers END, then '1'
+    got = settle(eg, block, [S_DEL] + ids("23") + [S_END] + [S_M] * 4, [0.9, 0.1, 0.1, 0.5] + [0.1] * 4, lg)
+    assert got[:3] == ids("231") and eg.guide.rechecks == 1
+    assert eg.checker.feasible(eg.checker.start(eg.checker.a.initial), np.array(got[:3]))
+
+
+def test_a_token_an_insert_moves_is_checked_at_its_new_place() -> None:
+    """'{a}' + END: the insert (more confident) opens a slot before 'a' and moves the brace one right; the END
+    written over the brace's old cell lands there, after '{' + slot + 'a', where only '}' fits: re-picked."""
+    eg = small_guide(r"\{[ab]*\}")
+    block = ids("{a}") + [S_END] * 3
+    lg = np.full((6, len(SMALL)), -5.0)
+    lg[:, S_END], lg[:, S_ID["}"]] = 5.0, 3.0
+    got = settle(eg, block, ids("{") + [S_SPL] + [S_END] * 4, [0.1, 0.9, 0.5, 0.1, 0.1, 0.1], lg)
+    assert got == ids("{") + [S_M] + ids("a}") + [S_END] * 2 and eg.guide.rechecks == 1
+
+
+# --- end to end on random-logits 2.2 models ------------------------------------------------------------------
+
+def decode22(c: Constraint | None, mode: str, seed: int, prompt: list[int], max_tokens: int = 120,
+             bias: dict[int, float] | None = EDIT_BIAS) -> Any:
+    model = random_model(seed, v22=True, bias=bias)
+    cfg = make_config(mode, "2.2", max_tokens=max_tokens, seed=seed, stop_ids=(EOT,), indel=True)
+    return collect(generate(model, prompt, cfg, constraint=c))
+
+
+def valid(kind: str, name: str, done: Any) -> bool:
+    text = answer(done.ids)
+    if done.finish_reason != "eos":
+        return False
+    if kind == "regex":
+        return re.fullmatch(REGEXES[name], text) is not None
+    try:
+        jsonschema.validate(json.loads(text), SCHEMAS[name])
+        return True
+    except (ValueError, jsonschema.ValidationError):
+        return False
+
+
+CASES = [("schema", n) for n in sorted(SCHEMAS)] + [("regex", n) for n in sorted(REGEXES) if n != "unicode_digits"]
+PROMPTS = [[1, 2, 3], [4] * 8, [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [20, 21]]
+
+
+@pytest.mark.parametrize("mode", ["speed", "quality"])
+@pytest.mark.parametrize("kind,name", CASES, ids=[f"{k}-{n}" for k, n in CASES])
+def test_answers_validate_with_insert_and_delete_on(monkeypatch: Any, mode: str, kind: str, name: str) -> None:
+    counts = {"accepted": 0, "rejected": 0}
+    real = EditGuide.settle
+
+    def counted(self: EditGuide, *a: Any, **k: Any) -> np.ndarray:
+        before = (self.accepted, self.rejected)
+        out = real(self, *a, **k)
+        counts["accepted"] += self.accepted - before[0]
+        counts["rejected"] += self.rejected - before[1]
+        return out
+
+    monkeypatch.setattr(EditGuide, "settle", counted)
+    c = constraint(kind, name)
+    edits = 0
+    for seed in range(8):
+        done = decode22(c, mode, seed, PROMPTS[seed % len(PROMPTS)])
+        assert valid(kind, name, done), (seed, answer(done.ids))
+        edits += done.inserts + done.deletes
+    assert edits > 0 and counts["accepted"] > 0  # insert/delete really ran inside the constrained answers
+
+
+def test_some_edits_are_refused_by_the_recheck() -> None:
+    """Across a few decodes the re-check after a shift refuses edits (the pick-time check alone is not enough:
+    several writes of one step interact)."""
+    rejected = 0
+    real = EditGuide.settle
+    for (kind, name), seed in itertools.product(CASES[:4], range(3)):
+        c = constraint(kind, name)
+        with pytest.MonkeyPatch.context() as mp:
+            seen: list[EditGuide] = []
+            mp.setattr(EditGuide, "settle", lambda self, *a, **k: (seen.append(self), real(self, *a, **k))[1])
+            decode22(c, "speed", seed, PROMPTS[seed % len(PROMPTS)])
+            rejected += seen[-1].rejected if seen else 0
+    assert rejected > 0
+
+
+def test_without_the_recheck_answers_break(monkeypatch: Any) -> None:
+    """The control: accepting every write of a step as written (edits checked only alone, at pick time) gives
+    invalid answers or canvases that cannot be completed, so the tests above depend on the re-check."""
+    monkeypatch.setattr(EditGuide, "settle", lambda self, canvas, s0, we, written, *a, **k: written)
+    broken = 0
+    for (kind, name), seed in itertools.product(CASES, range(3)):
+        try:
+            broken += not valid(kind, name, decode22(constraint(kind, name), "speed", seed, PROMPTS[seed % 4]))
+        except ValueError:  # an empty allowed set: the canvas was left infeasible
+            broken += 1
+    assert broken > 0
+
+
+def test_no_edits_are_offered_with_indel_off() -> None:
+    c = constraint("regex", "date")
+    for seed in range(4):
+        model = random_model(seed, v22=True, bias=EDIT_BIAS)
+        cfg = make_config("speed", "2.2", max_tokens=60, seed=seed, stop_ids=(EOT,), indel=False)
+        done = collect(generate(model, PROMPTS[seed % 4], cfg, constraint=c))
+        assert done.inserts == done.deletes == 0 and re.fullmatch(REGEXES["date"], answer(done.ids))
+
+
+# --- a constraint that allows everything changes nothing -------------------------------------------------------
+
+def deterministic_model(seed: int, bias: dict[int, float]) -> ScriptedModel:
+    """Random logits that are a function of the step's input (a re-run of the same step gives the same logits)."""
+    def script(n: int, tokens: list[int], start: int) -> np.ndarray:
+        lg = np.random.default_rng([seed, start, *tokens]).standard_normal((len(tokens), V)).astype(np.float32) * 3
+        for t, b in bias.items():
+            lg[:, t] += b
+        return lg
+
+    return ScriptedModel(script, n_vocab=V, mask_id=MASK, eos_id=EOS, block_length=8, n_ctx=4096,
+                         edit_ids=(DELETE, SPLIT))
+
+
+def test_a_constraint_allowing_everything_changes_no_token_or_edit() -> None:
+    """Under '(?s:.*)' with indel on: same ids, steps, substitutions, inserts and deletes as unconstrained. Non-ASCII bytes and
+    the end ids are pushed far down, so every unconstrained answer is valid UTF-8 text the constraint allows."""
+    c = Constraint("regex", "any", compile_regex(r"(?s:.*)", vocab()))
+    ascii_only = {t: -30.0 for t, piece in enumerate(vocab().pieces) if piece is None or max(piece) >= 0x80}
+    ascii_only.pop(DELETE), ascii_only.pop(SPLIT), ascii_only.pop(MASK)
+    edits = 0
+    for mode, extra, seed in itertools.product(["speed", "quality"], [{}, EDIT_BIAS], range(3)):
+        bias = {**ascii_only, **extra, EOS: -30.0, EOT: -30.0}
+        cfg = make_config(mode, "2.2", max_tokens=40, seed=seed, stop_ids=(EOT,), indel=True)
+        prompt = PROMPTS[seed % 4]
+        free = collect(generate(deterministic_model(seed, bias), prompt, cfg))
+        held = collect(generate(deterministic_model(seed, bias), prompt, cfg, constraint=c))
+        assert (held.ids, held.steps, held.edits, held.inserts, held.deletes) == \
+            (free.ids, free.steps, free.edits, free.inserts, free.deletes), (mode, extra, seed)
+        assert held.forwards <= free.forwards  # fewer where a final round's scrub needed logits the step had
+        edits += free.inserts + free.deletes
+    assert edits > 0
+
+
+def test_edits_are_never_offered_when_sampling() -> None:
+    """Greedy only (LLaDA2.2 edits decode greedily): a sampling guide offers no DELETE/SPLIT."""
+    eg = small_guide(r"[0-3]*")
+    eg.guide.sampler = make_sampler(temperature=1.0)
+    lg = np.full((4, len(SMALL)), -5.0)
+    lg[:, S_DEL] = 9.0
+    out = top2_from_logits(lg, S_M, want_logits=True)
+    block = np.array(ids("12") + [S_M, S_M])
+    rows = np.arange(4)
+    pred = eg.predict(block, 0, 4, rows, out, block.copy(), np.zeros(4), block.copy(), lambda bad: block.copy())
+    assert not np.isin(pred.x0, [S_DEL, S_SPL]).any()
