@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from structured_vocab import DELETE, EOS, EOT, MASK, SPLIT, V, answer, random_model, vocab  # noqa: E402
 from test_structured import REGEXES, SCHEMAS, constraint  # noqa: E402
 
-from dllm_cli.decoding import ScriptedModel, collect, generate, make_config  # noqa: E402
+from dllm_cli.decoding import ScriptedModel, StepEvent, collect, generate, make_config  # noqa: E402
 from dllm_cli.decoding.automaton import compile_regex, vocab_from_pieces  # noqa: E402
 from dllm_cli.decoding.constraint import Checker  # noqa: E402
 from dllm_cli.decoding.guided import Constraint, Guide  # noqa: E402
@@ -252,8 +252,9 @@ def deterministic_model(seed: int, bias: dict[int, float]) -> ScriptedModel:
 
 
 def test_a_constraint_allowing_everything_changes_no_token_or_edit() -> None:
-    """Under '(?s:.*)' with indel on: same ids, steps, substitutions, inserts and deletes as unconstrained. Non-ASCII bytes and
-    the end ids are pushed far down, so every unconstrained answer is valid UTF-8 text the constraint allows."""
+    """Under '(?s:.*)' with indel on: same ids, steps, substitutions, inserts and deletes as unconstrained.
+    Non-ASCII bytes and the end ids are pushed far down, so every unconstrained answer is ASCII text that the
+    constraint allows (it admits valid UTF-8 only)."""
     c = Constraint("regex", "any", compile_regex(r"(?s:.*)", vocab()))
     ascii_only = {t: -30.0 for t, piece in enumerate(vocab().pieces) if piece is None or max(piece) >= 0x80}
     ascii_only.pop(DELETE), ascii_only.pop(SPLIT), ascii_only.pop(MASK)
@@ -282,3 +283,30 @@ def test_edits_are_never_offered_when_sampling() -> None:
     rows = np.arange(4)
     pred = eg.predict(block, 0, 4, rows, out, block.copy(), np.zeros(4), block.copy(), lambda bad: block.copy())
     assert not np.isin(pred.x0, [S_DEL, S_SPL]).any()
+
+
+# --- the other modes whose written positions move or spread: multi-block editing, sampling ---------------------
+
+def test_multi_block_editing_revises_earlier_blocks_and_validates() -> None:
+    """Multi-block editing (LLaDA2.1; 2.2 files refuse --mbe) under a constraint: substitutions land in finished
+    blocks still in the window, re-checked against the whole window, and every answer validates."""
+    earlier = 0
+    for (kind, name), seed in itertools.product([("schema", "nested"), ("regex", "idents")], range(3)):
+        cfg = make_config("speed", "2.1", max_tokens=160, seed=seed, stop_ids=(EOT,), mbe=2)
+        events = list(generate(random_model(seed), PROMPTS[seed % 4], cfg, constraint=constraint(kind, name)))
+        steps = [ev for ev in events if isinstance(ev, StepEvent)]
+        earlier += sum(ev.start + i < ev.block * 8 for ev in steps for i, _, _ in ev.edited)
+        assert valid(kind, name, events[-1]), answer(events[-1].ids)
+    assert earlier > 0
+
+
+@pytest.mark.parametrize("kind,name", [("schema", "nested"), ("schema", "optional"), ("regex", "phone")])
+def test_22_sampling_validates(kind: str, name: str) -> None:
+    """LLaDA2.2 samples only with editing off (its edits decode greedily: ``make_config`` refuses temperature > 0
+    with editing); that mode keeps the guarantee too."""
+    for seed in range(4):
+        model = random_model(seed, v22=True, bias=EDIT_BIAS)
+        cfg = make_config("speed", "2.2", max_tokens=120, seed=seed, stop_ids=(EOT,), editing=False,
+                          temperature=1.0, top_k=30)
+        done = collect(generate(model, PROMPTS[seed % 4], cfg, constraint=constraint(kind, name)))
+        assert valid(kind, name, done) and done.inserts == done.deletes == 0, answer(done.ids)

@@ -66,7 +66,9 @@ def generate(model: StepModel, prompt_ids: Sequence[int], config: DecodeConfig, 
     """Decode a continuation of ``prompt_ids``; the iterator yields Start, Step*, Block*, then one ``DoneEvent``.
 
     With ``constraint`` every step predicts from the allowed tokens only and every write keeps the answer
-    completable (``guided``), in every policy; the model is then asked for the logits of its rows.
+    completable (``guided``), in every policy, LLaDA2.2's inserts and deletes included (``guided_indel``: each
+    write re-checked after the shifts of the step's more confident ones); the model is then asked for the logits
+    of its rows.
 
     Checked eagerly, before any decode: ``ContextFullError`` when the canvas does not fit ``model.n_ctx``,
     ``UsageError`` when ``config.block_length`` disagrees with the model's.
