@@ -145,9 +145,9 @@ class EditGuide:
             edits = [e for e, ok in feasible.items() if ok]
             if edits:
                 t, lg = int(x0[j]), logits[r]
-                w = np.exp(np.asarray(lg[edits], dtype=np.float64) - float(lg[t]))  # [m]: e^(l_e - l_t)
+                w = np.exp(np.minimum(np.asarray(lg[edits], dtype=np.float64) - float(lg[t]), 700.0))  # [m]
                 z = 1.0 + float(p[j]) * float(w.sum())
-                best = int(np.argmax(w))
+                best = int(np.argmax(w))  # w: e^(l_e - l_t), capped against overflow
                 if w[best] > 1.0:  # an edit beats the text pick (ties: the text)
                     x0[j], p[j] = edits[best], float(p[j]) * float(w[best]) / z
                 else:
@@ -155,8 +155,8 @@ class EditGuide:
             second = int(out.ids[r, 1])
             if second in feasible:
                 ok = feasible[second]
-            else:
-                ok = bool(ch.allowed_classes(F[i], G[i + 1])[cls[second]])
+            else:  # some reachable state steps with it into a state that completes the rest
+                ok = bool(G[i + 1][ch.delta[F[i], cls[second]]].any())
             x1[j] = second if ok else int(text[j])
 
     def _apply(self, written: np.ndarray, old: np.ndarray, prompt: np.ndarray) -> EditOps:
