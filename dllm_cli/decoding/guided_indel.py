@@ -21,8 +21,10 @@ One forward and three backward passes give every row's two answers (``edit_feasi
 Confidence is renormalised over the allowed set, now the allowed text tokens plus the feasible edits, as
 ``guided`` defines it: with ``t`` the text pick, ``p_t`` its probability over the allowed text and ``E`` the feasible
 edits, ``p'(x) = p_t e^(l_x - l_t) / (1 + p_t Σ_{e ∈ E} e^(l_e - l_t))``. The anti-loop alternative of a row is its
-unconstrained second choice when that is allowed alone, else the text pick. Under a constraint that allows
-everything the ids, probabilities and alternatives are the unconstrained ones.
+unconstrained second choice when that is allowed alone, else the text pick. Under a constraint that allows every
+text token and edit, the ids, probabilities (up to the mass of control tokens, which no constraint allows) and
+alternatives are the unconstrained ones; LLaDA2.2 decodes one block at a time (no ``--mbe``), so the region lies in
+the active block.
 
 **Settling** (``EditGuide.settle``). Writes allowed alone may conflict, and a shift moves every later cell. When a
 step writes an edit inside the region, all its writes (unmasks, substitutions, DELETEs, SPLITs) are taken one at a
