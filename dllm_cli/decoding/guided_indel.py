@@ -183,27 +183,31 @@ class EditGuide:
         where = {int(r): k for k, r in enumerate(rows.tolist())}
         acc = old.copy()  # [B]: the writes accepted so far
         cur = old[lo:hi]  # the region of the canvas they make
+        F = ch.forward(start, cur)  # [n + 1, S]: its forward sets, kept up to date (a write changes a suffix)
         for j in changed[np.argsort(-p[changed], kind="stable")].tolist():
             trial = acc.copy()
             trial[j] = written[j]
             ops = self._apply(trial, old, prompt)
             cells = ops.block[lo:hi]
-            if np.array_equal(cells, cur):  # the region is unchanged (a write past it, or one pushed out of it)
+            diff = np.flatnonzero(cells != cur)
+            if not len(diff):  # the region is unchanged (a write past it, or one pushed out of it)
                 acc = trial
                 continue
+            d = int(diff[0])
             if int(written[j]) in (self.delete_id, self.split_id):
-                if ch.feasible(start, cells):
-                    acc, cur, self.accepted = trial, cells, self.accepted + 1
+                tail = ch.forward(F[d], cells[d:])  # [n - d + 1, S]
+                if (tail[-1] & ch.live[:-1]).any():
+                    acc, cur, F, self.accepted = trial, cells, np.concatenate([F[:d], tail]), self.accepted + 1
                 else:
                     self.rejected += 1
                 continue
-            a = int(ops.after[j]) - lo  # a token write changed only its own cell: where it is after the shifts
-            allowed = ch.allowed_at(start, cells, a)  # [C]
+            # a token write changed only its own cell d: where it is after the shifts
+            allowed = ch.allowed_classes(F[d], ch.backward(cells[d + 1:])[0])  # [C]
             if not allowed[cls[int(written[j])]]:
                 g.rechecks += 1
                 if j in where:
-                    trial[j] = cells[a] = int(g.pick(out, np.array([where[j]]), allowed[None, :])[0][0])
+                    trial[j] = cells[d] = int(g.pick(out, np.array([where[j]]), allowed[None, :])[0][0])
                 else:  # no prediction for this row (never reached by the engine)
-                    trial[j] = cells[a] = old[j] if old[j] != g.mask_id else np.flatnonzero(allowed[cls])[0]
-            acc, cur = trial, cells
+                    trial[j] = cells[d] = old[j] if old[j] != g.mask_id else np.flatnonzero(allowed[cls])[0]
+            acc, cur, F = trial, cells, np.concatenate([F[:d], ch.forward(F[d], cells[d:])])
         return acc
