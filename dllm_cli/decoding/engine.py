@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -19,7 +20,8 @@ from dllm_cli.decoding.config import DecodeConfig
 from dllm_cli.decoding.editing import make_policy
 from dllm_cli.decoding.events import BlockEvent, DoneEvent, Event, StartEvent, StepEvent
 from dllm_cli.decoding.guided import Constraint, Guide
-from dllm_cli.decoding.levenshtein import LevenshteinPolicy
+from dllm_cli.decoding.guided_indel import EditGuide
+from dllm_cli.decoding.levenshtein import LevenshteinPolicy, Scrub, Settle
 from dllm_cli.decoding.mbe import Window
 from dllm_cli.decoding.sampling import Sampler, filtered_probs, make_sampler
 from dllm_cli.decoding.stepper import StepModel, StepOutput, top2_from_logits
@@ -48,6 +50,7 @@ class _Run:
     inserts: int = 0
     deletes: int = 0
     guide: Guide | None = None
+    edit_guide: EditGuide | None = None  # LLaDA2.2 under a constraint
 
     @property
     def want_logits(self) -> bool:
@@ -63,7 +66,9 @@ def generate(model: StepModel, prompt_ids: Sequence[int], config: DecodeConfig, 
     """Decode a continuation of ``prompt_ids``; the iterator yields Start, Step*, Block*, then one ``DoneEvent``.
 
     With ``constraint`` every step predicts from the allowed tokens only and every write keeps the answer
-    completable (``guided``), in every policy; the model is then asked for the logits of its rows.
+    completable (``guided``), in every policy, LLaDA2.2's inserts and deletes included (``guided_indel``: each
+    write re-checked after the shifts of the step's more confident ones); the model is then asked for the logits
+    of its rows.
 
     Checked eagerly, before any decode: ``ContextFullError`` when the canvas does not fit ``model.n_ctx``,
     ``UsageError`` when ``config.block_length`` disagrees with the model's.
@@ -87,6 +92,9 @@ def generate(model: StepModel, prompt_ids: Sequence[int], config: DecodeConfig, 
     if constraint is not None:
         run.guide = Guide(constraint, mask_id=model.mask_id, P=P, max_tokens=config.max_tokens, sampler=run.sampler,
                           rng=run.rng)
+        if isinstance(policy, LevenshteinPolicy):
+            run.edit_guide = EditGuide(run.guide, delete_id=policy.delete_id, split_id=policy.split_id,
+                                       indel=policy.indel)
     return _events(run, prompt, n_blocks, config, detokenize)
 
 
@@ -216,12 +224,16 @@ def _decode_block_indel(run: _Run, policy: LevenshteinPolicy, k: int) -> Iterato
         run.forwards += 1
         pred = _Prediction(run, out, rows, old, s0, banned)
         x0, p = pred.top1(allow_edits=policy.indel)  # [B], [B]
-        if run.guide is not None:  # allowed sets never hold DELETE/SPLIT: no shift inside the region
-            x0[rows], p[rows] = run.guide.predict(run.canvas, s0, we, rows, _with_logits(out), x0[rows], p[rows])
-            pred.x1[rows] = x0[rows]  # the anti-loop switch may not leave the allowed set
-        d = policy.decide(old, x0, p, pred.x1, pred.scrub)
-        run.canvas[s0:we] = d.ops.block if run.guide is None else \
-            run.guide.settle(run.canvas, s0, we, d.ops.block, p, out, rows)
+        x1 = pred.x1
+        scrub: Scrub = pred.scrub
+        settle: Settle | None = None
+        eg = run.edit_guide
+        if eg is not None:  # allowed tokens and feasible edits only; writes re-checked after each shift
+            c = eg.predict(run.canvas, s0, we, rows, _with_logits(out), x0, p, x1, scrub)
+            x0, p, x1, scrub = c.x0, c.p, c.x1, c.scrub
+            settle = partial(eg.settle, run.canvas, s0, we, p=p, out=out, rows=rows, prompt=prompt)
+        d = policy.decide(old, x0, p, x1, scrub, settle)
+        run.canvas[s0:we] = d.ops.block
         after = d.ops.after  # [B]
         un, ed = np.flatnonzero(d.m2t & ~np.isin(d.new, banned)), np.flatnonzero(d.t2t & ~np.isin(d.new, banned))
         run.steps += 1

@@ -95,6 +95,7 @@ def apply_edit_ops(new: np.ndarray, old: np.ndarray, is_orig: np.ndarray, prompt
 
 
 Scrub = Callable[[np.ndarray], np.ndarray]  # boolean rows [B] -> best ids there that are not an edit token
+Settle = Callable[[np.ndarray], np.ndarray]  # the written block [B] -> the written block to apply [B]
 
 
 @dataclass(frozen=True)
@@ -132,11 +133,13 @@ class LevenshteinPolicy:
         self.step = self.post = 0
         self.seen: set[tuple[int, ...]] = set()
 
-    def decide(self, block: np.ndarray, x0: np.ndarray, p: np.ndarray, x1: np.ndarray, scrub: Scrub) -> Decision:
+    def decide(self, block: np.ndarray, x0: np.ndarray, p: np.ndarray, x1: np.ndarray, scrub: Scrub,
+               settle: Settle | None = None) -> Decision:
         """One step on ``block`` [B] from the top-1 ``x0``/``p`` and top-2 ``x1`` predictions [B] per position.
 
         With ``indel`` off the caller already replaced edit tokens in ``x0`` (and ``p``) by the best other
-        token; ``scrub`` does that for the written positions of a final round.
+        token; ``scrub`` does that for the written positions of a final round. ``settle`` (a constraint's,
+        ``guided_indel``) turns the written block into the one actually applied, before the shift.
         """
         M = self.mask_id
         maskpos = (block == M) & ~self.prompt  # [B]
@@ -160,6 +163,8 @@ class LevenshteinPolicy:
         new = np.where(m2t | t2t, x, block)  # [B]
         if self.edits and not final and tuple(new.tolist()) in self.seen:
             new = self._unloop(new, block, x0, x1, p)
+        if settle is not None:
+            new = settle(new)
         self.seen.add(tuple(new.tolist()))
         ops = apply_edit_ops(new, block, self.is_orig, self.prompt, mask_id=M, delete_id=self.delete_id,
                              split_id=self.split_id)
@@ -167,7 +172,7 @@ class LevenshteinPolicy:
         self.step += 1
         unchanged = bool((new == block).all())
         done = final or (not maskpos.any() and unchanged) or (not self.edits and not (ops.block == M).any())
-        return Decision(new, m2t, t2t & (new != block), ops, done)
+        return Decision(new, m2t & (new != block), t2t & (new != block), ops, done)
 
     def _m2t(self, maskpos: np.ndarray, p: np.ndarray, n_new: int) -> np.ndarray:
         """Masks to unmask: above the threshold if at least the schedule floor pass, else the most confident."""
