@@ -171,7 +171,7 @@ def shader_cache_dir() -> Path:
 class VulkanBackend(Backend):
     name = "vulkan"
     flags = ("-DGGML_VULKAN=ON",)
-    patches = ("0008-vulkan-layer-settings-guard.patch",)
+    patches = ("0008-vulkan-layer-settings-guard.patch", "0012-vulkan-f32-exact.patch")
     auto_help = "vulkan with a Vulkan GPU (not a software device) and glslc"
 
     def present(self) -> bool:
