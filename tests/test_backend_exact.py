@@ -45,8 +45,10 @@ FA_TOL = 1e-4     # the same with flash attention on
 # (Mesa 25.0.7): q8_0 0.054-0.17, q4_k_m 0.054-0.14 (ggml-vulkan's speed path for quantized weights: f16 shared
 # memory and f16 accumulators); 1e-5 with GGML_VK_DISABLE_F16=1. The CPU runtime on the same files is 0.12-8.3 from
 # that reference (it quantizes activations to q8 and these random MoE routers flip near ties), so its tokens are no
-# target on them; docs/PERFORMANCE.md, "Vulkan on lavapipe".
-QUANT_TOL = 0.3
+# target on them; docs/PERFORMANCE.md, "Vulkan on lavapipe". Per backend: another backend's quantized path (CUDA
+# quantizes activations to q8_1, like the CPU) gets its own bound once measured; until then the test reports its
+# figures and skips.
+QUANT_TOL = {"vulkan": 0.3}
 # a cold lavapipe compiles every pipeline first (tens of minutes on 2 busy cores); warm, seconds
 WORKER_TIMEOUT = float(os.environ.get("DLLM_TEST_WORKER_TIMEOUT", "5400"))
 
@@ -252,7 +254,10 @@ def test_quantized_logits_are_within_the_measured_bound(runs, name):
     errs = reference_errors(jobs[n], gpu, n)
     print(f"{BACKEND} {name}: max abs logit error vs the dequantized reference {['%.2e' % e for e in errs]} "
           f"(CPU runtime: {['%.2e' % e for e in reference_errors(jobs[n], cpu, n)]})")
-    assert len(errs) == 4 and max(errs) < QUANT_TOL, errs
+    assert len(errs) == 4
+    if BACKEND not in QUANT_TOL:
+        pytest.skip(f"no measured bound for {BACKEND} yet: errors {errs} (pin one in QUANT_TOL)")
+    assert max(errs) < QUANT_TOL[BACKEND], errs
 
 
 @pytest.mark.parametrize("mode", ["speed", "quality"])
