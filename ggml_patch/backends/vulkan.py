@@ -3,8 +3,9 @@ runs the same shaders on the CPU and is what CI checks exactness on).
 
 Toolchain (Debian/Ubuntu packages; elsewhere the LunarG Vulkan SDK, found through ``$VULKAN_SDK``): ``glslc``
 (shaders to SPIR-V), the Vulkan headers with Vulkan-Hpp and the loader (``libvulkan-dev``) and ``spirv-headers``.
-The glslc and header versions are part of the cache key. ``0008-vulkan-layer-settings-guard.patch`` applies to
-Vulkan builds only (Debian 12's 1.3.239 headers predate ``VK_EXT_layer_settings``).
+The glslc and header versions are part of the cache key. ``0008-vulkan-layer-settings-guard.patch`` (Debian 12's
+1.3.239 headers predate ``VK_EXT_layer_settings``) and ``0012-vulkan-f32-exact.patch`` (f32 stays f32 on fp16
+devices; a blocking fence wait on CPU-type devices) apply to Vulkan builds only.
 
 Devices: ggml skips CPU-type Vulkan devices unless ``GGML_VK_VISIBLE_DEVICES`` names them. When the user asked
 for the vulkan backend by name and the machine has no Vulkan GPU, ``prepare_load`` names the software devices
@@ -171,7 +172,7 @@ def shader_cache_dir() -> Path:
 class VulkanBackend(Backend):
     name = "vulkan"
     flags = ("-DGGML_VULKAN=ON",)
-    patches = ("0008-vulkan-layer-settings-guard.patch",)
+    patches = ("0008-vulkan-layer-settings-guard.patch", "0012-vulkan-f32-exact.patch")
     auto_help = "vulkan with a Vulkan GPU (not a software device) and glslc"
 
     def present(self) -> bool:
