@@ -204,11 +204,12 @@ class Session(OwnedContext):
         srows = [rows[i] for i in order]
         if any(not 0 <= r < len(tokens) for r in srows) or len(set(srows)) != len(srows):
             raise DecodeError(f"output rows {rows} do not fit a block of {len(tokens)} tokens")
-        use_device = self.device_confidence and not want_logits
+        keep = bool(want_logits)  # True and "view" both need llama.cpp's copy of the logits to its host buffer
+        use_device = self.device_confidence and not keep
         if self.device_confidence:
-            mode = (True, self.mask_id, want_logits)
+            mode = (True, self.mask_id, keep)
             if mode != self._conf_mode:
-                bindings.set_confidence(self.model.rt, self.ctx, True, self.mask_id, want_logits)
+                bindings.set_confidence(self.model.rt, self.ctx, True, self.mask_id, keep)
                 self._conf_mode = mode
         self._set_attn_block(self.block_length if attn_block is None else attn_block)
         drows, pick = widen_rows(srows, len(tokens))
