@@ -6,10 +6,13 @@ each schema, interleaved, ``--reps`` times, and report the median seconds per fo
 unconstrained run ("ratio_end_to_end"). Per forward, because a random-weight model takes a different path under a
 constraint; the constrained forward includes the logits read-back, the feasibility passes and the sequential
 commit. On a shared machine that ratio is noisy, so the parts are also measured on their own: one 32-row step
-without and with the logits read back, interleaved, and the host time spent in the constraint per forward
-("ratio_isolated" = (step + read-back + constraint host time) / step).
+without and with the logits read back as a constrained decode reads them (``want_logits="view"``: llama.cpp's
+copy to its output buffer, lent to numpy without a further copy; code before that treats "view" as True and
+copies), interleaved, and the host time spent in the constraint per forward ("ratio_isolated" = (step +
+read-back + constraint host time) / step).
 
 Usage: python benchmarks/structured_overhead.py GGUF [GGUF ...] [--reps 3] [--max-tokens 64] [--mode quality]
+       [--threads N]
 """
 from __future__ import annotations
 
@@ -94,7 +97,7 @@ def per_forward(loaded: Any, ids: list[int], config: Any, constraint: Any) -> tu
 
 
 def step_cost(loaded: Any, ids: list[int], reps: int) -> dict[str, float]:
-    """Median ms of one 32-row step without and with the logits read back (interleaved)."""
+    """Median ms of one 32-row step without and with the logits read back ("view", as a decode does; interleaved)."""
     s = loaded.session
     s.reset()
     B = s.block_length
