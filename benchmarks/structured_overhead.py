@@ -6,10 +6,13 @@ each schema, interleaved, ``--reps`` times, and report the median seconds per fo
 unconstrained run ("ratio_end_to_end"). Per forward, because a random-weight model takes a different path under a
 constraint; the constrained forward includes the logits read-back, the feasibility passes and the sequential
 commit. On a shared machine that ratio is noisy, so the parts are also measured on their own: one 32-row step
-without and with the logits read back, interleaved, and the host time spent in the constraint per forward
-("ratio_isolated" = (step + read-back + constraint host time) / step).
+without and with the logits read back as a constrained decode reads them (``want_logits="view"``: llama.cpp's
+copy to its output buffer, lent to numpy without a further copy; code before that treats "view" as True and
+copies), interleaved, and the host time spent in the constraint per forward ("ratio_isolated" = (step +
+read-back + constraint host time) / step).
 
 Usage: python benchmarks/structured_overhead.py GGUF [GGUF ...] [--reps 3] [--max-tokens 64] [--mode quality]
+       [--threads N]
 """
 from __future__ import annotations
 
@@ -94,7 +97,7 @@ def per_forward(loaded: Any, ids: list[int], config: Any, constraint: Any) -> tu
 
 
 def step_cost(loaded: Any, ids: list[int], reps: int) -> dict[str, float]:
-    """Median ms of one 32-row step without and with the logits read back (interleaved)."""
+    """Median ms of one 32-row step without and with the logits read back ("view", as a decode does; interleaved)."""
     s = loaded.session
     s.reset()
     B = s.block_length
@@ -106,7 +109,7 @@ def step_cost(loaded: Any, ids: list[int], reps: int) -> dict[str, float]:
     for _ in range(reps):
         for want, out, cpu in ((False, plain, cpu_plain), (True, logits, cpu_logits)):
             t0, c0 = time.perf_counter(), time.process_time()
-            s.step(block, keep, rows, want_logits=want)
+            s.step(block, keep, rows, want_logits="view" if want else False)  # "view": as a decode reads them
             out.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
     s.reset()
@@ -134,8 +137,7 @@ def main() -> None:
     Guide.predict = _timed(Guide.predict)  # type: ignore[method-assign]
     Guide.settle = _timed(Guide.settle)  # type: ignore[method-assign]
     for path in args.gguf:
-        loaded = load(path, RuntimeOptions(ctx_size=1024, n_threads=args.threads) if args.threads
-                      else RuntimeOptions(ctx_size=1024))
+        loaded = load(path, RuntimeOptions(ctx_size=1024, threads=args.threads))
         try:
             comp, built = compile_times(loaded.model)
             ids = loaded.model.tokenize("Write the record as JSON, please.", special=False)

@@ -142,6 +142,29 @@ def test_mask_token_is_never_the_head_output(tiny, session):
     assert (out.ids == host.ids).all() and np.abs(out.probs - host.probs).max() < 1e-5
 
 
+
+@pytest.mark.parametrize("rows", [list(range(B)), [17, 3, 30, 8], [5], [B - 1]])
+def test_logits_view_equals_the_copy_and_the_copy_outlives_the_next_decode(tiny, session, rows):
+    """``want_logits="view"`` lends llama.cpp's output buffer (read-only, no [n, V] copy) with the same values as
+    ``True``, in the caller's row order (unsorted rows, a lone row decoded with a neighbour); ``True`` is the
+    caller's own copy, unchanged by a later decode, while a view reads that decode's logits."""
+    _, _, model = tiny
+    rng = np.random.default_rng(5)
+    ids = window(rng, 40, model.n_vocab, model.mask_id, fill=10)
+    other = window(rng, 40, model.n_vocab, model.mask_id, fill=20)
+    session.commit(ids[:32], 0)
+    kept = session.step(ids[32:], 32, rows, want_logits=True)
+    saved = np.array(kept.logits)
+    lent = session.step(ids[32:], 32, rows, want_logits="view")
+    assert lent.logits is not None and kept.logits is not None
+    assert lent.logits.shape == kept.logits.shape == (len(rows), model.n_vocab)
+    assert np.array_equal(lent.logits, kept.logits) and (lent.ids == kept.ids).all()
+    assert kept.logits.flags.writeable and not lent.logits.flags.writeable
+    later = session.step(other[32:], 32, rows, want_logits=True)
+    assert not np.array_equal(later.logits, saved)  # the other window's logits differ...
+    assert np.array_equal(kept.logits, saved)  # ...and the kept copy did not follow them
+    if rows == list(range(B)):  # the lent rows are the buffer itself: they now read the later decode
+        assert np.array_equal(lent.logits, later.logits)
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
     """A 256-wide model (K-quant rows) as f32, q8_0 (converter) and q4_k_m (llama_model_quantize)."""

@@ -22,6 +22,7 @@ from dllm_cli.bench.experts import ExpertProbe
 from dllm_cli.bench.roofline import Shapes, forward_cost, memory_limit_gbs, roofline_pct, sig
 from dllm_cli.decoding import engine
 from dllm_cli.decoding.events import BlockEvent, DoneEvent
+from dllm_cli.decoding.stepper import WantLogits
 from dllm_cli.generate import decode_config
 from dllm_cli.runtime.model import Model
 from dllm_cli.runtime.options import DEFAULT_KV_TYPE, from_flags
@@ -95,7 +96,7 @@ class Timed:
     def cached(self) -> list[int]:
         return self.inner.cached
 
-    def step(self, tokens: Sequence[int], start: int, rows: Sequence[int], want_logits: bool = False,
+    def step(self, tokens: Sequence[int], start: int, rows: Sequence[int], want_logits: WantLogits = False,
              attn_block: int | None = None) -> Any:
         if self.probe:
             self.probe.clear()

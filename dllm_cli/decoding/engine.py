@@ -24,7 +24,7 @@ from dllm_cli.decoding.guided_indel import EditGuide
 from dllm_cli.decoding.levenshtein import LevenshteinPolicy, Scrub, Settle
 from dllm_cli.decoding.mbe import Window
 from dllm_cli.decoding.sampling import Sampler, filtered_probs, make_sampler
-from dllm_cli.decoding.stepper import StepModel, StepOutput, top2_from_logits
+from dllm_cli.decoding.stepper import StepModel, StepOutput, WantLogits, top2_from_logits
 from dllm_cli.decoding.threshold import Policy
 from dllm_cli.errors import ContextFullError, DecodeError, UsageError
 
@@ -53,8 +53,10 @@ class _Run:
     edit_guide: EditGuide | None = None  # LLaDA2.2 under a constraint
 
     @property
-    def want_logits(self) -> bool:
-        return self.sampler.needs_logits or self.guide is not None
+    def want_logits(self) -> WantLogits:
+        """"view" when sampling or a constraint reads the step's logits: both read them before the next decode
+        and never write them, so the runtime lends its own buffer instead of copying ``[n, V]`` floats."""
+        return "view" if self.sampler.needs_logits or self.guide is not None else False
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0

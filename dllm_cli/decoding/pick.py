@@ -60,12 +60,11 @@ def greedy(logits: np.ndarray, allowed: np.ndarray, index: ClassIndex, head_ids:
     lse = float(logits[t1]) - math.log(max(float(head_p[0]), 1e-38))
     ids, inside = index.ids(allowed)
     if inside:
-        z = float(np.exp(logits[ids].astype(np.float64) - lse).sum())
+        z = _sum_exp(logits, ids, lse)
     else:
-        rest = float(np.exp(logits[ids].astype(np.float64) - lse).sum()) - math.exp(float(logits[mask_id]) - lse)
-        z = 1.0 - rest
+        z = 1.0 - (_sum_exp(logits, ids, lse) - math.exp(float(logits[mask_id]) - lse))
         if z < MIN_COMPLEMENT:
-            z = float(np.exp(logits[allowed[cls]].astype(np.float64) - lse).sum())
+            z = _sum_exp(logits, np.flatnonzero(allowed[cls]), lse)
     if allowed[cls[t1]]:
         best = t1
     elif allowed[cls[t2]]:
@@ -77,3 +76,11 @@ def greedy(logits: np.ndarray, allowed: np.ndarray, index: ClassIndex, head_ids:
         row[ids] = -np.inf
         best = int(np.argmax(row))
     return best, math.exp(float(logits[best]) - lse) / z
+
+
+def _sum_exp(logits: np.ndarray, ids: np.ndarray, lse: float) -> float:
+    """``sum(exp(logits[ids] - lse))`` in float64, in place on one gathered copy (``logits`` [V] float32)."""
+    x = logits.take(ids).astype(np.float64)  # [m]
+    x -= lse
+    np.exp(x, out=x)
+    return float(x.sum())

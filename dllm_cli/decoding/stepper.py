@@ -7,9 +7,15 @@ for tests while recording every call and checking the KV discipline of spec §3.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Literal, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+
+
+WantLogits = bool | Literal["view"]
+"""``step``'s ``want_logits``: False (top-2 only), True (the rows' raw logits, the caller's to keep), or "view":
+logits the caller reads before the model's next decode and does not write (the runtime then hands out a
+read-only view of llama.cpp's output buffer instead of copying ``[n, V]`` floats; models without one copy)."""
 
 
 @dataclass(frozen=True)
@@ -18,7 +24,7 @@ class StepOutput:
 
     ids: np.ndarray  # [n_rows, 2] int32 (top1, top2)
     probs: np.ndarray  # [n_rows, 2] float32
-    logits: np.ndarray | None = None  # [n_rows, n_vocab] float32, raw (mask not excluded)
+    logits: np.ndarray | None = None  # [n_rows, n_vocab] float32, raw (mask not excluded); "view": see WantLogits
 
 
 @runtime_checkable
@@ -38,7 +44,7 @@ class StepModel(Protocol):
     def commit(self, tokens: Sequence[int], start: int) -> None:
         """Decode ``tokens`` at positions ``start..`` (== len(cached)) block-causally and keep their K/V."""
 
-    def step(self, tokens: Sequence[int], start: int, rows: Sequence[int], want_logits: bool = False,
+    def step(self, tokens: Sequence[int], start: int, rows: Sequence[int], want_logits: WantLogits = False,
              attn_block: int | None = None) -> StepOutput:
         """Decode ``tokens`` at ``start..`` (== len(cached)) against the cache; K/V discarded afterwards.
 
@@ -50,7 +56,7 @@ class StepModel(Protocol):
         """Drop committed cells at positions >= ``pos``."""
 
 
-def top2_from_logits(logits: np.ndarray, mask_id: int, want_logits: bool = False,
+def top2_from_logits(logits: np.ndarray, mask_id: int, want_logits: WantLogits = False,
                      dtype: type = np.float64) -> StepOutput:
     """Top-2 ids and full-vocabulary probabilities of ``logits`` [n, V] with the mask token excluded (its logit
     set to -inf), computed in ``dtype``. Ties go to the lowest id. Also the runtime's host path when the
@@ -105,7 +111,7 @@ class ScriptedModel:
             raise AssertionError(f"script exhausted after {self.n_steps} step calls")
         return self.script[self.n_steps]
 
-    def step(self, tokens: Sequence[int], start: int, rows: Sequence[int], want_logits: bool = False,
+    def step(self, tokens: Sequence[int], start: int, rows: Sequence[int], want_logits: WantLogits = False,
              attn_block: int | None = None) -> StepOutput:
         tokens, rows = [int(t) for t in tokens], [int(r) for r in rows]
         assert start == len(self.cached), f"step at {start} but {len(self.cached)} cells committed"
@@ -163,7 +169,7 @@ class ReferenceModel:
         self.ref.forward(list(tokens), cache=self.cache, commit=True)
         self.cached.extend(int(t) for t in tokens)
 
-    def step(self, tokens: Sequence[int], start: int, rows: Sequence[int], want_logits: bool = False,
+    def step(self, tokens: Sequence[int], start: int, rows: Sequence[int], want_logits: WantLogits = False,
              attn_block: int | None = None) -> StepOutput:
         assert start == len(self.cached) == self.cache.n_past
         logits = self.ref.forward(list(tokens), cache=self.cache, mask=self._mask(len(tokens), start, attn_block))

@@ -25,7 +25,7 @@ from dllm_cli.errors import ContextFullError, DecodeError, ModelError
 from dllm_cli.runtime import bindings
 from dllm_cli.runtime.model import Model
 from dllm_cli.runtime.options import KV_TYPES, RuntimeOptions
-from dllm_cli.runtime.session import _FLASH, OwnedContext, resolve_flash_attn, widen_rows
+from dllm_cli.runtime.session import _FLASH, OwnedContext, raw_logits, resolve_flash_attn, widen_rows
 
 KV_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}  # bytes per cached K or V element
 
@@ -180,8 +180,7 @@ class BatchContext(OwnedContext):
         n_out = sum(len(rows) for rows, _ in widened)
         logits = ids = probs = None
         if n_out and (want_logits or not self.device_confidence):
-            ptr = self.lib.llama_get_logits(self.ctx)
-            logits = np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab)).copy()  # [n_out, V]
+            logits = raw_logits(self.lib, self.ctx, n_out, self.n_vocab)  # [n_out, V], a view: each work copies
         if n_out and self.device_confidence:
             ids, probs = bindings.get_confidence(self.model.rt, self.ctx, n_out)  # [n_out, 2] each
         elif n_out:

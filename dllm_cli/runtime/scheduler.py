@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
-from dllm_cli.decoding.stepper import StepOutput
+from dllm_cli.decoding.stepper import StepOutput, WantLogits
 from dllm_cli.errors import DecodeError, DllmError
 from dllm_cli.runtime.batch import BatchContext, Work
 
@@ -202,7 +202,7 @@ class SlotModel:
         if toks:
             self.scheduler.submit(_Op(self.seq, toks, start, True))
 
-    def step(self, tokens: Sequence[int], start: int, rows: Sequence[int], want_logits: bool = False,
+    def step(self, tokens: Sequence[int], start: int, rows: Sequence[int], want_logits: WantLogits = False,
              attn_block: int | None = None) -> StepOutput:
         """Decode the active block (or window) against the slot's cache at the next tick; cells are dropped."""
         rows = [int(r) for r in rows]
@@ -210,15 +210,18 @@ class SlotModel:
         srows = [rows[i] for i in order]
         if len(set(srows)) != len(srows):
             raise DecodeError(f"output rows {rows} repeat a row")
-        op = self.scheduler.submit(_Op(self.seq, [int(t) for t in tokens], start, False, srows, want_logits,
+        # other sequences decode before this one reads its rows: a "view" is copied like True (batch._read)
+        op = self.scheduler.submit(_Op(self.seq, [int(t) for t in tokens], start, False, srows, bool(want_logits),
                                        attn_block))
         out = op.result
         assert out is not None
-        inv = [0] * len(order)
-        for k, i in enumerate(order):
-            inv[i] = k
-        return StepOutput(ids=out.ids[inv], probs=out.probs[inv],
-                          logits=None if out.logits is None or not want_logits else out.logits[inv])
+        logits = None if not want_logits else out.logits
+        if order != list(range(len(order))):  # unsorted rows: back to the caller's order (copies)
+            inv = [0] * len(order)
+            for k, i in enumerate(order):
+                inv[i] = k
+            return StepOutput(ids=out.ids[inv], probs=out.probs[inv], logits=None if logits is None else logits[inv])
+        return StepOutput(ids=out.ids, probs=out.probs, logits=logits)  # already the work's own copy
 
     def rollback(self, pos: int) -> None:
         self.scheduler.rollback(self.seq, pos)

@@ -13,7 +13,7 @@ from typing import Any, Self, Sequence
 
 import numpy as np
 
-from dllm_cli.decoding.stepper import StepOutput, top2_from_logits
+from dllm_cli.decoding.stepper import StepOutput, WantLogits, top2_from_logits
 from dllm_cli.errors import ContextFullError, DecodeError, ModelError, UsageError
 from dllm_cli.runtime import bindings
 from dllm_cli.runtime.model import Model
@@ -45,6 +45,27 @@ def widen_rows(rows: list[int], n_tokens: int) -> tuple[list[int], list[int]]:
         return rows, list(range(len(rows)))
     r = rows[0]
     return ([r, r + 1], [0]) if r + 1 < n_tokens else ([r - 1, r], [1])
+
+
+class _RawRows:
+    """``__array_interface__`` of ``n_rows x n_vocab`` float32 at ``addr``: numpy reads it without copying."""
+
+    __slots__ = ("__array_interface__",)
+
+    def __init__(self, addr: int, n_rows: int, n_vocab: int) -> None:
+        self.__array_interface__ = {"data": (addr, True), "shape": (n_rows, n_vocab), "typestr": "<f4",
+                                    "version": 3}
+
+
+def raw_logits(lib: Any, ctx: Any, n_rows: int, n_vocab: int) -> np.ndarray:
+    """The last decode's output logits ``[n_rows, n_vocab]`` float32 as a read-only view of llama.cpp's buffer.
+
+    The view is valid until the context's next decode (which may overwrite or reallocate the buffer) or its
+    free: copy it to keep it. ``n_rows`` must not exceed the decode's output rows."""
+    addr = ctypes.cast(lib.llama_get_logits(ctx), ctypes.c_void_p).value
+    if not addr:
+        raise DecodeError("llama.cpp returned no logits for the last decode", "run with DLLM_DEBUG=1")
+    return np.asarray(_RawRows(addr, n_rows, n_vocab))
 
 
 class OwnedContext:
@@ -172,19 +193,23 @@ class Session(OwnedContext):
             self._decode(chunk, start + i, ())
             self.cached.extend(int(t) for t in chunk)
 
-    def step(self, tokens: Sequence[int], start: int, rows: Sequence[int], want_logits: bool = False,
+    def step(self, tokens: Sequence[int], start: int, rows: Sequence[int], want_logits: WantLogits = False,
              attn_block: int | None = None) -> StepOutput:
-        """Decode the active block(s) against the cache, read the rows, then drop the block's cells."""
+        """Decode the active block(s) against the cache, read the rows, then drop the block's cells.
+
+        ``want_logits="view"`` returns the logits as a read-only view of llama.cpp's output buffer (no copy of
+        ``[n, V]`` floats; valid until this session's next decode, ``stepper.WantLogits``); ``True`` a copy."""
         rows = list(rows)
         order = sorted(range(len(rows)), key=lambda i: rows[i])
         srows = [rows[i] for i in order]
         if any(not 0 <= r < len(tokens) for r in srows) or len(set(srows)) != len(srows):
             raise DecodeError(f"output rows {rows} do not fit a block of {len(tokens)} tokens")
-        use_device = self.device_confidence and not want_logits
+        keep = bool(want_logits)  # True and "view" both need llama.cpp's copy of the logits to its host buffer
+        use_device = self.device_confidence and not keep
         if self.device_confidence:
-            mode = (True, self.mask_id, want_logits)
+            mode = (True, self.mask_id, keep)
             if mode != self._conf_mode:
-                bindings.set_confidence(self.model.rt, self.ctx, True, self.mask_id, want_logits)
+                bindings.set_confidence(self.model.rt, self.ctx, True, self.mask_id, keep)
                 self._conf_mode = mode
         self._set_attn_block(self.block_length if attn_block is None else attn_block)
         drows, pick = widen_rows(srows, len(tokens))
@@ -192,8 +217,9 @@ class Session(OwnedContext):
             self._decode(tokens, start, drows)
             logits = None
             if srows and (want_logits or not use_device):
-                ptr = self.lib.llama_get_logits(self.ctx)
-                logits = np.ctypeslib.as_array(ptr, shape=(len(drows), self.n_vocab))[pick].copy()
+                logits = raw_logits(self.lib, self.ctx, len(drows), self.n_vocab)  # a view: copied below if kept
+                if len(pick) != len(drows):
+                    logits = logits[pick]  # [n, V], a copy without the widening neighbour
             if srows and self.device_confidence:
                 ids, probs = bindings.get_confidence(self.model.rt, self.ctx, len(drows))
                 ids, probs = ids[pick], probs[pick]
@@ -206,8 +232,16 @@ class Session(OwnedContext):
         finally:
             self.lib.llama_memory_seq_rm(self.mem, 0, start, -1)
         self._check_finite(ids, probs)
-        inv = np.argsort(order) if rows else np.zeros(0, np.int64)
-        return StepOutput(ids=ids[inv], probs=probs[inv], logits=None if logits is None or not want_logits else logits[inv])
+        if not want_logits:
+            logits = None
+        if order != list(range(len(order))):  # rows came unsorted: back to the caller's order (fancy indexing copies)
+            inv = np.argsort(order)
+            ids, probs, logits = ids[inv], probs[inv], None if logits is None else logits[inv]
+        elif logits is not None and want_logits != "view" and not logits.flags.owndata:
+            logits = logits.copy()  # the one copy a kept result needs; a view is left to the next decode
+        if logits is not None and want_logits == "view":
+            logits.flags.writeable = False  # a lent result is read-only, view or (unsorted, lone row) copy
+        return StepOutput(ids=ids, probs=probs, logits=logits)
 
     def _check_finite(self, ids: np.ndarray, probs: np.ndarray) -> None:
         """NaN/inf logits (damaged or overflowing weights) surface as NaN probabilities or a -1 token id."""
@@ -231,8 +265,7 @@ class Session(OwnedContext):
         self.cached.extend(int(t) for t in tokens)
         if not rows:
             return None
-        ptr = self.lib.llama_get_logits(self.ctx)
-        logits = np.ctypeslib.as_array(ptr, shape=(len(rows), self.n_vocab)).copy()
+        logits = raw_logits(self.lib, self.ctx, len(rows), self.n_vocab).copy()
         self._check_finite(np.zeros(0, np.int32), logits)
         return logits
 
