@@ -1,6 +1,6 @@
 """On-CPU time per kernel group of a diffusion step or an AR token, from ``perf`` samples (issue 28).
 
-Usage: .venv/bin/python benchmarks/kernel_cpu_time.py MODEL.gguf [--steps 20] [--ar] [--threads 2]
+Usage: .venv/bin/python benchmarks/kernel_cpu_time.py MODEL.gguf [--steps 20] [--ar] [--threads 2] [--block half-masks]
            [--env DLLM_MOE_ROWS=0 --env GOMP_SPINCOUNT=300000] [--variants 'A:ENV=V+ENV=V,B:...'] [--rounds 2]
 
 Wall-clock step times on a shared machine swing 2x with other people's jobs; the CPU time a kernel spends is far
@@ -52,7 +52,10 @@ def child(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(0)
     B = model.block_length
     s.commit([int(t) for t in rng.integers(0, model.mask_id, size=256)], 0)
-    block = [int(t) for t in rng.integers(0, model.mask_id, size=B)]
+    if args.block == "half-masks":  # a decoding block as dllm bench and step_profile use: 16 tokens + 16 masks
+        block = [int(t) for t in rng.integers(0, model.mask_id, size=B // 2)] + [model.mask_id] * (B - B // 2)
+    else:
+        block = [int(t) for t in rng.integers(0, model.mask_id, size=B)]
     if args.ar:
         s.set_causal(True)
 
@@ -80,7 +83,7 @@ def profile(args: argparse.Namespace, env_extra: dict[str, str]) -> tuple[dict[s
         env = dict(os.environ, PERF_CTL_FIFO=str(fifo), **env_extra)
         cmd = ["perf", "record", "-q", "-F", str(FREQ), "-D", "-1", "--control", f"fifo:{fifo}", "-o", str(data),
                "--", sys.executable, __file__, str(args.model), "--child", "--steps", str(args.steps),
-               "--threads", str(args.threads)] + (["--ar"] if args.ar else [])
+               "--threads", str(args.threads), "--block", args.block] + (["--ar"] if args.ar else [])
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
         if out.returncode:
             raise SystemExit(f"perf failed: {out.stderr[-2000:]}")
@@ -109,6 +112,8 @@ def main() -> None:
     ap.add_argument("--ar", action="store_true", help="AR tokens (causal, 1 row) instead of 32-token steps")
     ap.add_argument("--variants", default="default:", help="NAME:ENV=V+ENV=V,NAME:... (round-robin)")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--block", choices=("random", "half-masks"), default="random",
+                    help="random: 32 random tokens (the most experts per step); half-masks: 16 random tokens + 16 masks")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
