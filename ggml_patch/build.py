@@ -30,6 +30,7 @@ from ggml_patch import backends as BK
 from ggml_patch import cpu_features
 from ggml_patch import cuda_toolkit
 from ggml_patch.backends.cuda import CudaSetup, cuda_setup as _cuda_setup
+from ggml_patch.staging import staged_dir
 
 PACKAGE = "llama-cpp-python"
 VERSION = "0.3.36"
@@ -231,16 +232,8 @@ def _run(cmd: list[str], cwd: Path, log_path: Path, status: Status, step: str) -
 def _extract(sdist: Path, dest: Path) -> None:
     """Extract the sdist's ``vendor/llama.cpp`` into ``dest``."""
     prefix = f"llama_cpp_python-{VERSION}/vendor/llama.cpp/"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # this extraction's own directory (mkdtemp: O_EXCL, never a planted symlink or another build's files)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the source tree was world-readable before
+    with staged_dir(dest, suffix=".part") as tmp:  # world-readable, as the source tree was before
         _extract_into(sdist, tmp, prefix)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _extract_into(sdist: Path, tmp: Path, prefix: str) -> None:
@@ -284,10 +277,7 @@ def _libraries(bin_dir: Path) -> list[Path]:
 
 def _install(bin_dir: Path, target: Path, info: dict) -> None:
     """Copy the libraries (symlinks kept) and build.json into a temp dir next to ``target``, then rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the runtime may be shared
-    try:
+    with staged_dir(target) as tmp:  # world-readable: the runtime may be shared
         lib = tmp / "lib"
         lib.mkdir()
         libs = _libraries(bin_dir)
@@ -297,16 +287,6 @@ def _install(bin_dir: Path, target: Path, info: dict) -> None:
             shutil.copy2(p, lib / p.name, follow_symlinks=False)
         info = {**info, "libraries": [p.name for p in libs]}
         (tmp / "build.json").write_text(json.dumps(info, indent=1) + "\n")
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old.{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def installed(backend: str, key: str) -> bool:

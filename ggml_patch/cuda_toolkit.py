@@ -25,9 +25,10 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ggml_patch.staging import staged_dir
 
 EXTRA_HINT = "pip install 'dllm-cli[cuda]'"
 
@@ -398,9 +399,7 @@ def assemble_root(tk: Toolkit, parent: Path, cc: str | None = None) -> Path:
     root = parent / root_name(tk)
     if (root / ".complete").is_file():
         return root
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=parent))
-    try:
+    with staged_dir(root) as tmp:
         _link_entries(tk.nvcc.parent, tmp / "bin")
         for d in tk.include_dirs:
             _link_entries(d, tmp / "include")
@@ -418,13 +417,6 @@ def assemble_root(tk: Toolkit, parent: Path, cc: str | None = None) -> Path:
         cc = cc or c_compiler()
         write_driver_stub(lib / "stubs", driver_symbols((tmp / "include",), cc), cc)
         (tmp / ".complete").write_text(f"{tk.nvcc}\n")
-        tmp.chmod(0o755)
-        if root.exists():
-            shutil.rmtree(root, ignore_errors=True)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root
 
 

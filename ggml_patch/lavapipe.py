@@ -13,12 +13,12 @@ starts. Debian/Ubuntu with apt and dpkg only.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from ggml_patch.staging import staged_dir
 
 SUITE_LINE = "deb http://deb.debian.org/debian bookworm-backports main"
 VERSION = "25.0.7-2~bpo12+1"
@@ -65,8 +65,7 @@ def install(base: Path | None = None) -> Path:
     opts = _apt(base)
     _run(["apt-get", *opts, "update", "-qq"])
     dest = out.parent
-    tmp = Path(tempfile.mkdtemp(prefix=".lavapipe.", dir=base))
-    try:
+    with staged_dir(dest, mode=None) as tmp:  # mkdtemp's private mode kept, as before
         debs = tmp / "debs"
         debs.mkdir()
         _run(["apt-get", *opts, "download", *PACKAGES], cwd=debs)
@@ -79,11 +78,6 @@ def install(base: Path | None = None) -> Path:
         final_lib = dest / libs[0].relative_to(tmp)
         (tmp / ICD_NAME).write_text(json.dumps({"file_format_version": "1.0.0", "ICD": {
             "library_path": str(final_lib), "api_version": "1.4.305"}}) + "\n")
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
