@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from dllm_cli.bench.experts import ExpertProbe
-from dllm_cli.bench.roofline import Shapes, memory_limit_gbs, probe_machine
+from dllm_cli.bench.roofline import Shapes, memory_limit_gbs, moe_floor, probe_machine
 from dllm_cli.runtime.model import Model
 from dllm_cli.runtime.options import RuntimeOptions
 from dllm_cli.runtime.session import Session
@@ -148,14 +148,14 @@ def main() -> None:
     if args.names:
         for (name, op), sec in sorted(timer.times.items(), key=lambda kv: -kv[1])[:40]:
             print(f"  {1e3 * sec / n:8.2f} ms  {op:14s} {name}  -> {group_of(name, op)}")
-    moe_floor(model, opts, prefix, block, rows, 1e3 * groups["routed experts"] / n, args.threads)
+    report_moe_floor(model, opts, prefix, block, rows, 1e3 * groups["routed experts"] / n, args.threads)
     plain.close()
     probed.close()
     model.close()
 
 
-def moe_floor(model: Model, opts: RuntimeOptions, prefix: list[int], block: list[int], rows: list[int],
-              routed_ms: float, threads: int) -> None:
+def report_moe_floor(model: Model, opts: RuntimeOptions, prefix: list[int], block: list[int], rows: list[int],
+                     routed_ms: float, threads: int) -> None:
     """Per MoE layer: the profiled routed-expert time against the bandwidth floor, i.e. the bytes of the experts
     this block really routed to (read from llama.cpp) over the machine's measured read bandwidth (issue 28)."""
     sh = Shapes.from_gguf(model.path)
@@ -170,15 +170,13 @@ def moe_floor(model: Model, opts: RuntimeOptions, prefix: list[int], block: list
         s.step(block, len(prefix), rows)
     finally:
         s.close()
-    union = float(np.mean(list(probe.union_sizes().values())))
-    mbytes = sh.expert_bytes_per_layer * union / sh.experts / 1e6
     machine = probe_machine(threads)
-    gbs = memory_limit_gbs(machine)
-    floor = mbytes / gbs  # MB / (GB/s) = ms
+    f = moe_floor(sh, float(np.mean(list(probe.union_sizes().values()))), machine)
+    assert f is not None
     per_layer = routed_ms / n_moe
-    print(f"MoE layer: {per_layer:.2f} ms ({n_moe} MoE layers); experts touched {union:.1f} of {sh.experts}, "
-          f"{mbytes:.1f} MB; read bandwidth {gbs:.1f} GB/s ({machine['read_probe']}); floor {floor:.2f} ms; "
-          f"{per_layer / floor:.2f}x the floor")
+    print(f"MoE layer: {per_layer:.2f} ms ({n_moe} MoE layers); experts touched {f['experts']:.1f} of {sh.experts}, "
+          f"{f['mbytes']:.1f} MB; read bandwidth {memory_limit_gbs(machine):.1f} GB/s ({machine['read_probe']}); "
+          f"floor {f['floor_ms']:.2f} ms; {per_layer / f['floor_ms']:.2f}x the floor")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import numpy as np
 
 from dllm_cli.bench.baselines import PAPER_TPF, ar_decode, recompute_step
 from dllm_cli.bench.experts import ExpertProbe
-from dllm_cli.bench.roofline import Shapes, forward_cost, memory_limit_gbs, roofline_pct, sig
+from dllm_cli.bench.roofline import Shapes, forward_cost, moe_floor, roofline_pct
 from dllm_cli.decoding import engine
 from dllm_cli.decoding.events import BlockEvent, DoneEvent
 from dllm_cli.decoding.stepper import WantLogits
@@ -255,7 +255,7 @@ class Bench:
         union = self._step_union(ids, block) if self.cfg.experts else float(self.shapes.experts)
         cost = forward_cost(self.shapes, B, prefix, B, union)
         return [self.row(f"step@{prefix}", kv_s, B, step_s=stats(kv_s), recompute_ratio=round(ratio, 2),
-                         flops_per_step=cost.flops, moe_layer=self._moe_floor(union),
+                         flops_per_step=cost.flops, moe_layer=moe_floor(self.shapes, union, self.machine),
                          roofline=roofline_pct(cost, statistics.mean(kv_s), self.machine, self.shapes.layers)),
                 self.row(f"recompute@{prefix}", rc_s, B, step_s=stats(rc_s))]
 
@@ -274,15 +274,6 @@ class Bench:
             sess.close()
         return float(np.mean(list(sizes.values()))) if sizes else 0.0
 
-    def _moe_floor(self, union: float) -> dict[str, Any] | None:
-        """One MoE layer's routed-expert bytes for ``union`` experts and the time the read bandwidth allows."""
-        sh = self.shapes
-        if sh.layers <= sh.dense_layers or not sh.experts:
-            return None
-        nbytes = sh.expert_bytes_per_layer * min(union, sh.experts) / sh.experts
-        return {"experts": round(union, 2), "mbytes": sig(nbytes / 1e6),
-                "floor_ms": sig(1e3 * nbytes / (memory_limit_gbs(self.machine) * 1e9))}
-
     # --- autoregressive decoding of the same weights -------------------------------------------------
     def ar(self, n_prompt: int) -> dict[str, Any]:
         ids = filler_ids(self.model, n_prompt)
@@ -297,7 +288,7 @@ class Bench:
         lat = [t / n for t in times]
         cost = forward_cost(self.shapes, 1, n_prompt + n / 2, 1, self.shapes.experts_used)
         return self.row("ar", times, n, step_s=stats(lat), tpf=1.0, n_prompt=n_prompt,
-                        moe_layer=self._moe_floor(self.shapes.experts_used),
+                        moe_layer=moe_floor(self.shapes, self.shapes.experts_used, self.machine),
                         roofline=roofline_pct(cost, statistics.mean(lat), self.machine, self.shapes.layers))
 
     # --- diffusion generation ---------------------------------------------------------------------------

@@ -176,6 +176,17 @@ def memory_limit_gbs(machine: Mapping[str, Any]) -> float:
     return float(machine.get("read_gbs") or machine["bandwidth_gbs"])
 
 
+def moe_floor(s: Shapes, union: float, machine: Mapping[str, Any]) -> dict[str, Any] | None:
+    """One MoE layer's routed-expert bytes when ``union`` distinct experts are touched, and the time the machine's
+    read bandwidth allows for them (issue 28's floor): ``{"experts", "mbytes" (MB), "floor_ms"}``; None for a model
+    without MoE layers."""
+    if s.layers <= s.dense_layers or not s.experts:
+        return None
+    nbytes = s.expert_bytes_per_layer * min(union, s.experts) / s.experts
+    return {"experts": round(union, 2), "mbytes": sig(nbytes / 1e6),
+            "floor_ms": sig(1e3 * nbytes / (memory_limit_gbs(machine) * 1e9))}
+
+
 def sig(x: float, digits: int = 4) -> float:
     """``x`` to ``digits`` significant digits (bench figures span tiny test models to 100B ones)."""
     return float(f"{x:.{digits}g}")
