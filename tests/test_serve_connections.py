@@ -142,6 +142,31 @@ def test_an_idle_connection_flood_is_bounded_and_the_log_stays_small(tmp_path):
     assert err.count("connection limit") <= 5
 
 
+def test_a_burst_of_connections_is_queued_not_dropped(tmp_path):
+    """While the server cannot accept (stopped here; busy or descheduled in life), a burst of 300 connections waits
+    in the kernel's listen queue: every handshake completes at once, and each is served once the server runs.
+    With the 64-long queue asyncio's ``create_server`` leaves, the 66th handshake was dropped and its client
+    stalled for its 1 s retransmission timeout (the flood test's new client sometimes took 1.007 s)."""
+    server = Proc(tmp_path)
+    socks: list[socket.socket] = []
+    try:
+        server.proc.send_signal(signal.SIGSTOP)
+        for i in range(300):
+            t0 = time.monotonic()
+            socks.append(socket.create_connection(("127.0.0.1", server.port), timeout=0.5))
+            assert time.monotonic() - t0 < 0.5, f"handshake {i} waited for a retransmission"
+        server.proc.send_signal(signal.SIGCONT)
+        for s in socks[-3:]:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            s.settimeout(10)
+            assert s.recv(1024).startswith(b"HTTP/1.1 200")
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+        for s in socks:
+            s.close()
+        assert server.stop() == 143
+
+
 def test_a_garbage_request_flood_logs_a_few_lines(tmp_path):
     server = Proc(tmp_path)
     try:

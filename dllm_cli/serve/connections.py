@@ -33,7 +33,18 @@ from dllm_cli.outfiles import describe
 PROBE_AFTER_S = (0.0, 0.05, 0.3, 1.5)  # 100 Continue probes after a half-close: a reset comes back within a round trip
 log = logging.getLogger("dllm.serve")
 FD_RESERVE = 64  # descriptors kept for the model files, logs and the listening socket
-BACKLOG = 64  # the listen queue, and how many connections asyncio accepts in one go before any is checked
+# How many connections asyncio accepts per wakeup of the listening socket (``create_server``'s ``backlog``). A
+# connection is checked against the limit two loop iterations after its accept (a task makes its transport, which
+# calls ``connection_made`` on the next one), and a connection closed there frees its descriptor on the next, while
+# the listening socket is read again in each of them: up to ``ACCEPT_IN_FLIGHT`` batches hold descriptors beyond
+# the limit. Small batches keep that reserve small (the queue itself is the kernel's, below).
+ACCEPT_BATCH = 16
+ACCEPT_IN_FLIGHT = 4
+# The kernel's queue of connections not yet accepted (capped by net.core.somaxconn). They hold no descriptor of
+# ours, so it can be long: when it is full the kernel drops the client's handshake, and the client only tries
+# again after its retransmission timeout (1 s, then 3 s on Linux), so a burst of connections stalled the next
+# client for a second or more even though the server had room for it by then.
+LISTEN_QUEUE = 4096
 
 
 @dataclass(frozen=True)
@@ -44,15 +55,16 @@ class ConnectionLimits:
 
 
 def fd_ceiling() -> int:
-    """How many connections the open-file limit leaves room for: asyncio accepts up to ``BACKLOG`` at once before
-    the protocol can close the ones over the limit, so those must fit too."""
+    """How many connections the open-file limit leaves room for: ``FD_RESERVE`` for the process and the accepts in
+    flight (``ACCEPT_IN_FLIGHT`` batches, see ``ACCEPT_BATCH``) before the protocol can close the ones over the
+    limit."""
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return max(1, soft - FD_RESERVE - BACKLOG) if soft != resource.RLIM_INFINITY else 1 << 20
+    return max(1, soft - FD_RESERVE - ACCEPT_IN_FLIGHT * ACCEPT_BATCH) if soft != resource.RLIM_INFINITY else 1 << 20
 
 
-def bind(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
-    """A listening socket on ``host:port``; ``UsageError`` for a host that is not an address of this machine's
-    resolver, ``DllmError`` for a port in use or not allowed."""
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` with a ``LISTEN_QUEUE`` long queue; ``UsageError`` for a host that is
+    not an address of this machine's resolver, ``DllmError`` for a port in use or not allowed."""
     try:
         infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as e:
@@ -67,7 +79,7 @@ def bind(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(addr)
-        sock.listen(backlog)
+        sock.listen(LISTEN_QUEUE)
         sock.setblocking(False)
     except OSError as e:
         sock.close()
@@ -144,6 +156,16 @@ class LimitedH11Protocol(H11Protocol):
         cycle = self.cycle
         if cycle is not None and not cycle.response_started and not self.transport.is_closing():
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+
+def lengthen_queue(sockets: list[socket.socket]) -> None:
+    """Give the listening ``sockets`` the ``LISTEN_QUEUE`` long kernel queue again: asyncio's ``create_server``
+    calls ``listen(backlog)`` with the accept batch, which would also cut the kernel's queue to ``ACCEPT_BATCH``
+    (Linux takes a second ``listen`` on a listening socket as a new queue length). ``sockets`` may be asyncio's
+    ``TransportSocket`` wrappers, which have no ``listen``: a duplicate descriptor of the same socket does it."""
+    for sock in sockets:
+        with socket.fromfd(sock.fileno(), sock.family, sock.type) as dup:
+            dup.listen(LISTEN_QUEUE)
 
 
 def protocol_class(limits: ConnectionLimits) -> type[LimitedH11Protocol]:

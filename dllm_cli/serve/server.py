@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterator
 from dllm_cli import signals
 from dllm_cli.serve.app import ServeSettings, create_app
 from dllm_cli.serve.backend import Backend
-from dllm_cli.serve.connections import BACKLOG, ConnectionLimits, RepeatFilter, bind, fd_ceiling, protocol_class
+from dllm_cli.serve.connections import (ACCEPT_BATCH, ConnectionLimits, RepeatFilter, bind, fd_ceiling,
+                                        lengthen_queue, protocol_class)
 from dllm_cli.serve.worker import Worker
 
 GRACEFUL_S = 5
@@ -75,7 +76,7 @@ def make_server(worker: Worker, settings: ServeSettings, host: str, port: int, *
     config = uvicorn.Config(app, host=host, port=port, log_config=log_config(log_level), log_level=log_level,
                             timeout_graceful_shutdown=GRACEFUL_S, access_log=True, http=protocol_class(limits),
                             limit_concurrency=cap + 1, timeout_keep_alive=limits.keep_alive_s,
-                            h11_max_incomplete_event_size=16 * 1024, backlog=BACKLOG)
+                            h11_max_incomplete_event_size=16 * 1024, backlog=ACCEPT_BATCH)
     server = server_class(on_started)(config)
     return server
 
@@ -101,8 +102,10 @@ def server_class(on_started: Callable[[list[socket.socket]], None] | None = None
 
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets=sockets)
+            listening = [s for srv in self.servers for s in srv.sockets] if sockets is None else sockets
+            lengthen_queue(listening)
             if on_started is not None and self.started:
-                on_started([s for srv in self.servers for s in srv.sockets] if sockets is None else sockets)
+                on_started(listening)
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             self.signals_seen.append(sig)
