@@ -9,74 +9,26 @@ MoE model equal those of the same build run with ``DLLM_BINARY_SCALAR=0`` (upstr
 """
 from __future__ import annotations
 
-import ctypes
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from ggml_ctypes import Ggml
 from runtime_marks import needs_runtime
+from switch_compare import assert_switch_is_bit_identical
 
 pytestmark = needs_runtime
 
-GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
 OPS = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide}
-CHILD = Path(__file__).with_name("moe_rows_child.py")
-
-
-class _InitParams(ctypes.Structure):
-    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
 
 
 @pytest.fixture(scope="module")
 def ggml():
-    """libggml-base + libggml-cpu of the loaded runtime, with the few signatures these tests call."""
-    from dllm_cli.runtime.library import load
-
-    lib = load().path / "lib"
-    base = ctypes.CDLL(str(sorted(lib.glob("libggml-base.so*"))[0]))
-    cpu = ctypes.CDLL(str(sorted(lib.glob("libggml-cpu.so*"))[0]))
-    vp, i64 = ctypes.c_void_p, ctypes.c_int64
-    base.ggml_init.restype, base.ggml_init.argtypes = vp, [_InitParams]
-    base.ggml_free.restype, base.ggml_free.argtypes = None, [vp]
-    base.ggml_new_tensor_3d.restype, base.ggml_new_tensor_3d.argtypes = vp, [vp, ctypes.c_int, i64, i64, i64]
-    base.ggml_get_data.restype, base.ggml_get_data.argtypes = vp, [vp]
-    base.ggml_new_graph.restype, base.ggml_new_graph.argtypes = vp, [vp]
-    base.ggml_build_forward_expand.restype, base.ggml_build_forward_expand.argtypes = None, [vp, vp]
-    for name in OPS:
-        fn = getattr(base, f"ggml_{name}")
-        fn.restype, fn.argtypes = vp, [vp, vp, vp]
-    cpu.ggml_graph_compute_with_ctx.restype = ctypes.c_int
-    cpu.ggml_graph_compute_with_ctx.argtypes = [vp, vp, ctypes.c_int]
-    return base, cpu
-
-
-def _tensor(base, ctx, arr: np.ndarray) -> int:
-    """A ggml tensor holding ``arr`` (C order, numpy shape (ne2, ne1, ne0))."""
-    t = base.ggml_new_tensor_3d(ctx, GGML_TYPE_F16 if arr.dtype == np.float16 else GGML_TYPE_F32, *arr.shape[::-1])
-    ctypes.memmove(base.ggml_get_data(t), arr.ctypes.data, arr.nbytes)
-    return t
+    return Ggml()
 
 
 def _compute(ggml, op: str, x: np.ndarray, y: np.ndarray, threads: int = 2) -> np.ndarray:
     """``ggml_<op>(x, y)`` computed by ggml-cpu; the result has x's shape and dtype."""
-    base, cpu = ggml
-    ctx = base.ggml_init(_InitParams(64 << 20, None, False))
-    assert ctx
-    try:
-        out = getattr(base, f"ggml_{op}")(ctx, _tensor(base, ctx, x), _tensor(base, ctx, y))
-        gf = base.ggml_new_graph(ctx)
-        base.ggml_build_forward_expand(gf, out)
-        assert cpu.ggml_graph_compute_with_ctx(ctx, gf, threads) == 0
-        res = np.empty_like(x)
-        ctypes.memmove(res.ctypes.data, base.ggml_get_data(out), res.nbytes)
-        return res
-    finally:
-        base.ggml_free(ctx)
+    return ggml.run(lambda g: {"out": (g.op(op, g.tensor(x), g.tensor(y)), x.shape, x.dtype)}, threads)["out"]
 
 
 @pytest.mark.parametrize("op", sorted(OPS))
@@ -108,18 +60,7 @@ def test_scalar_row_ops_are_exact_f16(ggml, op):
 
 def test_moe_logits_and_tokens_equal_the_per_element_path(moe_file_q4, tmp_path):
     """End to end: the MoE weighting through the scalar loop gives the same bits as upstream's per-element calls."""
-    outs = {}
-    for flag in ("1", "0"):
-        out = tmp_path / f"scalar{flag}.npz"
-        res = subprocess.run([sys.executable, str(CHILD), str(moe_file_q4), str(out), "1"],
-                             env=dict(os.environ, DLLM_BINARY_SCALAR=flag), capture_output=True, text=True,
-                             timeout=300)
-        assert res.returncode == 0, res.stderr[-3000:]
-        outs[flag] = np.load(out)
-    a, b = outs["1"], outs["0"]
-    for k in ("step1", "step3", "step5", "step32", "ar"):
-        assert 1.0 < np.abs(a[k]).max() < 100.0 and np.array_equal(a[k], b[k]), k
-    assert json.loads(str(a["tokens"])) == json.loads(str(b["tokens"]))
+    assert_switch_is_bit_identical(moe_file_q4, "DLLM_BINARY_SCALAR", tmp_path)
 
 
 @pytest.fixture(scope="module")
