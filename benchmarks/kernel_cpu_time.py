@@ -10,6 +10,7 @@ first timed step on (``perf record --control``), and samples are grouped by symb
 
     moe q4_K / moe q6_K     the routed experts' GEMV kernels (per row, or patch 0009's multi-row ones)
     q4_K gemm / q6_K gemm   repacked dense GEMMs (attention, dense FFN, shared expert, output head)
+    f32 attention matmuls   K·Q (patch 0014's rows kernel, or upstream's vec_dot) and the softmax times V (sgemm)
     binary ops              element-wise add / sub / mul / div (the MoE expert weighting among them)
     barrier spin            libgomp's spin-wait (symbol-less addresses in libgomp)
     other ggml / python     the rest of libggml-cpu; the interpreter
@@ -35,6 +36,7 @@ GROUPS = [  # first match wins
     ("moe q6_K", r"q6_K_8x8_rows|gemv_q6_K_8x8_q8_K"),
     ("q6_K gemm", r"q6_K_8x8_gemm|gemm_q6_K"),
     ("q4_K gemm", r"gemm_q4_K"),
+    ("f32 attention matmuls", r"dllm_mul_mat_f32_rows|tinyBLAS|ggml_vec_dot_f32"),  # kq (patch 0014), kqv (sgemm)
     ("binary ops", r"binary_op|ggml_compute_forward_(add|add_non_quantized|sub|mul|div)$"),  # add / sub / mul / div (ggml-cpu/binary-ops.cpp; patch 0013)
 ]
 
