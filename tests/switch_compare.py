@@ -15,6 +15,19 @@ CHILD = Path(__file__).with_name("moe_rows_child.py")
 KEYS = ("step1", "step3", "step5", "step32", "ar")
 
 
+def tiny_moe(d: Path, seed: int) -> dict[str, Path]:
+    """A 3-layer MoE LLaDA2 (1 dense layer, 8 experts, top-2, hidden 256, head_dim 64) in ``d``, as f32 and Q4_K_M
+    GGUFs: ``{"f32": path, "q4_k_m": path}``."""
+    from converters import convert
+    from dllm_cli.demo.checkpoint import tiny_config, write_checkpoint
+    from dllm_cli.runtime.quantize import quantize
+
+    cfg = tiny_config(hidden_size=256, intermediate_size=512, moe_intermediate_size=256, head_dim=64)
+    write_checkpoint(d / "ckpt", cfg, seed=seed, head_scale=2.0)
+    f32 = convert(d / "ckpt", d / "m-f32.gguf", outtype="f32").path
+    return {"f32": f32, "q4_k_m": quantize(f32, d / "m-q4_k_m.gguf", "q4_k_m")}
+
+
 def child_outputs(model: Path, env: dict[str, str], out: Path, repack: bool = True) -> dict[str, np.ndarray]:
     res = subprocess.run([sys.executable, str(CHILD), str(model), str(out), "1" if repack else "0"],
                          env=dict(os.environ, **env), capture_output=True, text=True, timeout=300)

@@ -14,7 +14,7 @@ import pytest
 
 from ggml_ctypes import Ggml
 from runtime_marks import needs_runtime
-from switch_compare import assert_switch_is_bit_identical
+from switch_compare import assert_switch_is_bit_identical, tiny_moe
 
 pytestmark = needs_runtime
 
@@ -65,13 +65,5 @@ def test_moe_logits_and_tokens_equal_the_per_element_path(moe_file_q4, tmp_path)
 
 @pytest.fixture(scope="module")
 def moe_file_q4(tmp_path_factory):
-    """A 3-layer Q4_K_M MoE LLaDA2 (8 experts, top-2): every MoE layer weights its experts with a [1, 2, n] MUL."""
-    from converters import convert
-    from dllm_cli.demo.checkpoint import tiny_config, write_checkpoint
-    from dllm_cli.runtime.quantize import quantize
-
-    d = tmp_path_factory.mktemp("binary-scalar")
-    cfg = tiny_config(hidden_size=256, intermediate_size=512, moe_intermediate_size=256, head_dim=64)
-    write_checkpoint(d / "ckpt", cfg, seed=11, head_scale=2.0)
-    f32 = convert(d / "ckpt", d / "m-f32.gguf", outtype="f32").path
-    return quantize(f32, d / "m-q4_k_m.gguf", "q4_k_m")
+    """Every MoE layer of the tiny MoE weights its experts with a [1, 2, n] MUL."""
+    return tiny_moe(tmp_path_factory.mktemp("binary-scalar"), seed=11)["q4_k_m"]

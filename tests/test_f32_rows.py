@@ -18,7 +18,7 @@ import pytest
 
 from ggml_ctypes import Ggml, in_child
 from runtime_marks import needs_runtime
-from switch_compare import assert_switch_is_bit_identical
+from switch_compare import assert_switch_is_bit_identical, tiny_moe
 
 pytestmark = needs_runtime
 
@@ -67,16 +67,7 @@ def test_f32_products_are_bit_identical_to_the_per_row_loop(shape, tmp_path):
 
 @pytest.fixture(scope="module")
 def moe_files(tmp_path_factory):
-    """A 3-layer MoE LLaDA2 (8 experts, top-2, head_dim 64) in f32 and Q4_K_M."""
-    from converters import convert
-    from dllm_cli.demo.checkpoint import tiny_config, write_checkpoint
-    from dllm_cli.runtime.quantize import quantize
-
-    d = tmp_path_factory.mktemp("f32-rows")
-    cfg = tiny_config(hidden_size=256, intermediate_size=512, moe_intermediate_size=256, head_dim=64)
-    write_checkpoint(d / "ckpt", cfg, seed=13, head_scale=2.0)
-    f32 = convert(d / "ckpt", d / "m-f32.gguf", outtype="f32").path
-    return {"f32": f32, "q4_k_m": quantize(f32, d / "m-q4_k_m.gguf", "q4_k_m")}
+    return tiny_moe(tmp_path_factory.mktemp("f32-rows"), seed=13)
 
 
 @pytest.mark.parametrize("quant", ["f32", "q4_k_m"])

@@ -15,7 +15,7 @@ import pytest
 
 from ggml_ctypes import Ggml, in_child
 from runtime_marks import needs_runtime
-from switch_compare import assert_switch_is_bit_identical
+from switch_compare import assert_switch_is_bit_identical, tiny_moe
 
 pytestmark = needs_runtime
 
@@ -85,12 +85,4 @@ def test_softmax_and_top_k_are_bit_identical_to_upstream(kind, size, k, tmp_path
 
 def test_model_logits_and_tokens_are_bit_identical(tmp_path):
     """End to end on a Q4_K_M MoE model (its confidence head runs soft_max and top_k over the vocabulary)."""
-    from converters import convert
-    from dllm_cli.demo.checkpoint import tiny_config, write_checkpoint
-    from dllm_cli.runtime.quantize import quantize
-
-    cfg = tiny_config(hidden_size=256, intermediate_size=512, moe_intermediate_size=256, head_dim=64)
-    write_checkpoint(tmp_path / "ckpt", cfg, seed=17, head_scale=2.0)
-    f32 = convert(tmp_path / "ckpt", tmp_path / "m-f32.gguf", outtype="f32").path
-    model = quantize(f32, tmp_path / "m-q4_k_m.gguf", "q4_k_m")
-    assert_switch_is_bit_identical(model, "DLLM_ROW_OPS", tmp_path)
+    assert_switch_is_bit_identical(tiny_moe(tmp_path, seed=17)["q4_k_m"], "DLLM_ROW_OPS", tmp_path)
