@@ -93,7 +93,9 @@ DOMAINS: dict[str, Domain] = {d.flag.lstrip("-").replace("-", "_"): d for d in (
     Domain("--threshold", float, 0.0, 1.0),
     Domain("--editing-threshold", float, 0.0, 1.0),
     Domain("--top-p", float, 0.0, 1.0, lo_open=True),
-    Domain("--temperature", float, 1e-6, or_zero=True),  # 1/T scales float32 logits: below 1e-6 they overflow
+    # 0 is greedy; below 1e-6 a sampler is greedy in all but name (logits ~10 apart differ by 1e7 after 1/T), and
+    # denormals would overflow 1/T: refused, with dllm serve's temperature field (serve/validate.py)
+    Domain("--temperature", float, 1e-6, or_zero=True),
     Domain("--top-k", int, 0, INT32_MAX),
     Domain("--max-post-steps", int, 0, 4096),
     Domain("--max-tokens", int, 1, INT32_MAX),

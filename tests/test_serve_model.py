@@ -170,10 +170,22 @@ def test_a_raw_prompt_with_mask_tokens_is_a_400_naming_the_prompt(server, prompt
     assert r.status_code == 200
 
 
-@pytest.mark.parametrize("temperature", [1e-310, 5e-324, 1e-200, 1e-5])
+@pytest.mark.parametrize("temperature", [1e-310, 5e-324, 1e-200, 5e-7])
 def test_a_denormal_or_tiny_temperature_is_a_400(server, temperature):
     r = httpx.post(server + "/v1/completions", json={"prompt": "Sort: 5 2 9", "temperature": temperature}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    assert "at least 1e-06" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("temperature", [1e-6, 1e-5])
+def test_the_smallest_temperature_the_cli_takes_samples_here_too(server, temperature, tmp_path):
+    """One floor for every front end: what ``dllm run --temperature`` takes, the server takes, and samples with."""
+    from dllm_cli.domains import DOMAINS
+
+    assert DOMAINS["temperature"].problem(temperature) is None
+    body = {"prompt": "Sort: 5 2 9", "temperature": temperature, "max_tokens": 8, "seed": 3}
+    r = httpx.post(server + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"].strip()
 
 
 @pytest.mark.parametrize("n", [400, 3000, 20_000])

@@ -14,11 +14,12 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
+from dllm_cli.domains import DOMAINS
 from dllm_cli.serve.errors import ApiError, bad_request
 from dllm_cli.serve.schemas import ChatRequest, CompletionRequest, _Body, _Sampling
 
 B = TypeVar("B", bound=_Body)
-MIN_TEMPERATURE = 1e-3  # below it the tempered logits overflow or round to greedy: 0 is the way to ask for greedy
+MIN_TEMPERATURE = DOMAINS["temperature"].lo  # the CLI's floor (--temperature, /set): one domain for every front end
 _TYPE_TAGS = ("str", "int", "float", "bool", "list", "dict", "none", "literal", "function", "json")
 
 
@@ -129,7 +130,7 @@ def check_limits(body: _Sampling, ceilings: Ceilings, ctx: ContextInfo) -> None:
                           f"{ctx.block_length}", "dllm.block_length")
     if body.temperature is not None and 0 < body.temperature < MIN_TEMPERATURE:
         raise bad_request(f"temperature {body.temperature!r} is too small to sample with: use 0 for greedy "
-                          f"decoding or at least {MIN_TEMPERATURE}", "temperature")
+                          f"decoding or at least {MIN_TEMPERATURE:g}", "temperature")
     prompt = "messages" if isinstance(body, ChatRequest) else "prompt"
     if isinstance(body, CompletionRequest) and isinstance(body.prompt, str) and not body.prompt.strip():
         raise bad_request("prompt is empty: send the text to complete", "prompt")
