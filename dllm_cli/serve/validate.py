@@ -19,7 +19,7 @@ from dllm_cli.serve.errors import ApiError, bad_request
 from dllm_cli.serve.schemas import ChatRequest, CompletionRequest, _Body, _Sampling
 
 B = TypeVar("B", bound=_Body)
-MIN_TEMPERATURE = DOMAINS["temperature"].lo  # the CLI's floor (--temperature, /set): one domain for every front end
+MIN_TEMPERATURE = float(DOMAINS["temperature"].lo or 0.0)  # the CLI's floor (--temperature, /set): one for all
 _TYPE_TAGS = ("str", "int", "float", "bool", "list", "dict", "none", "literal", "function", "json")
 
 
