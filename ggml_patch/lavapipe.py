@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import MutableMapping
 
 from ggml_patch.staging import staged_dir
 
@@ -34,6 +35,15 @@ def root() -> Path:
 def manifest(base: Path | None = None) -> Path:
     """Where the ICD manifest of the pinned version lives (it exists once ``install`` ran)."""
     return (base or root()) / VERSION.replace("~", "_") / ICD_NAME
+
+
+def select(env: MutableMapping[str, str], base: Path | None = None) -> None:
+    """Point ``env`` at the private lavapipe (``VK_ICD_FILENAMES`` = its manifest under ``base``) when it is
+    installed, ``env`` selects no driver yet and this machine has no Vulkan GPU; else leave ``env`` as it is."""
+    from ggml_patch import vulkan_devices
+    icd = manifest(base)
+    if "VK_ICD_FILENAMES" not in env and icd.is_file() and not any(not d["software"] for d in vulkan_devices.probe()):
+        env["VK_ICD_FILENAMES"] = str(icd)
 
 
 def _apt(base: Path) -> list[str]:

@@ -105,10 +105,8 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     if args.backend == "vulkan":
         from ggml_patch import lavapipe
-        from ggml_patch.backends.vulkan import devices, shader_cache_dir
-        icd = lavapipe.manifest()
-        if "VK_ICD_FILENAMES" not in os.environ and icd.is_file() and not any(not d["software"] for d in devices()):
-            os.environ["VK_ICD_FILENAMES"] = str(icd)  # Mesa 25's lavapipe: Debian 12's 22.3 corrupts its heap
+        from ggml_patch.backends.vulkan import shader_cache_dir
+        lavapipe.select(os.environ)  # Mesa 25's lavapipe: Debian 12's 22.3 corrupts its heap
         os.environ.setdefault("GGML_VK_VISIBLE_DEVICES", "0")  # lavapipe is a CPU-type device: name it
         os.environ.setdefault("MESA_SHADER_CACHE_DIR", str(shader_cache_dir()))
     exe = tool(args.backend, status=lambda m: print(m, file=sys.stderr))

@@ -78,11 +78,8 @@ def worker_env(backend: str) -> dict[str, str]:
     Vulkan GPU, with Mesa's shader cache in the real ``DLLM_HOME`` (tests get a fresh one each)."""
     env = {**os.environ, "DLLM_BACKEND": backend, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
     if backend == "vulkan":
-        from ggml_patch import lavapipe, vulkan_devices
-        icd = lavapipe.manifest(REAL_HOME / "lavapipe")
-        if "VK_ICD_FILENAMES" not in env and icd.is_file() and not any(not d["software"] for d in
-                                                                        vulkan_devices.probe()):
-            env["VK_ICD_FILENAMES"] = str(icd)
+        from ggml_patch import lavapipe
+        lavapipe.select(env, REAL_HOME / "lavapipe")
         env.setdefault("MESA_SHADER_CACHE_DIR", str(REAL_HOME / "mesa-shader-cache"))
     return env
 
