@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Sequence
 from dllm_cli.decoding.stepper import StepOutput, WantLogits
 from dllm_cli.errors import DecodeError, DllmError
 from dllm_cli.runtime.batch import BatchContext, Work
+from dllm_cli.runtime.session import sort_rows
 
 
 class Cancelled(DllmError):
@@ -206,8 +207,7 @@ class SlotModel:
              attn_block: int | None = None) -> StepOutput:
         """Decode the active block (or window) against the slot's cache at the next tick; cells are dropped."""
         rows = [int(r) for r in rows]
-        order = sorted(range(len(rows)), key=lambda i: rows[i])
-        srows = [rows[i] for i in order]
+        srows, inv = sort_rows(rows)
         if len(set(srows)) != len(srows):
             raise DecodeError(f"output rows {rows} repeat a row")
         # other sequences decode before this one reads its rows: a "view" is copied like True (batch._read)
@@ -216,10 +216,7 @@ class SlotModel:
         out = op.result
         assert out is not None
         logits = None if not want_logits else out.logits
-        if order != list(range(len(order))):  # unsorted rows: back to the caller's order (copies)
-            inv = [0] * len(order)
-            for k, i in enumerate(order):
-                inv[i] = k
+        if inv is not None:  # unsorted rows: back to the caller's order (copies)
             return StepOutput(ids=out.ids[inv], probs=out.probs[inv], logits=None if logits is None else logits[inv])
         return StepOutput(ids=out.ids, probs=out.probs, logits=logits)  # already the work's own copy
 

@@ -47,6 +47,13 @@ def widen_rows(rows: list[int], n_tokens: int) -> tuple[list[int], list[int]]:
     return ([r, r + 1], [0]) if r + 1 < n_tokens else ([r - 1, r], [1])
 
 
+def sort_rows(rows: Sequence[int]) -> tuple[list[int], np.ndarray | None]:
+    """``rows`` in ascending order (the order llama.cpp returns output rows in), and the permutation that puts
+    results for the sorted rows back in the caller's order (None when ``rows`` already ascend)."""
+    order = sorted(range(len(rows)), key=lambda i: rows[i])
+    return [int(rows[i]) for i in order], (None if order == list(range(len(order))) else np.argsort(order))
+
+
 class _RawRows:
     """``__array_interface__`` of ``n_rows x n_vocab`` float32 at ``addr``: numpy reads it without copying."""
 
@@ -200,8 +207,7 @@ class Session(OwnedContext):
         ``want_logits="view"`` returns the logits as a read-only view of llama.cpp's output buffer (no copy of
         ``[n, V]`` floats; valid until this session's next decode, ``stepper.WantLogits``); ``True`` a copy."""
         rows = list(rows)
-        order = sorted(range(len(rows)), key=lambda i: rows[i])
-        srows = [rows[i] for i in order]
+        srows, inv = sort_rows(rows)
         if any(not 0 <= r < len(tokens) for r in srows) or len(set(srows)) != len(srows):
             raise DecodeError(f"output rows {rows} do not fit a block of {len(tokens)} tokens")
         keep = bool(want_logits)  # True and "view" both need llama.cpp's copy of the logits to its host buffer
@@ -234,8 +240,7 @@ class Session(OwnedContext):
         self._check_finite(ids, probs)
         if not want_logits:
             logits = None
-        if order != list(range(len(order))):  # rows came unsorted: back to the caller's order (fancy indexing copies)
-            inv = np.argsort(order)
+        if inv is not None:  # rows came unsorted: back to the caller's order (fancy indexing copies)
             ids, probs, logits = ids[inv], probs[inv], None if logits is None else logits[inv]
         elif logits is not None and want_logits != "view" and not logits.flags.owndata:
             logits = logits.copy()  # the one copy a kept result needs; a view is left to the next decode
