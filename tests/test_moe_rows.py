@@ -16,9 +16,6 @@ activations 4 rows at a time and rounds some ties differently, which on this ran
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +23,7 @@ import pytest
 
 from ggml_patch import cpu_features
 from runtime_marks import needs_runtime
+from switch_compare import child_outputs
 
 pytestmark = [
     needs_runtime,
@@ -35,7 +33,6 @@ pytestmark = [
 
 TOL_VS_UNREPACKED = 1e-4   # |delta logit| on logits of magnitude ~10, vs the unrepacked path (measured: 2.4e-6)
 STEPS = (1, 3, 5, 32)
-CHILD = Path(__file__).with_name("moe_rows_child.py")
 
 
 def _moe_file(d: Path, quant: str, width: int) -> Path:
@@ -66,13 +63,6 @@ def moe_file_256(request, tmp_path_factory):
     return _moe_file(tmp_path_factory.mktemp("moe-rows-256"), request.param, 256)
 
 
-def _child(path: Path, out: Path, rows: str, repack: bool = True) -> None:
-    env = dict(os.environ, DLLM_MOE_ROWS=rows)
-    res = subprocess.run([sys.executable, str(CHILD), str(path), str(out), "1" if repack else "0"], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-
-
 def _expert_types(path: Path) -> set[str]:
     import gguf
 
@@ -83,9 +73,8 @@ def _expert_types(path: Path) -> set[str]:
 def test_rows_kernels_are_bit_identical_to_the_per_row_gemv(moe_file, tmp_path, rows):
     types = _expert_types(moe_file)
     assert types & {"Q4_K", "Q6_K"}, types
-    _child(moe_file, tmp_path / "rows.npz", rows)
-    _child(moe_file, tmp_path / "gemv.npz", "0")
-    a, b = np.load(tmp_path / "rows.npz"), np.load(tmp_path / "gemv.npz")
+    a = child_outputs(moe_file, {"DLLM_MOE_ROWS": rows}, tmp_path / "rows.npz")
+    b = child_outputs(moe_file, {"DLLM_MOE_ROWS": "0"}, tmp_path / "gemv.npz")
     assert "CPU_REPACK" in str(a["log"]) and "CPU_REPACK" in str(b["log"])  # the repacked kernels ran
     for k in [f"step{n}" for n in STEPS] + ["ar"]:
         assert a[k].shape == b[k].shape and 1.0 < np.abs(a[k]).max() < 100.0, k
@@ -94,9 +83,8 @@ def test_rows_kernels_are_bit_identical_to_the_per_row_gemv(moe_file, tmp_path, 
 
 
 def test_rows_kernels_stay_within_the_bound_of_the_unrepacked_path(moe_file_256, tmp_path):
-    _child(moe_file_256, tmp_path / "rows.npz", "1")
-    _child(moe_file_256, tmp_path / "plain.npz", "1", repack=False)
-    a, b = np.load(tmp_path / "rows.npz"), np.load(tmp_path / "plain.npz")
+    a = child_outputs(moe_file_256, {"DLLM_MOE_ROWS": "1"}, tmp_path / "rows.npz")
+    b = child_outputs(moe_file_256, {"DLLM_MOE_ROWS": "1"}, tmp_path / "plain.npz", repack=False)
     assert "CPU_REPACK" not in str(b["log"])
     for k in ("step1", "step3", "step5", "ar"):
         assert np.abs(a[k] - b[k]).max() < TOL_VS_UNREPACKED, (k, np.abs(a[k] - b[k]).max())
