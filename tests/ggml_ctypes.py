@@ -62,12 +62,14 @@ class Graph:
 
 
 class Ggml:
-    """libggml-base and libggml-cpu of the runtime ``dllm_cli.runtime.library.load()`` finds."""
+    """libggml-base and libggml-cpu of the runtime ``dllm_cli.runtime.library.load()`` finds (or of ``lib``)."""
 
-    def __init__(self) -> None:
-        from dllm_cli.runtime.library import load
+    def __init__(self, lib: Path | None = None) -> None:
+        """``lib``: another runtime's ``lib/`` directory (benchmarks compare builds)."""
+        if lib is None:
+            from dllm_cli.runtime.library import load
 
-        lib = load().path / "lib"
+            lib = load().path / "lib"
         self.base = ctypes.CDLL(str(sorted(lib.glob("libggml-base.so*"))[0]))
         self.cpu = ctypes.CDLL(str(sorted(lib.glob("libggml-cpu.so*"))[0]))
         for name, (res, args) in _SIGNATURES.items():
