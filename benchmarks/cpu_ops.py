@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=300)
     ap.add_argument("--lib", type=Path, help="a runtime's lib/ directory (default: the installed one)")
     args = ap.parse_args()
+    if args.lib is not None and not list(args.lib.glob("libggml-base.so*")):
+        sys.exit(f"error: {args.lib} holds no libggml-base.so: give a runtime's lib/ directory")
     g = Ggml(args.lib)
     ctx = g.base.ggml_init(_InitParams(512 << 20, None, False))
     G = Graph(g.base, ctx)
