@@ -31,7 +31,7 @@ X86_TARGETS = ["x86-64", "x86-64-v3", "skylake-avx512", "znver4", "sapphirerapid
 ARM_TARGETS = ["armv8-a", "armv8.2-a+dotprod+fp16"]
 ARM_COMPILERS = {"cc": "aarch64-linux-gnu-gcc", "gcc": "aarch64-linux-gnu-gcc", "c++": "aarch64-linux-gnu-g++",
                  "g++": "aarch64-linux-gnu-g++"}
-# the sources the CPU patches edit (0007/0009/0016: both repack files; 0013: binary-ops; 0014: ggml-cpu.c; 0015: ops)
+# the sources the CPU patches edit (0007/0009/0016/0017: both repack files; 0013: binary-ops; 0014: ggml-cpu.c; 0015: ops)
 SOURCES = ["ggml-cpu.c", "ops.cpp", "binary-ops.cpp", "repack.cpp", "arch/x86/repack.cpp"]
 
 
