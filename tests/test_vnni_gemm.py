@@ -13,8 +13,7 @@ outputs must be *bit-identical*. Checked twice for each:
   and 1 to 9 super-blocks per row. Q4_K calls both kernels in one process; the Q6_K switch is read once per process,
   so the 0007 side runs in a child;
 - end to end, a MoE model's logits and greedy tokens with the switch unset and ``=0`` (children).
-A build without AVX-512 VNNI has neither kernel: the op tests are skipped there, and the end-to-end ones compare the
-same kernels with themselves.
+A build without AVX-512 VNNI has neither kernel (the switches change nothing there), so every test here is skipped.
 """
 from __future__ import annotations
 
@@ -50,7 +49,7 @@ def test_q4_k_vnni_gemm_is_bit_identical_to_upstream(cpu, n, nc, nr):
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), np.abs(got - want).max()
 
 
-def test_model_is_bit_identical_with_and_without_the_q4_k_vnni_gemm(tmp_path):
+def test_model_is_bit_identical_with_and_without_the_q4_k_vnni_gemm(cpu, tmp_path):
     assert_switch_is_bit_identical(tiny_moe(tmp_path, seed=23)["q4_k_m"], "DLLM_Q4K_GEMM", tmp_path)
 
 
@@ -75,5 +74,5 @@ def test_q6_k_folded_offsets_are_bit_identical_to_0007(cpu, n, nc, nr, tmp_path:
         assert np.array_equal(got[k].view(np.uint32), want[k].view(np.uint32)), (k, np.abs(got[k] - want[k]).max())
 
 
-def test_model_is_bit_identical_with_and_without_the_folded_q6_k_offsets(tmp_path):
+def test_model_is_bit_identical_with_and_without_the_folded_q6_k_offsets(cpu, tmp_path):
     assert_switch_is_bit_identical(tiny_moe(tmp_path, seed=29)["q4_k_m"], "DLLM_Q6K_GEMM", tmp_path)
