@@ -48,7 +48,11 @@ def _time(fn, reps: int) -> list[float]:
 
 def kernels(lib: Path | None, reps: int) -> None:
     """Time the repacked Q4_K / Q6_K kernels (see the module doc)."""
-    cpu = rk.load_cpu(lib)
+    try:
+        cpu = rk.load_cpu(lib)
+    except AttributeError as e:  # a VNNI build without the kernels: one from before patches 0016 / 0017
+        sys.exit(f"error: this runtime lacks a kernel to time ({str(e).split(': ')[-1].split('.')[0]}): "
+                 "give a runtime built with patches 0016 and 0017")
     if cpu is None:
         sys.exit("error: this runtime was built without AVX-512 VNNI: it has no 0016 / 0017 kernels to time")
     rng = np.random.default_rng(0)
@@ -56,29 +60,36 @@ def kernels(lib: Path | None, reps: int) -> None:
     n, nc, nr = 2048, 3072, 32
     w, a = rk.weights(rng, nc, n // rk.QK_K), rk.activations(cpu, rk.floats(rng, n, nr))
     for name, label in (("ggml_gemm_q4_K_8x8_q8_K", "upstream"), ("ggml_gemm_q4_K_8x8_q8_K_vnni", "0016")):
-        _report(f"q4_K gemm {nr} x {n} x {nc} [{label}]", _time(lambda: rk.gemm(cpu, name, n, w, a, nr, nc), reps))
+        run, _ = rk.gemm_call(cpu, name, n, w, a, nr, nc)
+        _report(f"q4_K gemm {nr} x {n} x {nc} [{label}]", _time(run, reps))
     nc = 16384
     w = rk.weights(rng, nc, n // rk.QK_K, rk.Q6_KX8, 8)
-    _report(f"q6_K gemm {nr} x {n} x {nc} [{q6}]",
-            _time(lambda: rk.gemm(cpu, "ggml_gemm_q6_K_8x8_q8_K", n, w, a, nr, nc), reps))
+    run, _ = rk.gemm_call(cpu, "ggml_gemm_q6_K_8x8_q8_K", n, w, a, nr, nc)
+    _report(f"q6_K gemm {nr} x {n} x {nc} [{q6}]", _time(run, reps))
     n, nc = 512, 2048
     w, q = rk.weights(rng, nc, n // rk.QK_K, rk.Q6_KX8, 8), rk.rows_q8_k(cpu, rk.floats(rng, n, 8))
-    _report(f"q6_K rows 8 x {n} x {nc} [{q6}]",
-            _time(lambda: rk.gemv_rows(cpu, "ggml_gemv_q6_K_8x8_q8_K_rows", n, w, q, nc), reps))
+    run, _ = rk.gemv_rows_call(cpu, "ggml_gemv_q6_K_8x8_q8_K_rows", n, w, q, nc)
+    _report(f"q6_K rows 8 x {n} x {nc} [{q6}]", _time(run, reps))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=300)
+    ap.add_argument("--reps", type=int, default=300, help="timed runs of each op (at least 1)")
     ap.add_argument("--lib", type=Path, help="a runtime's lib/ directory (default: the installed one)")
     ap.add_argument("--kernels", action="store_true", help="time the repacked Q4_K / Q6_K kernels instead")
     args = ap.parse_args()
-    if args.lib is not None and not list(args.lib.glob("libggml-base.so*")):
-        sys.exit(f"error: {args.lib} holds no libggml-base.so: give a runtime's lib/ directory")
+    if args.reps < 1:
+        ap.error(f"--reps must be at least 1, got {args.reps}")
+    for name in ("libggml-base", "libggml-cpu"):
+        if args.lib is not None and not list(args.lib.glob(f"{name}.so*")):
+            sys.exit(f"error: {args.lib} holds no {name}.so: give a runtime's lib/ directory")
+    try:
+        g = Ggml(args.lib)
+    except OSError as e:
+        sys.exit(f"error: cannot load the runtime's ggml ({e}): give a runtime's lib/ directory")
     if args.kernels:
         kernels(args.lib, args.reps)
         return
-    g = Ggml(args.lib)
     ctx = g.base.ggml_init(_InitParams(512 << 20, None, False))
     G = Graph(g.base, ctx)
     rng = np.random.default_rng(0)

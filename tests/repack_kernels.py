@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -78,11 +78,20 @@ def activations(cpu, x: np.ndarray) -> np.ndarray:
     return out
 
 
+def gemm_call(cpu, name: str, n: int, w: np.ndarray, a: np.ndarray, nr: int,
+              nc: int) -> tuple[Callable[[], None], np.ndarray]:
+    """The GEMM kernel ``name`` of weights ``w`` by quantized activations ``a``, ready to run: ``(run, out)``, where
+    ``run()`` writes the ``[nr, nc]`` floats into ``out`` (NaN until then) and does nothing else, so it can be timed."""
+    out = np.full((nr, nc), np.nan, dtype=np.float32)
+    fn, args = getattr(cpu, name), (n, out.ctypes.data, nc, w.ctypes.data, a.ctypes.data, nr, nc)
+    return (lambda: fn(*args)), out
+
+
 def gemm(cpu, name: str, n: int, w: np.ndarray, a: np.ndarray, nr: int, nc: int) -> np.ndarray:
     """The GEMM kernel ``name`` of weights ``w`` by quantized activations ``a``: ``[nr, nc]`` floats."""
-    s = np.full((nr, nc), np.nan, dtype=np.float32)
-    getattr(cpu, name)(n, s.ctypes.data, nc, w.ctypes.data, a.ctypes.data, nr, nc)
-    return s
+    run, out = gemm_call(cpu, name, n, w, a, nr, nc)
+    run()
+    return out
 
 
 def rows_q8_k(cpu, x: np.ndarray) -> np.ndarray:
@@ -94,12 +103,21 @@ def rows_q8_k(cpu, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def gemv_rows(cpu, name: str, n: int, w: np.ndarray, q: np.ndarray, nc: int) -> np.ndarray:
+def gemv_rows_call(cpu, name: str, n: int, w: np.ndarray, q: np.ndarray,
+                   nc: int) -> tuple[Callable[[], None], np.ndarray]:
     """A multi-row GEMV (0009's ``ggml_gemv_q*_K_8x8_q8_K_rows``) of the ``block_q8_K`` rows ``q``, each passed
-    through its own input and output pointer as MUL_MAT_ID passes an expert's scattered rows."""
+    through its own input and output pointer as MUL_MAT_ID passes an expert's scattered rows, ready to run:
+    ``(run, out)`` as ``gemm_call``'s (the pointer arrays are made once, outside ``run``)."""
     m = q.shape[0]
     out = np.full((m, nc), np.nan, dtype=np.float32)
     out_ptrs = (_VP * m)(*[out.ctypes.data + r * nc * 4 for r in range(m)])
     in_ptrs = (_VP * m)(*[q.ctypes.data + r * q.shape[1] for r in range(m)])
-    getattr(cpu, name)(n, out_ptrs, w.ctypes.data, in_ptrs, m, nc)
+    fn, args = getattr(cpu, name), (n, out_ptrs, w.ctypes.data, in_ptrs, m, nc)
+    return (lambda: fn(*args)), out
+
+
+def gemv_rows(cpu, name: str, n: int, w: np.ndarray, q: np.ndarray, nc: int) -> np.ndarray:
+    """``gemv_rows_call``'s kernel run once: ``[rows, nc]`` floats."""
+    run, out = gemv_rows_call(cpu, name, n, w, q, nc)
+    run()
     return out
